@@ -1,0 +1,224 @@
+"""The command line: thin wrappers over the library (serve, jobs, send, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cadnode.config import Settings, SettingsError, load_settings
+
+
+def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings is not None:
+        logs = settings.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logs / "cadnode.log"))
+    logging.basicConfig(
+        level=getattr(logging, (settings.log_level if settings else level).upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    # pynetdicom logs every PDU at INFO; keep its chatter to warnings.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def open_database(settings: Settings) -> Any:
+    from cadnode.jobs.db import Database
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url)
+    db.create_schema()
+    return db
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from cadnode.dicom.listener import Listener, cleanup_incoming
+    from cadnode.jobs.queue import record_instance
+    from cadnode.jobs.scheduler import create_scheduler
+    from cadnode.jobs.worker import Worker
+
+    setup_logging(settings)
+    log = logging.getLogger("cadnode.serve")
+    db = open_database(settings)
+    removed = cleanup_incoming(settings.spool_dir)
+    if removed:
+        db.log("startup", f"removed {removed} partial file(s) that were never acknowledged")
+    worker = Worker(settings, db)  # loads the model first: a bad package stops start-up here
+    listener = Listener(
+        settings.spool_dir,
+        on_stored=lambda stored: record_instance(db, stored),
+        ae_title=settings.ae_title,
+        on_refused=lambda msg, uid: db.log("refused", msg, uid or None, "warning"),
+    )
+    port = listener.start(settings.host, settings.port)
+    sched = create_scheduler(settings, db)
+    sched.start()
+    worker_thread = threading.Thread(target=worker.run_forever, name="worker", daemon=True)
+    worker_thread.start()
+    m = worker.engine.manifest
+    db.log("startup", f"serving as {settings.ae_title} on port {port}, model {m.name} {m.version}")
+    print(
+        f"cadnode: listening as {settings.ae_title} on {settings.host}:{port}; "
+        f"home {settings.home}; model {m.name} {m.version}; "
+        f"destinations {', '.join(map(str, settings.destinations)) or 'none'}",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping")
+    listener.stop()
+    worker.stop()
+    sched.shutdown(wait=True)
+    worker_thread.join(timeout=60)
+    db.dispose()
+    return 0
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _fmt_scores(job: dict[str, Any] | None) -> str:
+    if not job or not job.get("scores"):
+        return "-"
+    breasts = job["scores"].get("breasts", {})
+    return " ".join(
+        f"{side}:ca={b['cancer']:.2f},calc={b['calcification']:.2f}"
+        for side, b in sorted(breasts.items())
+    )
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ["STUDY", "STATE", "VIEWS", "SCORES", "SENT", "RECEIVED", "FINISHED"]
+    lines = [header]
+    for r in rows:
+        job = r["job"] or {}
+        d = r["deliveries"]
+        total = sum(d.values())
+        lines.append([
+            "…" + r["study_uid"][-20:] if len(r["study_uid"]) > 21 else r["study_uid"],
+            r["state"] + (f" ({job['error'][:40]})" if job.get("error") else ""),
+            ",".join(r["views"]) or "-",
+            _fmt_scores(job),
+            f"{d.get('sent', 0)}/{total}" if total else "-",
+            _fmt_time(r["last_received"]),
+            _fmt_time(job.get("finished_at")),
+        ])
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in lines)
+
+
+def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from cadnode.jobs.db import Event
+    from cadnode.jobs.queue import study_rows
+
+    db = open_database(settings)
+    rows = study_rows(db, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    if not args.follow:
+        return 0
+    with db.session() as s:
+        last = s.scalar(select(Event.id).order_by(Event.id.desc()).limit(1)) or 0
+    try:
+        while True:
+            time.sleep(1.0)
+            with db.session() as s:
+                events = s.scalars(select(Event).where(Event.id > last).order_by(Event.id)).all()
+            for e in events:
+                last = e.id
+                if args.json:
+                    print(json.dumps({"at": e.at, "level": e.level, "kind": e.kind,
+                                      "study_uid": e.study_uid, "message": e.message}), flush=True)
+                else:
+                    print(f"{_fmt_time(e.at)} {e.level:<7} {e.kind:<14} "
+                          f"{(e.study_uid or '-')[-24:]:<24} {e.message}", flush=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    from cadnode.dicom.sender import DeliveryError, iter_dicom_files, send_files
+
+    files = list(iter_dicom_files(Path(p) for p in args.paths))
+    if not files:
+        print("cadnode send: no DICOM files found", file=sys.stderr)
+        return 2
+    try:
+        results = send_files(files, args.host, args.port, args.called_aet, calling_ae=args.aet)
+    except DeliveryError as exc:
+        print(f"cadnode send: {exc}", file=sys.stderr)
+        return 1
+    bad = 0
+    for r in results:
+        status = "-" if r.status is None else f"0x{r.status:04X}"
+        if not r.ok:
+            bad += 1
+        print(f"{status}  {r.path}" + (f"  {r.error}" if r.error else ""))
+    print(f"sent {len(results) - bad} of {len(results)} file(s)")
+    return 1 if bad else 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from cadnode.demo import run_demo
+
+    return run_demo(keep=args.keep, timeout=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cadnode", description=__doc__)
+    p.add_argument("--config", help="TOML settings file (default: ./cadnode.toml if present)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="listener + assembler + worker + sender in one process")
+    j = sub.add_parser("jobs", help="recent studies and their jobs")
+    j.add_argument("--json", action="store_true", help="print a JSON list")
+    j.add_argument("--follow", action="store_true", help="keep printing events as they happen")
+    j.add_argument("--limit", type=int, default=50)
+    s = sub.add_parser("send", help="push DICOM files or folders to a storage SCP")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=None, help="default: CADNODE_PORT")
+    s.add_argument("--aet", default="CADNODE_SCU", help="calling AE title")
+    s.add_argument("--called-aet", default=None, help="default: CADNODE_AE_TITLE")
+    s.add_argument("paths", nargs="+")
+    d = sub.add_parser("demo", help="node + demo PACS + a real 4-view exam, end to end")
+    d.add_argument("--keep", action="store_true", help="keep the temporary home")
+    d.add_argument("--timeout", type=float, default=300.0)
+    return p
+
+
+COMMANDS = {"serve": cmd_serve, "jobs": cmd_jobs, "send": cmd_send, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"cadnode: bad setting: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "send":
+        args.port = settings.port if args.port is None else args.port
+        args.called_aet = args.called_aet or settings.ae_title
+    return COMMANDS[args.command](settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

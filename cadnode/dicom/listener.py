@@ -1,0 +1,161 @@
+"""The storage SCP: receives mammograms, makes them durable, then acknowledges.
+
+The listener knows no queue: once a file is fsync'd in the spool it calls ``on_stored`` (which
+commits the database row) and answers Success only if that returned. Pixel data is never decoded
+here; the dataset is streamed to a file in the spool's own folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from cadnode.dicom.spool import SpoolError, StoredInstance, commit_file, spool_path
+from cadnode.dicom.views import detect_view
+
+log = logging.getLogger(__name__)
+
+MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
+ACCEPTED_SOP_CLASSES = (MG_FOR_PRESENTATION, MG_FOR_PROCESSING)
+
+# pynetdicom, as acceptor, takes the first syntax of *its* list that the requestor offers: put the
+# compressed ones and Explicit VR first so that senders never have to decompress or convert.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended (12 bit)
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.1",  # Explicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # Deflated explicit VR little endian
+    "1.2.840.10008.1.2.2",  # Explicit VR big endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2",  # Implicit VR little endian
+]
+
+# Storage status codes (PS3.4 B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+DATASET_MISMATCH = 0xA900
+
+OnStored = Callable[[StoredInstance], Any]
+OnRefused = Callable[[str, str], Any]  # (message, study uid or "")
+
+
+class Listener:
+    """A pynetdicom storage SCP bound to ``on_stored``."""
+
+    def __init__(
+        self,
+        spool_root: Path,
+        on_stored: OnStored,
+        ae_title: str = "CADNODE",
+        sop_classes: Sequence[str] = ACCEPTED_SOP_CLASSES,
+        on_refused: OnRefused | None = None,
+        max_pdu: int = 131072,
+    ) -> None:
+        self.spool_root = spool_root
+        self.incoming = spool_root / ".incoming"
+        self.on_stored = on_stored
+        self.on_refused = on_refused
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = max_pdu
+        self.ae.add_supported_context(Verification)
+        for uid in sop_classes:
+            self.ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        self._server: Any = None
+
+    def start(self, host: str, port: int) -> int:
+        """Start serving in background threads; returns the bound port (useful with port 0)."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom streams each dataset to a NamedTemporaryFile: keep it on the spool's file
+        # system so that committing is a rename, not a copy.
+        tempfile.tempdir = str(self.incoming)
+        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, lambda e: SUCCESS)]
+        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        bound = int(self._server.server_address[1])
+        log.info("listening as %s on %s:%d", self.ae.ae_title, host, bound)
+        return bound
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _refuse(self, status: int, message: str, study_uid: str = "") -> int:
+        log.warning("refused C-STORE (0x%04X): %s", status, message)
+        if self.on_refused is not None:
+            try:
+                self.on_refused(message, study_uid)
+            except Exception:  # the refusal must still be answered
+                log.exception("could not record the refusal")
+        return status
+
+    def _handle_store(self, event: Any) -> int:
+        tmp = Path(event.dataset_path)
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        try:
+            ds = pydicom.dcmread(tmp, stop_before_pixels=True)
+            sop_uid = str(ds.SOPInstanceUID)
+            study_uid = str(ds.StudyInstanceUID)
+            sop_class = str(ds.SOPClassUID)
+        except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError) as exc:
+            return self._refuse(CANNOT_UNDERSTAND, f"unreadable dataset from {calling_ae}: {exc}")
+        if sop_class != str(event.request.AffectedSOPClassUID) or sop_uid != str(
+            event.request.AffectedSOPInstanceUID
+        ):
+            return self._refuse(
+                DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request", study_uid
+            )
+        try:
+            final = spool_path(self.spool_root, study_uid, sop_uid)
+        except SpoolError as exc:
+            return self._refuse(CANNOT_UNDERSTAND, str(exc))
+        try:
+            size = tmp.stat().st_size
+            commit_file(tmp, final)
+            stored = StoredInstance(
+                path=final,
+                size=size,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=sop_class,
+                transfer_syntax=str(event.context.transfer_syntax),
+                study_uid=study_uid,
+                series_uid=str(ds.get("SeriesInstanceUID", "")),
+                patient_id=str(ds.get("PatientID", "")),
+                accession=str(ds.get("AccessionNumber", "")),
+                calling_ae=calling_ae,
+                view=detect_view(ds),
+            )
+            self.on_stored(stored)
+        except Exception as exc:  # disk full, database down: the sender must retry later
+            log.exception("could not persist %s", sop_uid)
+            return self._refuse(OUT_OF_RESOURCES, f"could not persist instance: {exc}", study_uid)
+        return SUCCESS
+
+
+def cleanup_incoming(spool_root: Path) -> int:
+    """Remove partial files a crash left in the incoming folder; they were never acknowledged."""
+    removed = 0
+    incoming = spool_root / ".incoming"
+    if incoming.is_dir():
+        for entry in incoming.iterdir():
+            if entry.is_file():
+                os.unlink(entry)
+                removed += 1
+    return removed

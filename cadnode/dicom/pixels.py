@@ -1,0 +1,403 @@
+"""Decode a mammogram and prepare it for the model: LUTs, polarity, orientation, crop, resize.
+
+Training and serving both call :func:`prepare_image`, so the model sees the same pixels in both.
+
+Orientation (chest wall on the left of the model input) is decided, in this order, by:
+
+1. ``PatientOrientation`` row direction: "A" means the image runs towards anterior from left to
+   right, so the chest wall (posterior) is on the left; "P" means it is on the right. This describes
+   how the pixels are actually stored, whatever the side.
+2. ``laterality``: in the standard display a right breast's chest wall is on the image's right.
+   All nine real test images (eight CBIS-DDSM film scans, one NEMA digital MLO) follow this.
+3. the image itself: the half holding more breast tissue is the chest-wall half.
+
+Header information wins over the image because the image test can be fooled (film labels,
+implants, small breasts); it decides only when the header is silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from pydicom import uid as dcm_uid
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "PixelDecodeError",
+    "PreparedImage",
+    "decode_pixels",
+    "heatmap_to_original",
+    "prepare_image",
+]
+
+log = logging.getLogger(__name__)
+
+#: Rows * Columns above which a file is refused before decoding (decompression-bomb guard).
+DEFAULT_MAX_PIXELS = 100_000_000
+#: Longest side of :attr:`PreparedImage.display`.
+DISPLAY_MAX_SIDE = 1024
+_MASK_SIDE = 128  # grid on which the breast mask and its largest component are found
+_STATS_SIDE = 512  # grid on which percentiles are taken
+_ERODE = 2  # erosion steps on the mask grid before taking the largest component
+
+
+class PixelDecodeError(Exception):
+    """The pixel data cannot (or must not) be decoded; the message names the transfer syntax."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Model input and everything needed to map model outputs back onto the source image."""
+
+    array: np.ndarray  # float32 (H, W) in [0, 1], model input size, chest wall on the left
+    original_shape: tuple[int, int]  # (rows, columns) of the source image
+    flipped: bool  # mirrored left-right to put the chest wall on the left
+    crop: tuple[int, int, int, int]  # (row0, col0, row1, col1) crop box on the original grid
+    display: np.ndarray = field(repr=False)  # uint8 (h, w) whole image, original orientation
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        """Model-grid point (column x, row y; pixel centres) -> original grid (column, row)."""
+        h, w = self.array.shape
+        r0, c0, r1, c1 = self.crop
+        cw, ch = c1 - c0, r1 - r0
+        xc = (x + 0.5) * cw / w - 0.5
+        yc = (y + 0.5) * ch / h - 0.5
+        if self.flipped:
+            xc = cw - 1 - xc
+        return c0 + xc, r0 + yc
+
+
+def _ts_name(ds: Dataset) -> str:
+    try:
+        ts = dcm_uid.UID(str(ds.file_meta.TransferSyntaxUID))
+    except Exception:  # noqa: BLE001
+        return "unknown transfer syntax"
+    return f"{ts.name} ({ts})" if ts.name != ts else str(ts)
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    try:
+        value = getattr(ds, keyword, None)
+        return int(value) if value is not None and value != "" else default
+    except Exception:  # noqa: BLE001
+        return default
+
+
+def _decode_with_pydicom(ds: Dataset, index: int | None) -> np.ndarray:
+    """Decode with pydicom's plugins; pylibjpeg first (faster than GDCM on JPEG 2000 here)."""
+    ts = ds.file_meta.TransferSyntaxUID
+    decoder = get_decoder(ts)
+    errors: list[str] = []
+    plugins = list(decoder.available_plugins)
+    order = [p for p in ("pylibjpeg",) if p in plugins and len(plugins) > 1] + [""]
+    for plugin in order:
+        try:
+            arr, _ = decoder.as_array(ds, index=index, decoding_plugin=plugin)
+            return arr
+        except Exception as exc:  # noqa: BLE001 - try the next plugin, report all
+            errors.append(f"{plugin or 'any plugin'}: {exc}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _decode_with_gdcm(ds: Dataset) -> np.ndarray:
+    """Decode through GDCM's own reader: it handles 12-bit lossy JPEG that pydicom's GDCM
+    plugin refuses up front. First frame only."""
+    import gdcm  # python-gdcm; imported lazily, only this rare path needs it
+
+    path = getattr(ds, "filename", None)
+    tmp: str | None = None
+    if not (isinstance(path, str) and os.path.isfile(path)):
+        fd, tmp = tempfile.mkstemp(suffix=".dcm")
+        os.close(fd)
+        ds.save_as(tmp, enforce_file_format=True)
+        path = tmp
+    try:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(path)
+        if not reader.Read():
+            raise RuntimeError("GDCM could not read the file")
+        image = reader.GetImage()
+        buf = image.GetBuffer()
+        if not buf:
+            raise RuntimeError("GDCM returned no pixel data")
+        data = buf.encode("utf-8", "surrogateescape") if isinstance(buf, str) else bytes(buf)
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+    rows, cols = _int(ds, "Rows", 0) or 0, _int(ds, "Columns", 0) or 0
+    spp = _int(ds, "SamplesPerPixel", 1) or 1
+    bits = _int(ds, "BitsAllocated", 16) or 16
+    signed = _int(ds, "PixelRepresentation", 0) == 1
+    dtype = np.dtype(f"{'i' if signed else 'u'}{max(1, bits // 8)}").newbyteorder("<")
+    n = rows * cols * spp
+    if len(data) < n * dtype.itemsize or n == 0:
+        raise RuntimeError(f"GDCM returned {len(data)} bytes, expected {n * dtype.itemsize}")
+    arr = np.frombuffer(data, dtype=dtype, count=n)
+    return arr.reshape((rows, cols, spp) if spp > 1 else (rows, cols))
+
+
+def decode_pixels(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decoded first frame as float32 (rows, columns), Modality LUT then VOI LUT (or the first
+    window) applied, MONOCHROME1 inverted so that bright means dense.
+
+    Raises PixelDecodeError, naming the transfer syntax, when no decoder can decode the data or
+    when Rows * Columns exceeds ``max_pixels`` (checked before any decoding).
+    """
+    ts_name = _ts_name(ds)
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not cols or rows < 0 or cols < 0:
+        raise PixelDecodeError(f"missing or invalid Rows/Columns ({ts_name})")
+    if rows * cols > max_pixels:
+        raise PixelDecodeError(
+            f"image of {rows}x{cols} pixels exceeds the limit of {max_pixels} pixels "
+            f"(refused before decoding {ts_name})"
+        )
+    if "PixelData" not in ds:
+        raise PixelDecodeError(f"no Pixel Data ({ts_name})")
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    try:
+        arr = _decode_with_pydicom(ds, 0 if frames > 1 else None)
+    except Exception as exc:  # noqa: BLE001
+        try:
+            arr = _decode_with_gdcm(ds)
+            log.info("decoded with GDCM's reader after pydicom failed: %s", exc)
+        except Exception as exc2:  # noqa: BLE001
+            raise PixelDecodeError(
+                f"cannot decode pixel data in {ts_name}: {exc}; GDCM: {exc2}"
+            ) from exc2
+    if arr.ndim == 3:  # colour secondary capture: luminance
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if arr.shape != (rows, cols):
+        raise PixelDecodeError(f"decoded shape {arr.shape} != ({rows}, {cols}) ({ts_name})")
+
+    out: np.ndarray = arr
+    try:
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    except Exception:  # noqa: BLE001
+        slope, intercept = 1.0, 0.0
+    if "ModalityLUTSequence" in ds or slope != 1.0 or intercept != 0.0:
+        try:
+            out = apply_modality_lut(out, ds)
+        except Exception as exc:  # noqa: BLE001 - a broken LUT is not worth losing the image
+            log.warning("Modality LUT ignored: %s", exc)
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        try:
+            out = apply_voi_lut(out, ds, index=0, prefer_lut=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("VOI LUT ignored: %s", exc)
+    out = np.asarray(out, dtype=np.float32)
+    if str(getattr(ds, "PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        out = (out.max() + out.min()) - out
+    return out
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu threshold: breast vs background are the two modes of a mammogram's histogram."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(values, bins=256, range=(lo, hi))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def _erode(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Binary erosion with a 3x3 cross, border cells count as background."""
+    m = mask.copy()
+    for _ in range(iterations):
+        e = m.copy()
+        e[1:, :] &= m[:-1, :]
+        e[:-1, :] &= m[1:, :]
+        e[:, 1:] &= m[:, :-1]
+        e[:, :-1] &= m[:, 1:]
+        e[0, :] = e[-1, :] = False
+        e[:, 0] = e[:, -1] = False
+        m = e
+    return m
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected component of a small mask (drops film labels and markers)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), np.int32)
+    best, best_size, current = 0, 0, 0
+    todo = mask.copy()
+    for start in zip(*np.nonzero(todo), strict=True):
+        if not todo[start]:
+            continue
+        current += 1
+        size = 0
+        queue = deque([start])
+        todo[start] = False
+        while queue:
+            r, c = queue.popleft()
+            labels[r, c] = current
+            size += 1
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < h and 0 <= cc < w and todo[rr, cc]:
+                    todo[rr, cc] = False
+                    queue.append((rr, cc))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else mask
+
+
+def _chest_wall_on_right(ds: Dataset, mask: np.ndarray, laterality: str | None) -> bool:
+    try:
+        po = [str(v).strip().upper() for v in ds.get("PatientOrientation") or []]
+    except Exception:  # noqa: BLE001
+        po = []
+    if len(po) == 2 and po[0] and set(po[0]) <= set("APLRHF"):
+        if "A" in po[0] and "P" not in po[0]:
+            return False
+        if "P" in po[0] and "A" not in po[0]:
+            return True
+    if laterality in ("L", "R"):
+        return laterality == "R"
+    half = mask.shape[1] // 2
+    return bool(mask[:, mask.shape[1] - half :].sum() > mask[:, :half].sum())
+
+
+def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-style resize of a float32 image to (H, W) (Pillow, box filter when shrinking)."""
+    h, w = size
+    if img.shape == (h, w):
+        return img.astype(np.float32, copy=True)
+    shrink = img.shape[0] >= h and img.shape[1] >= w
+    pil = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+    out = pil.resize((w, h), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    return np.array(out, dtype=np.float32)
+
+
+def prepare_image(
+    ds: Dataset,
+    size: tuple[int, int],
+    laterality: str | None,
+    pixels: np.ndarray | None = None,
+) -> PreparedImage:
+    """Model input of ``size`` (H, W): normalised to [0, 1] on the breast's 0.5-99.5 percentiles,
+    cropped to the breast, chest wall on the left; plus a display image and the mapping back.
+
+    ``pixels`` (the output of :func:`decode_pixels`) may be passed to avoid decoding twice.
+    """
+    arr = decode_pixels(ds) if pixels is None else np.asarray(pixels, dtype=np.float32)
+    rows, cols = arr.shape
+
+    # Breast mask on a small grid: Otsu threshold, largest connected component.
+    step = max(1, int(np.ceil(max(rows, cols) / _MASK_SIDE)))
+    small = arr[::step, ::step]
+    thr = _otsu(small)
+    raw_mask = small > thr
+    # Erode first: thin bright film edges and rulers would otherwise join labels and borders to
+    # the breast; the padding below gives the eroded cells back.
+    mask = _largest_component(_erode(raw_mask, _ERODE))
+    if not mask.any():
+        mask = _largest_component(raw_mask)
+    if not mask.any():
+        mask = np.ones_like(small, dtype=bool)
+    rr = np.nonzero(mask.any(axis=1))[0]
+    cc = np.nonzero(mask.any(axis=0))[0]
+    # Each small-grid cell stands for step x step original pixels; pad the eroded cells and one
+    # more for safety.
+    pad = _ERODE + 1
+    r0 = max(0, (int(rr[0]) - pad) * step)
+    r1 = min(rows, (int(rr[-1]) + 1 + pad) * step)
+    c0 = max(0, (int(cc[0]) - pad) * step)
+    c1 = min(cols, (int(cc[-1]) + 1 + pad) * step)
+
+    # Robust intensity range of the breast.
+    sstep = max(1, int(np.ceil(max(rows, cols) / _STATS_SIDE)))
+    stats = arr[r0:r1:sstep, c0:c1:sstep]
+    breast = stats[stats > thr]
+    if breast.size < 16:
+        breast = stats.ravel()
+    lo, hi = (float(v) for v in np.percentile(breast, [0.5, 99.5]))
+    if hi <= lo:
+        hi = lo + 1.0
+    scale = np.float32(1.0 / (hi - lo))
+    offset = np.float32(lo)
+
+    flipped = _chest_wall_on_right(ds, mask, laterality)
+
+    crop = arr[r0:r1, c0:c1]
+    if flipped:
+        crop = crop[:, ::-1]
+    model = _resize(crop, size)
+    model -= offset
+    model *= scale
+    np.clip(model, 0.0, 1.0, out=model)
+
+    f = min(1.0, DISPLAY_MAX_SIDE / max(rows, cols))
+    dsize = (max(1, round(rows * f)), max(1, round(cols * f)))
+    disp = _resize(arr, dsize)
+    disp -= offset
+    disp *= scale * 255.0
+    display = np.clip(disp, 0, 255).astype(np.uint8)
+
+    return PreparedImage(
+        array=model,
+        original_shape=(rows, cols),
+        flipped=flipped,
+        crop=(r0, c0, r1, c1),
+        display=display,
+    )
+
+
+def _sample_positions(
+    n_out: int, n_orig: int, start: int, stop: int, flip: bool, n_hm: int
+) -> np.ndarray:
+    """Heatmap index (float) of each display pixel centre along one axis; NaN outside the crop."""
+    o = (np.arange(n_out, dtype=np.float64) + 0.5) * n_orig / n_out - 0.5  # original index
+    rel = o - start
+    length = stop - start
+    if flip:
+        rel = length - 1 - rel
+    u = (rel + 0.5) / length  # 0..1 across the crop (pixel edges)
+    pos = u * n_hm - 0.5
+    inside = (o >= start - 0.5) & (o <= stop - 0.5)
+    return np.where(inside, pos, np.nan)
+
+
+def heatmap_to_original(
+    prepared: PreparedImage, heatmap: np.ndarray, shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Coarse model-grid heatmap (h, w) -> float32 map over the whole original image at the
+    display resolution (or ``shape``), zeros outside the crop, ready to overlay on ``display``."""
+    hm = np.asarray(heatmap, dtype=np.float32)
+    if hm.ndim != 2 or hm.size == 0:
+        raise ValueError(f"heatmap must be 2-D and non-empty, got shape {hm.shape}")
+    out_h, out_w = shape if shape is not None else prepared.display.shape[:2]
+    rows, cols = prepared.original_shape
+    r0, c0, r1, c1 = prepared.crop
+    h, w = hm.shape
+    py = _sample_positions(out_h, rows, r0, r1, False, h)
+    px = _sample_positions(out_w, cols, c0, c1, prepared.flipped, w)
+    valid = ~np.isnan(py)[:, None] & ~np.isnan(px)[None, :]
+    py = np.clip(np.nan_to_num(py), 0, h - 1)
+    px = np.clip(np.nan_to_num(px), 0, w - 1)
+    y0 = np.floor(py).astype(np.intp)
+    x0 = np.floor(px).astype(np.intp)
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
+    wy = (py - y0).astype(np.float32)[:, None]
+    wx = (px - x0).astype(np.float32)[None, :]
+    top = hm[y0][:, x0] * (1 - wx) + hm[y0][:, x1] * wx
+    bot = hm[y1][:, x0] * (1 - wx) + hm[y1][:, x1] * wx
+    out = top * (1 - wy) + bot * wy
+    return np.where(valid, out, 0.0).astype(np.float32)

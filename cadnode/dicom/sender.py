@@ -1,0 +1,109 @@
+"""The storage SCU: pushes DICOM files to a peer, streamed from disk in their own transfer syntax.
+
+Used by the outbox (results to the PACS) and by ``cadnode send`` (test pushes, re-sends).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128
+
+
+class DeliveryError(RuntimeError):
+    """No association could be made, or it broke before the files were sent."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    status: int | None  # DICOM status from the peer, None when not sent
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and (self.status == 0 or self.status & 0xF000 == 0xB000)
+
+
+def iter_dicom_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files under ``paths`` (recursively) that carry DICOM file meta information."""
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and _has_meta(child):
+                    yield child
+        elif path.is_file():
+            yield path
+
+
+def _has_meta(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def send_files(
+    paths: Sequence[Path],
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str = "CADNODE",
+    timeout: float = 60.0,
+) -> list[SendResult]:
+    """Send ``paths`` over one association; raises DeliveryError when none can be made."""
+    metas: list[tuple[Path, str, str]] = []
+    results: list[SendResult] = []
+    for path in paths:
+        try:
+            meta = read_file_meta_info(path)
+            metas.append(
+                (path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+            )
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            results.append(SendResult(path, None, f"not a DICOM file: {exc}"))
+    contexts = sorted({(sop, ts) for _, sop, ts in metas})
+    if len(contexts) > MAX_CONTEXTS:
+        raise DeliveryError(f"{len(contexts)} SOP class/transfer syntax pairs: send in batches")
+    if not metas:
+        return results
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop, ts in contexts:
+        ae.add_requested_context(sop, [ts])
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream from disk, never convert
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae)
+    except OSError as exc:
+        raise DeliveryError(f"cannot connect to {called_ae}@{host}:{port}: {exc}") from exc
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise DeliveryError(f"association with {called_ae}@{host}:{port} {why}")
+    try:
+        for path, _sop, _ts in metas:
+            try:
+                status = assoc.send_c_store(path)
+            except (ValueError, AttributeError, RuntimeError) as exc:
+                results.append(SendResult(path, None, str(exc)))
+                continue
+            if not assoc.is_established:
+                raise DeliveryError(f"association with {called_ae} broke while sending {path.name}")
+            code = int(status.Status) if "Status" in status else None
+            results.append(
+                SendResult(path, code, "" if code is not None else "no response (timeout)")
+            )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results

@@ -1,0 +1,44 @@
+"""The outbox: sends every pending result to its destination; a failure only delays it."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from cadnode.config import parse_destinations
+from cadnode.dicom.sender import DeliveryError, send_files
+from cadnode.jobs.db import Database, Delivery
+from cadnode.jobs.queue import due_deliveries, mark_delivery
+
+log = logging.getLogger(__name__)
+
+
+def deliver_due(db: Database, calling_ae: str, timeout: float = 30.0) -> int:
+    """Try every due delivery once, one association per destination; returns how many were sent."""
+    by_dest: dict[str, list[Delivery]] = defaultdict(list)
+    for d in due_deliveries(db):
+        by_dest[d.destination].append(d)
+    sent = 0
+    for dest_text, items in by_dest.items():
+        (dest,) = parse_destinations(dest_text)
+        try:
+            results = send_files(
+                [Path(d.path) for d in items], dest.host, dest.port, dest.ae_title,
+                calling_ae=calling_ae, timeout=timeout,
+            )
+        except DeliveryError as exc:
+            log.warning("delivery to %s failed: %s", dest_text, exc)
+            for d in items:
+                mark_delivery(db, d.id, str(exc))
+            continue
+        by_path = {str(r.path): r for r in results}
+        for d in items:
+            r = by_path.get(d.path)
+            if r is not None and r.ok:
+                mark_delivery(db, d.id, None)
+                sent += 1
+            else:
+                why = "not sent" if r is None else r.error or f"status 0x{r.status:04X}"
+                mark_delivery(db, d.id, why)
+    return sent

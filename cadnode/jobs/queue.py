@@ -1,0 +1,337 @@
+"""State changes of studies, jobs and deliveries; each function is one short transaction.
+
+Workers claim jobs with ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL and with an atomic
+``UPDATE ... WHERE state='queued'`` on SQLite. A running job holds a lease, not a transaction;
+an expired lease puts the job back in the queue (or fails it after too many attempts).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from cadnode.dicom.spool import StoredInstance
+from cadnode.dicom.views import STANDARD_VIEW_KEYS, ViewInfo
+from cadnode.jobs.db import Database, Delivery, Instance, Job, Study, add_event, latest_job
+
+STANDARD_VIEWS = frozenset(STANDARD_VIEW_KEYS)
+
+
+def record_instance(db: Database, stored: StoredInstance, now: float | None = None) -> bool:
+    """Commit the row for a spooled instance; returns False for a repeated SOP instance."""
+    now = time.time() if now is None else now
+    v = stored.view
+    with db.session() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == stored.study_uid)).first()
+        if study is None:
+            study = Study(
+                study_uid=stored.study_uid,
+                patient_id=stored.patient_id[:64],
+                accession=stored.accession[:16],
+                calling_ae=stored.calling_ae,
+                first_received=now,
+                last_received=now,
+                state="receiving",
+            )
+            s.add(study)
+            s.flush()
+            add_event(s, "study", f"new study from {stored.calling_ae}", stored.study_uid)
+        existing = s.scalars(
+            select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
+        ).first()
+        if existing is not None:
+            # The file was replaced atomically by the same name; keep the row, note the repeat.
+            existing.size = stored.size
+            existing.transfer_syntax = stored.transfer_syntax
+            add_event(s, "duplicate", f"instance received again: {stored.sop_instance_uid}",
+                      stored.study_uid)
+            return False
+        s.add(
+            Instance(
+                study_id=study.id,
+                sop_instance_uid=stored.sop_instance_uid,
+                series_uid=stored.series_uid,
+                sop_class_uid=stored.sop_class_uid,
+                transfer_syntax=stored.transfer_syntax,
+                path=str(stored.path),
+                size=stored.size,
+                laterality=v.laterality,
+                view=v.view,
+                for_presentation=v.for_presentation,
+                received_at=now,
+            )
+        )
+        study.last_received = now
+        if study.state in ("done", "failed"):
+            study.state = "receiving"
+            add_event(s, "study", "new instance after processing: study reopened",
+                      stored.study_uid)
+        return True
+
+
+def view_key(laterality: str | None, view: str | None) -> str | None:
+    """The ``"L-CC"`` key of an instance row (None when side or view is unknown)."""
+    return ViewInfo(laterality, view, True, "database").key
+
+
+def assemble_studies(
+    db: Database, complete_seconds: float, stable_seconds: float, now: float | None = None
+) -> list[str]:
+    """Queue a job for each study that is complete and quiet, or quiet for long enough."""
+    now = time.time() if now is None else now
+    queued: list[str] = []
+    with db.session() as s:
+        studies = s.scalars(select(Study).where(Study.state == "receiving")).all()
+        for study in studies:
+            quiet = now - study.last_received
+            if quiet < min(complete_seconds, stable_seconds):
+                continue
+            rows = s.execute(
+                select(Instance.laterality, Instance.view).where(Instance.study_id == study.id)
+            ).all()
+            keys = {view_key(lat, view) for lat, view in rows}
+            if STANDARD_VIEWS <= keys and quiet >= complete_seconds:
+                reason = "complete"
+            elif quiet >= stable_seconds:
+                reason = "stable"
+            else:
+                continue
+            s.add(Job(study_id=study.id, state="queued", reason=reason, created_at=now))
+            study.state = "queued"
+            add_event(s, "queued", f"{len(rows)} instance(s), {reason}", study.study_uid)
+            queued.append(study.study_uid)
+    return queued
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    study_id: int
+    study_uid: str
+    attempt: int
+
+
+def claim_next_job(
+    db: Database, owner: str, lease_seconds: float, now: float | None = None
+) -> ClaimedJob | None:
+    """Take the oldest queued job under a lease, or return None."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        pick = select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(1)
+        if not db.is_sqlite:
+            pick = pick.with_for_update(skip_locked=True)
+        job_id = s.scalar(pick)
+        if job_id is None:
+            return None
+        claimed = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == "queued")
+            .values(
+                state="running",
+                lease_owner=owner,
+                lease_until=now + lease_seconds,
+                started_at=now,
+                attempts=Job.attempts + 1,
+            )
+        ).rowcount
+        if claimed != 1:
+            return None
+        job = s.get(Job, job_id)
+        assert job is not None
+        study = s.get(Study, job.study_id)
+        assert study is not None
+        study.state = "running"
+        add_event(s, "running", f"job {job.id} attempt {job.attempts} on {owner}",
+                  study.study_uid)
+        return ClaimedJob(job.id, job.study_id, study.study_uid, job.attempts)
+
+
+def _finish(s: Any, job: Job, state: str, now: float) -> Study:
+    job.state = state
+    job.finished_at = now
+    job.lease_owner = None
+    job.lease_until = None
+    study = s.get(Study, job.study_id)
+    assert study is not None
+    # A new instance may have reopened the study meanwhile; then leave it receiving.
+    if study.state == "running":
+        study.state = state
+    return study
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    kind: str
+    path: str
+    sop_instance_uid: str
+    destinations: tuple[str, ...]
+
+
+def complete_job(
+    db: Database,
+    job_id: int,
+    scores: Mapping[str, Any],
+    views: list[str],
+    model_version: str,
+    results: list[ResultFile],
+    now: float | None = None,
+) -> None:
+    """Record the scores and put every result into the outbox, in one transaction."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.scores_json = json.dumps(scores, sort_keys=True)
+        job.views = ",".join(views)
+        job.model_version = model_version
+        job.error = None
+        study = _finish(s, job, "done", now)
+        for r in results:
+            for dest in r.destinations:
+                s.add(
+                    Delivery(
+                        job_id=job.id,
+                        destination=dest,
+                        kind=r.kind,
+                        path=r.path,
+                        sop_instance_uid=r.sop_instance_uid,
+                        next_attempt=now,
+                    )
+                )
+        add_event(s, "done", f"job {job_id}: {json.dumps(scores.get('exam', {}))}",
+                  study.study_uid)
+
+
+def fail_job(
+    db: Database, job_id: int, error: str, max_attempts: int, permanent: bool = False,
+    now: float | None = None,
+) -> str:
+    """Record an error; requeue unless the job is out of attempts or the error is permanent."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.error = error
+        if permanent or job.attempts >= max_attempts:
+            study = _finish(s, job, "failed", now)
+            add_event(s, "failed", f"job {job_id}: {error}", study.study_uid, "error")
+            return "failed"
+        job.state = "queued"
+        job.lease_owner = None
+        job.lease_until = None
+        study = s.get(Study, job.study_id)
+        assert study is not None
+        study.state = "queued"
+        add_event(s, "retry", f"job {job_id} attempt {job.attempts}: {error}", study.study_uid,
+                  "warning")
+        return "queued"
+
+
+def expire_leases(db: Database, max_attempts: int, now: float | None = None) -> int:
+    """Put jobs whose worker vanished back in the queue (or fail them when out of attempts)."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        stale = s.scalars(
+            select(Job.id).where(Job.state == "running", Job.lease_until < now)
+        ).all()
+    for job_id in stale:
+        fail_job(db, job_id, "lease expired (worker stopped?)", max_attempts, now=now)
+    return len(stale)
+
+
+def due_deliveries(db: Database, now: float | None = None, limit: int = 100) -> list[Delivery]:
+    now = time.time() if now is None else now
+    with db.session() as s:
+        return list(
+            s.scalars(
+                select(Delivery)
+                .where(Delivery.state == "pending", Delivery.next_attempt <= now)
+                .order_by(Delivery.id)
+                .limit(limit)
+            ).all()
+        )
+
+
+def backoff_seconds(attempts: int, base: float = 5.0, cap: float = 300.0) -> float:
+    """Exponential backoff with full jitter on the upper half."""
+    delay = min(cap, base * 2 ** max(0, attempts - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def mark_delivery(db: Database, delivery_id: int, error: str | None, now: float | None = None
+                  ) -> None:
+    now = time.time() if now is None else now
+    with db.session() as s:
+        d = s.get(Delivery, delivery_id)
+        assert d is not None
+        d.attempts += 1
+        study_uid = s.scalar(
+            select(Study.study_uid).join(Job, Job.study_id == Study.id).where(Job.id == d.job_id)
+        )
+        if error is None:
+            d.state = "sent"
+            d.sent_at = now
+            d.last_error = None
+            add_event(s, "delivered", f"{d.kind} to {d.destination}", study_uid)
+        else:
+            d.last_error = error
+            d.next_attempt = now + backoff_seconds(d.attempts)
+            add_event(s, "delivery_retry", f"{d.kind} to {d.destination}: {error}", study_uid,
+                      "warning")
+
+
+def study_rows(db: Database, limit: int = 50) -> list[dict[str, Any]]:
+    """Recent studies with their latest job and delivery counts, for `cadnode jobs`."""
+    out = []
+    with db.session() as s:
+        studies = s.scalars(select(Study).order_by(Study.last_received.desc()).limit(limit)).all()
+        for st in studies:
+            job = latest_job(s, st.id)
+            inst = s.execute(
+                select(Instance.laterality, Instance.view).where(Instance.study_id == st.id)
+            ).all()
+            found = sorted({k for k in (view_key(a, b) for a, b in inst) if k})
+            counts: dict[str, int] = {}
+            if job is not None:
+                for state, n in s.execute(
+                    select(Delivery.state, func.count())
+                    .where(Delivery.job_id == job.id)
+                    .group_by(Delivery.state)
+                ).all():
+                    counts[state] = n
+            out.append(
+                {
+                    "study_uid": st.study_uid,
+                    "patient_id": st.patient_id,
+                    "accession": st.accession,
+                    "calling_ae": st.calling_ae,
+                    "state": st.state,
+                    "instances": len(inst),
+                    "views": found,
+                    "first_received": st.first_received,
+                    "last_received": st.last_received,
+                    "job": None
+                    if job is None
+                    else {
+                        "id": job.id,
+                        "state": job.state,
+                        "reason": job.reason,
+                        "attempts": job.attempts,
+                        "created_at": job.created_at,
+                        "started_at": job.started_at,
+                        "finished_at": job.finished_at,
+                        "scores": job.scores,
+                        "views_used": job.views.split(",") if job.views else [],
+                        "model_version": job.model_version,
+                        "error": job.error,
+                    },
+                    "deliveries": counts,
+                }
+            )
+    return out

@@ -1,0 +1,34 @@
+"""Periodic duties (APScheduler): assemble studies, expire leases, drain the outbox."""
+
+from __future__ import annotations
+
+import logging
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from cadnode.config import Settings
+from cadnode.jobs.db import Database
+from cadnode.jobs.outbox import deliver_due
+from cadnode.jobs.queue import assemble_studies, expire_leases
+
+log = logging.getLogger(__name__)
+
+
+def create_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
+    """A scheduler whose jobs never overlap themselves and never pile up after a pause."""
+    sched = BackgroundScheduler(
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
+    )
+    every = max(0.2, settings.poll_seconds)
+    sched.add_job(
+        assemble_studies, "interval", seconds=every, id="assemble",
+        args=[db, settings.complete_seconds, settings.stable_seconds],
+    )
+    sched.add_job(
+        expire_leases, "interval", seconds=max(every, 10.0), id="leases",
+        args=[db, settings.max_attempts],
+    )
+    sched.add_job(
+        deliver_due, "interval", seconds=every, id="outbox", args=[db, settings.ae_title],
+    )
+    return sched

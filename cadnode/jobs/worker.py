@@ -1,0 +1,229 @@
+"""Runs one study through the stages: select views, pixels, text, model, results, outbox."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from cadnode.config import Settings
+from cadnode.dicom.pixels import PixelDecodeError, PreparedImage, heatmap_to_original, prepare_image
+from cadnode.dicom.spool import write_durably
+from cadnode.dicom.views import ViewInfo, detect_view, select_views
+from cadnode.jobs.db import Database, Instance
+from cadnode.jobs.queue import ClaimedJob, ResultFile, claim_next_job, complete_job, fail_job
+from cadnode.results.cad_sr import build_cad_sr
+from cadnode.results.findings import StudyFindings, ViewFinding
+from cadnode.results.sc import build_secondary_capture
+from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, load_engine
+from cadnode.runtime.scoring import aggregate
+from cadnode.text.clinical import build_clinical_text
+from cadnode.text.tokenizer import ClinicalTokenizer
+
+log = logging.getLogger(__name__)
+
+RESULT_KINDS = ("cad_sr", "sc")
+
+
+class PermanentError(RuntimeError):
+    """Retrying cannot help (no usable view, for example)."""
+
+
+@dataclass
+class _View:
+    key: str
+    header: Dataset
+    info: ViewInfo
+    prepared: PreparedImage | None = None
+    error: str | None = None
+
+
+def load_model(settings: Settings) -> tuple[Engine, ClinicalTokenizer]:
+    package = Path(settings.model) if settings.model else DEFAULT_MODEL_PACKAGE
+    engine = load_engine(package, settings.backend)
+    return engine, ClinicalTokenizer.from_file(package / "tokenizer.json")
+
+
+def peak_and_outline(
+    heat: np.ndarray, prepared: PreparedImage
+) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """The heatmap peak and the box of cells above half of it, on the original pixel grid."""
+    h, w = heat.shape
+    H, W = prepared.array.shape
+    sy, sx = H / h, W / w
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    centre = prepared.to_original((c + 0.5) * sx - 0.5, (r + 0.5) * sy - 0.5)
+    rows, cols = np.nonzero(heat >= heat[r, c] * 0.5)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    corners = [(c0, r0), (c1, r0), (c1, r1), (c0, r1)]
+    outline = [prepared.to_original(x * sx - 0.5, y * sy - 0.5) for x, y in corners]
+    rows_o, cols_o = prepared.original_shape
+
+    def clip(p: tuple[float, float]) -> tuple[float, float]:
+        return (min(max(p[0], 0.0), cols_o - 1.0), min(max(p[1], 0.0), rows_o - 1.0))
+
+    outline = [clip(p) for p in outline]
+    return clip(centre), outline + [outline[0]]
+
+
+class Worker:
+    """Claims jobs from the database and runs them; one model loaded per worker."""
+
+    def __init__(self, settings: Settings, db: Database, owner: str | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        self.engine, self.tokenizer = load_model(settings)
+        self._stop = threading.Event()
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            if not self.run_once():
+                self._stop.wait(self.settings.poll_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue was empty."""
+        job = claim_next_job(self.db, self.owner, self.settings.lease_seconds)
+        if job is None:
+            return False
+        try:
+            self.process(job)
+        except PermanentError as exc:
+            fail_job(self.db, job.id, str(exc), self.settings.max_attempts, permanent=True)
+        except Exception as exc:
+            log.exception("job %d failed", job.id)
+            fail_job(self.db, job.id, f"{type(exc).__name__}: {exc}", self.settings.max_attempts)
+        return True
+
+    def process(self, job: ClaimedJob) -> None:
+        started = time.monotonic()
+        with self.db.session() as s:
+            paths = s.scalars(select(Instance.path).where(Instance.study_id == job.study_id)).all()
+        headers = []
+        for p in paths:
+            try:
+                headers.append(pydicom.dcmread(p, stop_before_pixels=True))
+            except Exception as exc:  # a spool file that vanished or rotted
+                log.warning("cannot read %s: %s", p, exc)
+        by_path = dict(zip(paths, headers, strict=False))
+        chosen = select_views((p, detect_view(ds)) for p, ds in by_path.items())
+        if not chosen:
+            raise PermanentError("no standard view (L/R CC/MLO) could be identified")
+        views = [
+            _View(key, by_path[path], detect_view(by_path[path])) for key, path in chosen.items()
+        ]
+        size = tuple(self.engine.manifest.input_size)
+        for v in views:
+            path = chosen[v.key]
+            try:
+                ds = pydicom.dcmread(path)
+                v.prepared = prepare_image(ds, size, v.info.laterality)  # type: ignore[arg-type]
+            except PixelDecodeError as exc:
+                v.error = str(exc)
+            except Exception as exc:
+                v.error = f"{type(exc).__name__}: {exc}"
+        ok = [v for v in views if v.prepared is not None]
+        if not ok:
+            raise PermanentError("no selected view could be decoded: " + "; ".join(
+                f"{v.key}: {v.error}" for v in views))
+        images = np.stack([v.prepared.array for v in ok])[:, None].astype(np.float32)  # type: ignore[union-attr]
+        encoded = [self.tokenizer.encode(build_clinical_text(v.header, v.info)) for v in ok]
+        ids = np.stack([e[0] for e in encoded]).astype(np.int64)
+        mask = np.stack([e[1] for e in encoded]).astype(np.int64)
+        out = self.engine.predict(images, ids, mask)
+        findings_by_key: dict[str, ViewFinding] = {}
+        view_scores: dict[str, dict[str, float]] = {}
+        for i, v in enumerate(ok):
+            assert v.prepared is not None
+            heat = np.asarray(out.heatmap[i], dtype=np.float32)
+            centre, outline = peak_and_outline(heat, v.prepared)
+            scores = {"cancer": float(out.cancer[i]), "calcification": float(out.calcification[i])}
+            view_scores[v.key] = scores
+            findings_by_key[v.key] = self._finding(v, scores, centre, outline,
+                                                   heatmap_to_original(v.prepared, heat))
+        for v in views:
+            if v.prepared is None:
+                findings_by_key[v.key] = self._finding(v, None, None, [], None)
+        breasts, exam = aggregate(view_scores)
+        m = self.engine.manifest
+        findings = StudyFindings(
+            study_uid=job.study_uid,
+            views=[findings_by_key[k] for k in sorted(findings_by_key)],
+            breasts=breasts,
+            exam=exam,
+            model_name=m.name,
+            model_version=m.version,
+            demo_model=m.demo,
+            thresholds=dict(m.thresholds),
+        )
+        sources = [v.header for v in views]
+        results = self._write_results(findings, sources)
+        scores_doc = {
+            "views": view_scores,
+            "breasts": breasts,
+            "exam": exam,
+            "failed_views": {v.key: v.error for v in views if v.error},
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        complete_job(self.db, job.id, scores_doc, sorted(chosen), m.version, results)
+
+    @staticmethod
+    def _finding(
+        v: _View,
+        scores: dict[str, float] | None,
+        centre: tuple[float, float] | None,
+        outline: list[tuple[float, float]],
+        heatmap: np.ndarray | None,
+    ) -> ViewFinding:
+        ds = v.header
+        return ViewFinding(
+            view_key=v.key,
+            laterality=v.key[0],
+            view=v.key[2:],
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            cancer=None if scores is None else scores["cancer"],
+            calcification=None if scores is None else scores["calcification"],
+            center=centre,
+            outline=outline,
+            heatmap=heatmap,
+            display=None if v.prepared is None else v.prepared.display,
+            error=v.error,
+        )
+
+    def _write_results(self, findings: StudyFindings, sources: list[Dataset]) -> list[ResultFile]:
+        uid_root = self.settings.uid_root or None
+        builders = {"cad_sr": build_cad_sr, "sc": build_secondary_capture}
+        out_dir = self.settings.results_dir / findings.study_uid
+        dests = tuple(str(d) for d in self.settings.destinations)
+        results = []
+        for kind in RESULT_KINDS:
+            kwargs = {"uid_root": uid_root} if uid_root else {}
+            ds = builders[kind](findings, sources, **kwargs)
+            path = out_dir / f"{kind}.dcm"
+            write_durably(_encode(ds), path)
+            results.append(ResultFile(kind, str(path), str(ds.SOPInstanceUID), dests))
+        return results
+
+
+def _encode(ds: Dataset) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -1,0 +1,313 @@
+"""Fused vision-language model: ConvNet over the mammogram + small transformer over header text.
+
+Used by ``train/`` and by export only; the node serves the exported ONNX graph and never imports
+this module. Blocks are small and composable so that variants (image-only, text-only, other
+backbones) are config flags rather than new code.
+
+Fusion: at each of ``fusion_stages`` (indices into the backbone's feature stages, default the last
+two), image tokens (the stage's feature map projected to ``dim``) attend to the text tokens, and the
+text tokens attend to the updated image tokens (residual + LayerNorm on both). The text tokens
+carry their update on to the next fused stage. The fused image tokens go back into the feature map
+as a residual (1x1 conv), which feeds the heatmap; pooled fused features feed the two heads.
+The backbone itself runs unchanged (fusion is a side branch), so any timm ``features_only``
+ConvNet works and a local ImageNet checkpoint loads without surgery.
+
+Attention is written out with matmul + softmax (no fused kernels) so that the legacy ONNX exporter
+and TensorRT take it without custom ops; padding is an additive -1e4 bias (fp16-safe).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_NEG = -1.0e4
+
+
+@dataclass
+class FusedConfig:
+    """Everything that defines the architecture (and the input the exported graph expects)."""
+
+    name: str = "cadnode-custom"
+    backbone: str = "efficientnet_b0"
+    input_size: tuple[int, int] = (1024, 512)  # (H, W)
+    image_mean: float = 0.5  # inputs in [0, 1]; (x - mean) / std is applied inside the model
+    image_std: float = 0.5
+    vocab_size: int = 512  # >= tokenizer vocabulary; spare rows are never indexed
+    max_text_len: int = 64
+    dim: int = 128  # text / fusion width
+    text_layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    fusion_stages: tuple[int, ...] = (-2, -1)
+    use_image: bool = True
+    use_text: bool = True
+    backbone_checkpoint: str | None = None  # local file only; never downloaded
+    heatmap_stride: int = 32  # used when use_image is False (text-only heatmap grid)
+    head_prior: float = 0.05  # heads start at this probability (imbalanced data; calm demo)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MultiHeadAttention(nn.Module):
+    """Plain multi-head attention (q from x, k/v from context) with a key padding bias."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, context: Tensor, key_bias: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        m = context.shape[1]
+        q = self.q(x).reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(context).reshape(b, m, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
+        if key_bias is not None:  # (B, M) -> (B, 1, 1, M)
+            scores = scores + key_bias[:, None, None, :]
+        attn = self.drop(scores.softmax(dim=-1))
+        y = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, d)
+        return self.out(y)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, ratio: float, dropout: float) -> None:
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+
+class TextBlock(nn.Module):
+    """Pre-norm transformer encoder layer."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, dropout)
+        self.ffn = FeedForward(dim, mlp_ratio, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, key_bias: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, h, key_bias))
+        return x + self.ffn(self.norm2(x))
+
+
+def padding_bias(attention_mask: Tensor) -> Tensor:
+    """(B, L) 1/0 mask -> additive float bias, 0 for tokens and -1e4 for padding."""
+    return (1.0 - attention_mask.to(torch.float32)) * _NEG
+
+
+class TextEncoder(nn.Module):
+    """Token + learned position embeddings, then ``layers`` transformer blocks."""
+
+    def __init__(self, vocab_size: int, max_len: int, dim: int, layers: int, heads: int,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.pos = nn.Embedding(max_len, dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TextBlock(dim, heads, mlp_ratio, dropout)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.max_len = max_len
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        length = input_ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"text length {length} > max_len {self.max_len}")
+        x = self.drop(self.tok(input_ids) + self.pos.weight[:length].unsqueeze(0))
+        bias = padding_bias(attention_mask)
+        for block in self.blocks:
+            x = block(x, bias)
+        return self.norm(x)
+
+
+def masked_mean(x: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean over real (unpadded) tokens: (B, L, D) -> (B, D)."""
+    w = attention_mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+def _adapt_state_dict(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Keep the checkpoint tensors the features-only model has; RGB stems summed to 1 channel."""
+    own = model.state_dict()
+    kept: dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key not in own:
+            continue
+        target = own[key]
+        if value.ndim == 4 and target.ndim == 4 and value.shape[1] == 3 and target.shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)
+        if value.shape == target.shape:
+            kept[key] = value
+    return kept
+
+
+class ImageEncoder(nn.Module):
+    """timm ``features_only`` ConvNet over a 1-channel image; random init or a local checkpoint."""
+
+    def __init__(self, backbone: str, checkpoint: str | Path | None = None) -> None:
+        super().__init__()
+        self.body = timm.create_model(backbone, features_only=True, in_chans=1, pretrained=False)
+        self.channels: list[int] = list(self.body.feature_info.channels())
+        self.reductions: list[int] = list(self.body.feature_info.reduction())
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+
+    def load_checkpoint(self, path: str | Path) -> int:
+        """Load backbone weights from a local file (timm / torchvision layout); returns #tensors."""
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+        kept = _adapt_state_dict(state, self.body)
+        if not kept:
+            raise ValueError(f"{path}: no tensor matches backbone; wrong architecture?")
+        self.body.load_state_dict(kept, strict=False)
+        return len(kept)
+
+    def forward(self, image: Tensor) -> list[Tensor]:
+        return list(self.body(image))
+
+
+class CoAttentionFusion(nn.Module):
+    """One image stage <-> text co-attention; returns (fused feature map, fused tokens, text)."""
+
+    def __init__(self, channels: int, dim: int, heads: int, mlp_ratio: float,
+                 dropout: float, cross: bool = True) -> None:
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, dim, 1)
+        self.norm_in = nn.LayerNorm(dim)
+        self.cross = cross
+        if not cross:  # image-only variant: just the projection to pooled tokens
+            return
+        self.img_from_text = MultiHeadAttention(dim, heads, dropout)
+        self.norm_img = nn.LayerNorm(dim)
+        self.text_from_img = MultiHeadAttention(dim, heads, dropout)
+        self.norm_text = nn.LayerNorm(dim)
+        self.text_ffn = FeedForward(dim, mlp_ratio, dropout)
+        self.norm_text2 = nn.LayerNorm(dim)
+        self.proj_out = nn.Conv2d(dim, channels, 1)
+
+    def forward(self, feat: Tensor, text: Tensor | None,
+                text_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        b, _, h, w = feat.shape
+        img = self.norm_in(self.proj_in(feat).flatten(2).transpose(1, 2))  # (B, hw, D)
+        if text is None or not self.cross:  # image-only: no cross attention
+            return feat, img, None
+        img = self.norm_img(img + self.img_from_text(img, text, text_bias))
+        text = self.norm_text(text + self.text_from_img(text, img))
+        text = self.norm_text2(text + self.text_ffn(text))
+        fused = feat + self.proj_out(img.transpose(1, 2).reshape(b, -1, h, w))
+        return fused, img, text
+
+
+class FusedVLM(nn.Module):
+    """image (B,1,H,W) in [0,1] + tokens (B,L) -> per-view logits and a coarse heatmap."""
+
+    def __init__(self, cfg: FusedConfig) -> None:
+        super().__init__()
+        if not (cfg.use_image or cfg.use_text):
+            raise ValueError("at least one of use_image / use_text must be true")
+        self.cfg = cfg
+        self.register_buffer("mean", torch.tensor(cfg.image_mean, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.image_std, dtype=torch.float32),
+                             persistent=False)
+        d = cfg.dim
+        pooled = 0
+        self.image: ImageEncoder | None = None
+        self.text: TextEncoder | None = None
+        if cfg.use_image:
+            self.image = ImageEncoder(cfg.backbone, cfg.backbone_checkpoint)
+            n = len(self.image.channels)
+            self.stage_ids = sorted({s % n for s in cfg.fusion_stages})
+            self.fusions = nn.ModuleList(
+                CoAttentionFusion(self.image.channels[i], d, cfg.heads, cfg.mlp_ratio,
+                                  cfg.dropout, cross=cfg.use_text)
+                for i in self.stage_ids)
+            self.heatmap_head = nn.Conv2d(self.image.channels[self.stage_ids[-1]], 1, 1)
+            pooled += 2 * d * len(self.stage_ids)  # mean + max of each fused stage
+        if cfg.use_text:
+            self.text = TextEncoder(cfg.vocab_size, cfg.max_text_len, d, cfg.text_layers,
+                                    cfg.heads, cfg.mlp_ratio, cfg.dropout)
+            pooled += d
+        self.neck = nn.Sequential(nn.Linear(pooled, d), nn.GELU(), nn.Dropout(cfg.dropout))
+        self.cancer_head = nn.Linear(d, 1)
+        self.calcification_head = nn.Linear(d, 1)
+        prior_logit = math.log(cfg.head_prior / (1.0 - cfg.head_prior))
+        heads = [self.cancer_head, self.calcification_head]
+        if self.image is not None:
+            heads.append(self.heatmap_head)
+        with torch.no_grad():
+            for head in heads:
+                head.bias.fill_(prior_logit)
+
+    @property
+    def heatmap_stride(self) -> int:
+        if self.image is not None:
+            return self.image.reductions[self.stage_ids[-1]]
+        return self.cfg.heatmap_stride
+
+    def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        text: Tensor | None = None
+        bias: Tensor | None = None
+        if self.text is not None:
+            text = self.text(input_ids, attention_mask)
+            bias = padding_bias(attention_mask)
+        parts: list[Tensor] = []
+        heat_logit: Tensor
+        if self.image is not None:
+            feats = self.image((image - self.mean) / self.std)
+            fused = feats[-1]
+            for fusion, idx in zip(self.fusions, self.stage_ids, strict=True):
+                fused, tokens, text = fusion(feats[idx], text, bias)
+                parts += [tokens.mean(1), tokens.amax(1)]
+            heat_logit = self.heatmap_head(fused)
+        if text is not None and attention_mask is not None:
+            parts.append(masked_mean(text, attention_mask))
+        z = self.neck(torch.cat(parts, dim=1))
+        cancer = self.cancer_head(z).squeeze(1)
+        calcification = self.calcification_head(z).squeeze(1)
+        if self.image is None:  # text-only: a flat map at the cancer score, on the usual grid
+            s = self.heatmap_stride
+            grid = F.avg_pool2d(image, kernel_size=s, stride=s, ceil_mode=True) * 0.0
+            heat_logit = grid + cancer[:, None, None, None]
+        return {"cancer_logit": cancer, "calcification_logit": calcification,
+                "heatmap": torch.sigmoid(heat_logit), "heatmap_logit": heat_logit}
+
+
+class ProbabilityWrapper(nn.Module):
+    """What the ONNX graph computes: probabilities named cancer, calcification, heatmap (B,h,w)."""
+
+    output_names = ("cancer", "calcification", "heatmap")
+    input_names = ("image", "input_ids", "attention_mask")
+
+    def __init__(self, model: FusedVLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor, input_ids: Tensor,
+                attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model(image, input_ids, attention_mask)
+        return (torch.sigmoid(out["cancer_logit"]), torch.sigmoid(out["calcification_logit"]),
+                out["heatmap"][:, 0])

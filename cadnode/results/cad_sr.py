@@ -1,0 +1,597 @@
+"""Mammography CAD SR (SOP class 1.2.840.10008.5.1.4.1.1.88.50, root template TID 4000).
+
+Mammography workstations read this object to show CAD marks. highdicom has no TID 4000 builder,
+so the tree is assembled from highdicom content items and then written out as plain pydicom
+datasets, because TID 4021 (geometry) needs by-reference relationships (R-SELECTED FROM the
+Image Library entry) that highdicom's content item classes cannot express.
+
+Content tree (TID numbers of PS3.16 in brackets)::
+
+    CONTAINER Mammography CAD Report                              [4000]
+      HAS CONCEPT MOD  Language of Content Item and Descendants   [1204]
+      CONTAINS  CONTAINER Image Library
+        CONTAINS  IMAGE (every analysed view, failed ones too)    [4020]
+          HAS ACQ CONTEXT  Image Laterality, Image View, Study Date/Time, [orientation, spacing]
+      CONTAINS  CODE CAD Processing and Findings Summary          [4001]
+        HAS PROPERTIES  TEXT Impression Description (exam level)  [4002]
+        INFERRED FROM  CONTAINER Individual Impression/Recommendation, one per breast  [4003]
+          HAS CONCEPT MOD  Rendering Intent
+          CONTAINS  TEXT Impression Description (breast level, failed views named)
+          CONTAINS  CODE Composite Feature = Selected region (cancer, breast level)  [4004]
+            HAS PROPERTIES  Certainty of Feature, Probability of cancer, algorithm  [4019]
+            INFERRED FROM  CODE Single Image Finding = Selected region, one per view  [4006]
+              HAS CONCEPT MOD  Rendering Intent
+              HAS PROPERTIES  algorithm, Certainty of Finding, Probability of cancer
+              HAS PROPERTIES  SCOORD Center (POINT) / Outline (closed POLYLINE)     [4021]
+                R-SELECTED FROM  -> Image Library entry
+          CONTAINS  CODE Composite Feature = Calcification Cluster (same shape, no geometry)
+      CONTAINS  CODE Summary of Detections  (Succeeded | Partially Succeeded | Failed)
+        INFERRED FROM  CONTAINER Successful Detections / Failed Detections   [4015]
+          CONTAINS  CODE Detection Performed, algorithm, R-HAS PROPERTIES -> library entries
+      CONTAINS  CODE Summary of Analyses  (same, per-breast and overall analyses)  [4016]
+
+Choices worth knowing:
+- Scores are NUM items in percent (UCUM "%"), rounded to 0.01.
+- "with findings" in the summary means at least one finding is above its operating point
+  (``StudyFindings.thresholds``), i.e. marked "Presentation Required"; findings below it are
+  still reported, marked "Presentation Optional".
+- The model's calcification output is image-level: its single image findings carry no geometry.
+- SCOORDs are clipped to the image (0..Columns, 0..Rows); outlines are closed (last = first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from cadnode import __version__
+from cadnode.results.findings import StudyFindings, ViewFinding
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
+
+log = logging.getLogger(__name__)
+
+MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+KIND = "cad-sr"
+SERIES_NUMBER = 9001
+MANUFACTURER = "cadnode"
+DEMO_TEXT = "demonstration model - not for clinical use"
+
+# Codes (DCM unless stated); taken from pydicom's dictionary so meanings match PS3.16.
+_DCM = codes.DCM
+_SCT = codes.SCT
+PERCENT = codes.UCUM.Percent
+MM = codes.UCUM.Millimeter
+CANCER_FINDING = _DCM.SelectedRegion  # CID 6014/6016: the model localises "a suspicious region"
+CALC_FINDING = _SCT.CalcificationCluster
+SIDE = {"R": _SCT.RightBreast, "L": _SCT.LeftBreast, "B": _SCT.BothBreasts}  # CID 6022
+VIEW = {  # CID 4014, keyed by cadnode.dicom.views ViewInfo.view
+    "CC": _SCT.CranioCaudal,
+    "MLO": _SCT.MedioLateralObliqueProjection,
+    "ML": _SCT.MedioLateralProjection,
+    "LM": _SCT.LateroMedial,
+    "LMO": _SCT.LateroMedialOblique,
+    "XCCL": _SCT.CranioCaudalExaggeratedLaterally,
+    "XCCM": _SCT.CranioCaudalExaggeratedMedially,
+    "FB": _SCT.CaudoCranial,
+    "SIO": _SCT.SuperolateralToInferomedialOblique,
+    "ISO": _SCT.InferomedialToSuperolateralOblique,
+}
+REQUIRED = _DCM.PresentationRequiredRenderingDeviceIsExpectedToPresent
+OPTIONAL = _DCM.PresentationOptionalRenderingDeviceMayPresent
+BREAST_NAME = {"R": "Right breast", "L": "Left breast"}
+
+_PATIENT_STUDY_ATTRS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "StudyDescription",
+)
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Header helpers shared with the other result objects (sc.py imports them).
+
+
+def copy_patient_study(dst: Dataset, src: Dataset, study_uid: str) -> None:
+    """Copy patient/study identity (and character set) so the result files into the study."""
+    if "SpecificCharacterSet" in src:
+        dst.SpecificCharacterSet = src.SpecificCharacterSet
+    for kw in _PATIENT_STUDY_ATTRS:
+        if kw in src:
+            dst[kw] = deepcopy(src[kw])
+    for kw in _TYPE2_PATIENT_STUDY:  # Type 2: present, possibly empty
+        if kw not in dst:
+            setattr(dst, kw, None)
+    dst.StudyInstanceUID = study_uid
+
+
+def referenced_series(
+    sources: Iterable[Dataset], views: Iterable[ViewFinding], study_uid: str
+) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """Group every source image as {study: {series: [(sop class, sop instance)]}}, in order."""
+    out: dict[str, dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
+    seen: set[str] = set()
+    for ds in sources:
+        uid = str(ds.SOPInstanceUID)
+        if uid not in seen:
+            seen.add(uid)
+            study = str(ds.get("StudyInstanceUID", study_uid))
+            out[study][str(ds.SeriesInstanceUID)].append((str(ds.SOPClassUID), uid))
+    for v in views:  # a view the worker analysed must be evidence even if no header was passed
+        if v.sop_instance_uid not in seen:
+            seen.add(v.sop_instance_uid)
+            out[study_uid][v.series_uid].append((v.sop_class_uid, v.sop_instance_uid))
+    return out
+
+
+def hierarchical_references(refs: dict[str, dict[str, list[tuple[str, str]]]]) -> list[Dataset]:
+    """Items of a Hierarchical SOP Instance Reference Macro sequence (study/series/instance)."""
+    studies = []
+    for study_uid, series in refs.items():
+        st = Dataset()
+        st.StudyInstanceUID = study_uid
+        st.ReferencedSeriesSequence = []
+        for series_uid, instances in series.items():
+            se = Dataset()
+            se.SeriesInstanceUID = series_uid
+            se.ReferencedSOPSequence = []
+            for cls, inst in instances:
+                it = Dataset()
+                it.ReferencedSOPClassUID = cls
+                it.ReferencedSOPInstanceUID = inst
+                se.ReferencedSOPSequence.append(it)
+            st.ReferencedSeriesSequence.append(se)
+        studies.append(st)
+    return studies
+
+
+def contributing_equipment(findings: StudyFindings) -> Dataset:
+    """Contributing Equipment item naming the model that produced the scores."""
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=_DCM.ProcessingEquipment,
+        manufacturer_model_name=findings.model_name[:64],
+        software_versions=findings.model_version[:64],
+        contribution_description=(
+            "CAD model" + (f" ({DEMO_TEXT})" if findings.demo_model else "")
+        )[:64],
+    )
+    return _plain(item)
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
+    """PS3.10 file meta for an Explicit VR Little Endian object."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"CADNODE_{__version__}"[:16]
+    return meta
+
+
+def _plain(item: Dataset) -> Dataset:
+    """Deep copy of a (highdicom) dataset as plain pydicom Datasets all the way down."""
+    out = Dataset()
+    for elem in item:
+        if elem.VR == "SQ":
+            out.add_new(elem.tag, "SQ", [_plain(x) for x in elem.value])
+        else:
+            out.add(deepcopy(elem))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A small tree that can hold by-reference relationships.
+
+
+@dataclass
+class _Node:
+    item: Dataset
+    children: list[_Node | _Ref] = field(default_factory=list)
+
+    def add(self, child: _Node | _Ref) -> _Node | _Ref:
+        self.children.append(child)
+        return child
+
+
+@dataclass
+class _Ref:
+    relationship: str
+    target: _Node
+
+
+def _clean(code: Code) -> Code:
+    """pydicom's dictionary keeps zero-width spaces of the HTML standard in some meanings
+    ("Impression/\u200bRecommendation"); they would not encode in ISO_IR 100."""
+    meaning = code.meaning.replace("\u200b", "")
+    if meaning == code.meaning:
+        return code
+    return Code(code.value, code.scheme_designator, meaning, code.scheme_version)
+
+
+def _code(name: Code, value: Code, rel: str) -> _Node:
+    return _Node(hd.sr.CodeContentItem(_clean(name), _clean(value), relationship_type=rel))
+
+
+def _text(name: Code, value: str, rel: str) -> _Node:
+    return _Node(hd.sr.TextContentItem(_clean(name), value, relationship_type=rel))
+
+
+def _num(name: Code, value: float, unit: Code, rel: str) -> _Node:
+    return _Node(hd.sr.NumContentItem(name, float(value), unit, relationship_type=rel))
+
+
+def _container(name: Code, rel: str | None, continuous: bool = False) -> _Node:
+    return _Node(
+        hd.sr.ContainerContentItem(
+            _clean(name), is_content_continuous=continuous, relationship_type=rel
+        )
+    )
+
+
+def _percent(p: float) -> float:
+    return round(float(p) * 100.0, 2)
+
+
+def _assign_paths(node: _Node, path: tuple[int, ...], paths: dict[int, tuple[int, ...]]) -> None:
+    paths[id(node)] = path
+    for i, child in enumerate(node.children, start=1):
+        if isinstance(child, _Node):
+            _assign_paths(child, path + (i,), paths)
+
+
+def _emit(node: _Node, paths: dict[int, tuple[int, ...]]) -> Dataset:
+    ds = _plain(node.item)
+    if node.children:
+        seq = []
+        for child in node.children:
+            if isinstance(child, _Ref):
+                ref = Dataset()
+                ref.RelationshipType = child.relationship
+                ref.ReferencedContentItemIdentifier = list(paths[id(child.target)])
+                seq.append(ref)
+            else:
+                seq.append(_emit(child, paths))
+        ds.ContentSequence = seq
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Template pieces.
+
+
+def _library_entry(v: ViewFinding, src: Dataset | None, fallback: Dataset) -> _Node:
+    """TID 4020 CAD Image Library Entry: the image and the acquisition context CAD needs."""
+    img = Dataset()
+    img.RelationshipType = "CONTAINS"
+    img.ValueType = "IMAGE"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = v.sop_class_uid
+    ref.ReferencedSOPInstanceUID = v.sop_instance_uid
+    img.ReferencedSOPSequence = [ref]
+    node = _Node(img)
+    acq = "HAS ACQ CONTEXT"
+    if v.laterality in SIDE:
+        node.add(_code(_DCM.ImageLaterality, SIDE[v.laterality], acq))
+    if v.view in VIEW:
+        node.add(_code(_DCM.ImageView, VIEW[v.view], acq))
+    hdr = src if src is not None else fallback
+    if hdr.get("StudyDate"):
+        node.add(_Node(hd.sr.DateContentItem(_DCM.StudyDate, str(hdr.StudyDate), acq)))
+    if hdr.get("StudyTime"):
+        node.add(_Node(hd.sr.TimeContentItem(_DCM.StudyTime, str(hdr.StudyTime), acq)))
+    if src is not None:
+        po = src.get("PatientOrientation")
+        if po is not None and not isinstance(po, str) and len(po) == 2 and all(po):
+            node.add(_text(_DCM.PatientOrientationRow, str(po[0]), acq))
+            node.add(_text(_DCM.PatientOrientationColumn, str(po[1]), acq))
+        spacing = src.get("ImagerPixelSpacing") or src.get("PixelSpacing")
+        if spacing is not None and len(spacing) == 2:
+            node.add(_num(_DCM.HorizontalPixelSpacing, float(spacing[1]), MM, acq))
+            node.add(_num(_DCM.VerticalPixelSpacing, float(spacing[0]), MM, acq))
+    return node
+
+
+def _algorithm(parent: _Node, findings: StudyFindings) -> None:
+    """TID 4019 CAD Algorithm Identification, as HAS PROPERTIES of ``parent``."""
+    parent.add(_text(_DCM.AlgorithmName, findings.model_name, "HAS PROPERTIES"))
+    parent.add(_text(_DCM.AlgorithmVersion, findings.model_version, "HAS PROPERTIES"))
+    if findings.demo_model:
+        parent.add(_text(_DCM.AlgorithmParameters, DEMO_TEXT, "HAS PROPERTIES"))
+
+
+def _intent(above: bool) -> _Node:
+    return _code(_DCM.RenderingIntent, REQUIRED if above else OPTIONAL, "HAS CONCEPT MOD")
+
+
+def _clip(points: Sequence[tuple[float, float]], v: ViewFinding) -> np.ndarray:
+    arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    arr[:, 0] = np.clip(arr[:, 0], 0.0, float(v.columns))
+    arr[:, 1] = np.clip(arr[:, 1], 0.0, float(v.rows))
+    return arr.astype(np.float32)
+
+
+def _geometry(finding: _Node, v: ViewFinding, entry: _Node) -> None:
+    """TID 4021 Mammography CAD Geometry: centre point and closed outline on the source grid."""
+    if v.center is not None:
+        center = _Node(
+            hd.sr.ScoordContentItem(
+                _DCM.Center, "POINT", _clip([v.center], v), relationship_type="HAS PROPERTIES"
+            )
+        )
+        center.add(_Ref("SELECTED FROM", entry))
+        finding.add(center)
+    if len(v.outline) >= 3:
+        pts = list(v.outline)
+        if tuple(pts[0]) != tuple(pts[-1]):
+            pts.append(pts[0])
+        outline = _Node(
+            hd.sr.ScoordContentItem(
+                _DCM.Outline, "POLYLINE", _clip(pts, v), relationship_type="HAS PROPERTIES"
+            )
+        )
+        outline.add(_Ref("SELECTED FROM", entry))
+        finding.add(outline)
+
+
+def _single_image_finding(
+    v: ViewFinding, score: float, kind: Code, threshold: float, findings: StudyFindings,
+    entry: _Node, with_geometry: bool, cancer: bool,
+) -> _Node:
+    """TID 4006 Mammography CAD Single Image Finding for one view."""
+    node = _code(_DCM.SingleImageFinding, kind, "INFERRED FROM")
+    node.add(_intent(score >= threshold))
+    _algorithm(node, findings)
+    node.add(_num(_DCM.CertaintyOfFinding, _percent(score), PERCENT, "HAS PROPERTIES"))
+    if cancer:
+        node.add(_num(_DCM.ProbabilityOfCancer, _percent(score), PERCENT, "HAS PROPERTIES"))
+    if with_geometry:
+        _geometry(node, v, entry)
+    return node
+
+
+def _composite(
+    kind: Code, views: list[ViewFinding], breast_score: float, view_scores: list[float],
+    threshold: float, findings: StudyFindings, entries: dict[str, _Node], cancer: bool,
+) -> _Node:
+    """TID 4004 Composite Feature: the breast-level score inferred from its views' findings."""
+    node = _code(_DCM.CompositeFeature, kind, "CONTAINS")
+    node.add(_intent(breast_score >= threshold))
+    if len(views) > 1:
+        node.add(_code(
+            _DCM.CompositeType, _DCM.TargetContentItemsAreRelatedSpatially, "HAS PROPERTIES"
+        ))
+    scope = (
+        _DCM.FeatureDetectedOnMultipleImages if len(views) > 1
+        else _DCM.FeatureDetectedOnOnlyOneOfTheImages
+    )
+    node.add(_code(_DCM.ScopeOfFeature, scope, "HAS PROPERTIES"))
+    _algorithm(node, findings)
+    node.add(_num(_DCM.CertaintyOfFeature, _percent(breast_score), PERCENT, "HAS PROPERTIES"))
+    if cancer:
+        node.add(_num(_DCM.ProbabilityOfCancer, _percent(breast_score), PERCENT, "HAS PROPERTIES"))
+    for v, s in zip(views, view_scores, strict=True):
+        node.add(_single_image_finding(
+            v, s, kind, threshold, findings, entries[v.sop_instance_uid],
+            with_geometry=cancer, cancer=cancer,
+        ))
+    return node
+
+
+def _describe_scores(label: str, scores: dict[str, float], thresholds: dict[str, float]) -> str:
+    parts = []
+    for key, name in (("cancer", "cancer suspicion"), ("calcification", "calcification")):
+        if key in scores:
+            t = thresholds.get(key)
+            flag = "" if t is None else (" (above threshold)" if scores[key] >= t else "")
+            parts.append(f"{name} {_percent(scores[key]):.2f} %{flag}")
+    return f"{label}: " + (", ".join(parts) if parts else "no score")
+
+
+def _failed_text(v: ViewFinding) -> str:
+    return f"{v.view_key} not analysed: {v.error or 'no score'}"
+
+
+def _impressions(
+    findings: StudyFindings, entries: dict[str, _Node], ok: list[ViewFinding],
+    failed: list[ViewFinding],
+) -> _Node:
+    """TID 4001 Overall Impression/Recommendation, with one TID 4003 container per breast."""
+    t_cancer = findings.thresholds.get("cancer", 0.5)
+    t_calc = findings.thresholds.get("calcification", 0.5)
+    any_above = any(
+        (v.cancer or 0.0) >= t_cancer or (v.calcification or 0.0) >= t_calc for v in ok
+    )
+    if not ok:
+        summary = _DCM.NoAlgorithmsSucceededWithoutFindings
+    elif failed:
+        summary = (
+            _DCM.NotAllAlgorithmsSucceededWithFindings if any_above
+            else _DCM.NotAllAlgorithmsSucceededWithoutFindings
+        )
+    else:
+        summary = (
+            _DCM.AllAlgorithmsSucceededWithFindings if any_above
+            else _DCM.AllAlgorithmsSucceededWithoutFindings
+        )
+    root = _code(_DCM.CADProcessingAndFindingsSummary, summary, "CONTAINS")
+    exam_text = _describe_scores("Exam", findings.exam, findings.thresholds)
+    if failed:
+        exam_text += "; " + "; ".join(_failed_text(v) for v in failed)
+    if findings.demo_model:
+        exam_text = f"{DEMO_TEXT.upper()}. {exam_text}"
+    root.add(_text(_DCM.ImpressionDescription, exam_text, "HAS PROPERTIES"))
+
+    for side in ("R", "L"):
+        side_views = [v for v in findings.views if v.laterality == side]
+        if not side_views:
+            continue
+        side_ok = [v for v in side_views if v in ok]
+        scores = findings.breasts.get(side, {})
+        above = bool(side_ok) and (
+            scores.get("cancer", 0.0) >= t_cancer or scores.get("calcification", 0.0) >= t_calc
+        )
+        box = _container(_DCM.IndividualImpressionRecommendation, "INFERRED FROM")
+        box.add(_intent(above))
+        text = _describe_scores(BREAST_NAME[side], scores, findings.thresholds)
+        side_failed = [v for v in side_views if v not in ok]
+        if side_failed:
+            text += "; " + "; ".join(_failed_text(v) for v in side_failed)
+        box.add(_text(_DCM.ImpressionDescription, text, "CONTAINS"))
+        if side_ok:
+            cancer_score = scores.get("cancer", max(v.cancer or 0.0 for v in side_ok))
+            box.add(_composite(
+                CANCER_FINDING, side_ok, cancer_score, [float(v.cancer or 0.0) for v in side_ok],
+                t_cancer, findings, entries, cancer=True,
+            ))
+            calc_views = [v for v in side_ok if v.calcification is not None]
+            if calc_views:
+                calc_score = scores.get(
+                    "calcification", max(float(v.calcification or 0.0) for v in calc_views)
+                )
+                box.add(_composite(
+                    CALC_FINDING, calc_views, calc_score,
+                    [float(v.calcification or 0.0) for v in calc_views],
+                    t_calc, findings, entries, cancer=False,
+                ))
+        root.add(box)
+    return root
+
+
+def _status(ok: list[ViewFinding], failed: list[ViewFinding]) -> Code:
+    if not ok and not failed:
+        return _DCM.NotAttempted
+    if not failed:
+        return _DCM.Succeeded
+    return _DCM.PartiallySucceeded if ok else _DCM.Failed
+
+
+def _performed(
+    name: Code, status: Code, item_name: Code, kinds: list[Code], findings: StudyFindings,
+    ok_entries: list[_Node], failed_entries: list[_Node], success_box: Code, fail_box: Code,
+) -> _Node:
+    """Summary of Detections / Analyses with TID 4015/4016 (which algorithm ran on what)."""
+    summary = _code(name, status, "CONTAINS")
+    for box_name, entries in ((success_box, ok_entries), (fail_box, failed_entries)):
+        if not entries:
+            continue
+        box = _container(box_name, "INFERRED FROM")
+        for kind in kinds:
+            performed = _code(item_name, kind, "CONTAINS")
+            _algorithm(performed, findings)
+            for entry in entries:
+                performed.add(_Ref("HAS PROPERTIES", entry))
+            box.add(performed)
+        summary.add(box)
+    return summary
+
+
+def _content_tree(findings: StudyFindings, sources: Sequence[Dataset]) -> _Node:
+    by_uid = {str(s.SOPInstanceUID): s for s in sources}
+    root = _Node(hd.sr.ContainerContentItem(
+        _DCM.MammographyCADReport, is_content_continuous=False, template_id="4000"
+    ))
+    root.add(_code(
+        _DCM.LanguageOfContentItemAndDescendants,
+        Code("en-US", "RFC5646", "English (United States)"), "HAS CONCEPT MOD",
+    ))
+    library = _container(_DCM.ImageLibrary, "CONTAINS")
+    entries: dict[str, _Node] = {}
+    for v in findings.views:
+        if v.sop_instance_uid in entries:
+            continue
+        entry = _library_entry(v, by_uid.get(v.sop_instance_uid), sources[0])
+        entries[v.sop_instance_uid] = entry
+        library.add(entry)
+    root.add(library)
+
+    ok = [v for v in findings.views if not v.failed]
+    failed = [v for v in findings.views if v.failed]
+    root.add(_impressions(findings, entries, ok, failed))
+    ok_entries = [entries[v.sop_instance_uid] for v in ok]
+    failed_entries = [entries[v.sop_instance_uid] for v in failed]
+    root.add(_performed(
+        _DCM.SummaryOfDetections, _status(ok, failed), _DCM.DetectionPerformed,
+        [CANCER_FINDING, CALC_FINDING], findings, ok_entries, failed_entries,
+        _DCM.SuccessfulDetections, _DCM.FailedDetections,
+    ))
+    root.add(_performed(
+        _DCM.SummaryOfAnalyses, _status(ok, [] if ok else failed), _DCM.AnalysisPerformed,
+        [_DCM.IndividualImpressionRecommendationAnalysis,
+         _DCM.OverallImpressionRecommendationAnalysis],
+        # the per-breast/exam analyses succeed on the views that did; they fail only with none
+        findings, ok_entries, [] if ok else failed_entries,
+        _DCM.SuccessfulAnalyses, _DCM.FailedAnalyses,
+    ))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_cad_sr(
+    findings: StudyFindings, sources: Sequence[Dataset], uid_root: str = DEFAULT_UID_ROOT
+) -> Dataset:
+    """Build the Mammography CAD SR for ``findings`` in a new series of the source study."""
+    if not sources:
+        raise ValueError("build_cad_sr needs at least one source header (patient/study)")
+    first = sources[0]
+    series_uid = result_series_uid(uid_root, findings.study_uid, findings.model_version, KIND)
+    sop_uid = result_instance_uid(uid_root, findings.study_uid, findings.model_version, KIND)
+    now = datetime.datetime.now()
+
+    ds = Dataset()
+    ds.file_meta = file_meta(MAMMOGRAPHY_CAD_SR, sop_uid)
+    ds.preamble = b"\x00" * 128
+    copy_patient_study(ds, first, findings.study_uid)
+    # SOP Common
+    ds.SOPClassUID = MAMMOGRAPHY_CAD_SR
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # SR Document Series
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = SERIES_NUMBER
+    ds.SeriesDescription = "CAD SR " + ("(DEMO MODEL)" if findings.demo_model else "cadnode")
+    ds.ReferencedPerformedProcedureStepSequence = []
+    # General Equipment: this node; the model goes to Contributing Equipment
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = MANUFACTURER
+    ds.SoftwareVersions = [__version__, f"{findings.model_name} {findings.model_version}"[:64]]
+    ds.ContributingEquipmentSequence = [contributing_equipment(findings)]
+    # SR Document General
+    ds.InstanceNumber = 1
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.PerformedProcedureCodeSequence = []
+    ds.CurrentRequestedProcedureEvidenceSequence = hierarchical_references(
+        referenced_series(sources, findings.views, findings.study_uid)
+    )
+    # SR Document Content: the root item's attributes live in the top-level dataset
+    tree = _content_tree(findings, sources)
+    paths: dict[int, tuple[int, ...]] = {}
+    _assign_paths(tree, (1,), paths)
+    for elem in _emit(tree, paths):
+        ds.add(elem)
+    return ds

@@ -1,0 +1,235 @@
+"""Secondary Capture montage of the CAD result: the one result object every PACS can show.
+
+Choice: ONE montage per study, not one SC per view. A single RGB image with the four views side
+by side in the usual radiological hanging (R-CC, L-CC, R-MLO, L-MLO; each view in its original
+orientation) shows the whole exam at a glance in any viewer, keeps the outbox to one object,
+and lets one deterministic SOP Instance UID replace it on re-processing. Each panel shows
+``ViewFinding.display`` with ``ViewFinding.heatmap`` blended in colour, the finding outline,
+and the scores burned in as text (so BurnedInAnnotation is YES). A failed view is a grey panel
+with its error text; a view the study lacks is a dark panel. A demonstration model adds a red
+"NOT FOR DIAGNOSTIC USE - DEMONSTRATION MODEL" banner.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from cadnode import __version__
+from cadnode.results.cad_sr import (
+    MANUFACTURER,
+    contributing_equipment,
+    copy_patient_study,
+    hierarchical_references,
+    referenced_series,
+)
+from cadnode.results.findings import StudyFindings, ViewFinding
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
+
+KIND = "sc"
+SERIES_NUMBER = 9002
+HANGING = ("R-CC", "L-CC", "R-MLO", "L-MLO")
+PANEL_W, PANEL_H = 640, 1024
+HEADER_H = 96
+BANNER_H = 56
+FOOTER_H = 48
+BANNER_TEXT = "NOT FOR DIAGNOSTIC USE - DEMONSTRATION MODEL"
+FAILED_GREY = 110
+MISSING_GREY = 30
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _heat_rgb(heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """'Hot' colours and blending weights: cool areas stay grey so the anatomy stays readable."""
+    h = np.clip(heat.astype(np.float32), 0.0, 1.0)
+    rgb = np.stack([np.ones_like(h), np.clip(2.0 * h - 0.6, 0, 1), np.zeros_like(h)], axis=-1)
+    alpha = 0.6 * np.clip((h - 0.2) / 0.6, 0.0, 1.0)
+    return rgb * 255.0, alpha[..., None]
+
+
+def _fit(w: int, h: int) -> tuple[int, int]:
+    scale = min(PANEL_W / w, PANEL_H / h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _view_panel(v: ViewFinding, thresholds: dict[str, float]) -> tuple[Image.Image, str]:
+    """One analysed view: greyscale display + heatmap + outline; returns panel and caption."""
+    panel = Image.new("RGB", (PANEL_W, PANEL_H), (0, 0, 0))
+    display = v.display
+    if display is None:  # analysed, but the worker kept no display image
+        display = np.zeros((v.rows, v.columns), dtype=np.uint8)
+    disp = Image.fromarray(np.asarray(display, dtype=np.uint8), mode="L")
+    fw, fh = _fit(disp.width, disp.height)
+    grey = np.asarray(disp.resize((fw, fh), Image.Resampling.BILINEAR), dtype=np.float32)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    if v.heatmap is not None:
+        heat = Image.fromarray(np.asarray(v.heatmap, dtype=np.float32), mode="F")
+        heat_arr = np.asarray(heat.resize((fw, fh), Image.Resampling.BILINEAR))
+        colour, alpha = _heat_rgb(heat_arr)
+        rgb = rgb * (1.0 - alpha) + colour * alpha
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
+    x0, y0 = (PANEL_W - fw) // 2, (PANEL_H - fh) // 2
+    panel.paste(img, (x0, y0))
+    draw = ImageDraw.Draw(panel)
+    sx, sy = fw / max(v.columns, 1), fh / max(v.rows, 1)  # original grid -> panel
+    if len(v.outline) >= 3:
+        pts = [(x0 + x * sx, y0 + y * sy) for x, y in v.outline]
+        draw.line(pts + [pts[0]], fill=(0, 255, 0), width=3)
+    if v.center is not None:
+        cx, cy = x0 + v.center[0] * sx, y0 + v.center[1] * sy
+        draw.line([(cx - 12, cy), (cx + 12, cy)], fill=(0, 255, 0), width=3)
+        draw.line([(cx, cy - 12), (cx, cy + 12)], fill=(0, 255, 0), width=3)
+    cancer = float(v.cancer or 0.0)
+    flag = " !" if cancer >= thresholds.get("cancer", 0.5) else ""
+    caption = f"{v.view_key}  cancer {cancer * 100:.1f}%{flag}"
+    if v.calcification is not None:
+        calc = float(v.calcification)
+        cflag = " !" if calc >= thresholds.get("calcification", 0.5) else ""
+        caption += f"\ncalcification {calc * 100:.1f}%{cflag}"
+    return panel, caption
+
+
+def _message_panel(key: str, message: str, grey: int) -> tuple[Image.Image, str]:
+    panel = Image.new("RGB", (PANEL_W, PANEL_H), (grey, grey, grey))
+    draw = ImageDraw.Draw(panel)
+    lines = textwrap.wrap(message, width=36) or [""]
+    draw.multiline_text((24, PANEL_H // 2 - 40), "\n".join(lines), fill=(255, 255, 255),
+                        font=_font(26))
+    return panel, f"{key}  NOT ANALYSED"
+
+
+def render_montage(findings: StudyFindings) -> np.ndarray:
+    """The montage as uint8 RGB (rows, columns, 3); public so the worker can preview it."""
+    by_key = {v.view_key: v for v in findings.views}
+    keys = list(HANGING) + sorted(k for k in by_key if k not in HANGING)
+    banner = BANNER_H if findings.demo_model else 0
+    width, height = PANEL_W * len(keys), banner + HEADER_H + PANEL_H + FOOTER_H
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    small, big = _font(28), _font(34)
+    if banner:
+        draw.rectangle([0, 0, width, banner], fill=(200, 0, 0))
+        draw.text((24, 8), BANNER_TEXT + "  -  " + BANNER_TEXT, fill=(255, 255, 255), font=big)
+    for i, key in enumerate(keys):
+        v = by_key.get(key)
+        if v is None:
+            panel, caption = _message_panel(key, f"{key}: no image in study", MISSING_GREY)
+        elif v.failed:
+            panel, caption = _message_panel(
+                key, f"{key} not analysed: {v.error or 'no score'}", FAILED_GREY
+            )
+        else:
+            panel, caption = _view_panel(v, findings.thresholds)
+        x = i * PANEL_W
+        canvas.paste(panel, (x, banner + HEADER_H))
+        draw.multiline_text((x + 16, banner + 10), caption, fill=(255, 255, 0), font=small)
+        draw.line([(x, banner), (x, height - FOOTER_H)], fill=(80, 80, 80), width=2)
+    exam = findings.exam
+    footer = f"{findings.model_name} {findings.model_version}"
+    if "cancer" in exam:
+        footer = f"Exam cancer {exam['cancer'] * 100:.1f}%  |  " + footer
+    draw.text((16, height - 40), footer, fill=(255, 255, 255), font=small)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def build_secondary_capture(
+    findings: StudyFindings, sources: Sequence[Dataset], uid_root: str = DEFAULT_UID_ROOT
+) -> Dataset:
+    """Build the SC montage in a new series of the source study, referencing its sources."""
+    if not sources:
+        raise ValueError("build_secondary_capture needs at least one source header")
+    first = sources[0]
+    pixels = render_montage(findings)
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=findings.study_uid,
+        series_instance_uid=result_series_uid(
+            uid_root, findings.study_uid, findings.model_version, KIND
+        ),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=result_instance_uid(
+            uid_root, findings.study_uid, findings.model_version, KIND
+        ),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("R", "F"),  # replaced below: a montage has no single orientation
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=(
+            "CAD montage (DEMO MODEL)" if findings.demo_model else "CAD montage cadnode"
+        ),
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=__version__,
+        specific_character_set=first.get("SpecificCharacterSet"),
+    )
+    copy_patient_study(sc, first, findings.study_uid)
+    sc.PatientOrientation = None  # Type 2C: present, empty (views of both sides side by side)
+    sc.BodyPartExamined = "BREAST"
+    sc.Laterality = None  # Type 2C for a paired organ; both breasts are shown, so empty
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    sc.ContributingEquipmentSequence = [contributing_equipment(findings)]
+    sc.DerivationDescription = (
+        f"CAD montage R-CC L-CC R-MLO L-MLO, heatmap overlay, {findings.model_name} "
+        f"{findings.model_version}" + (" - DEMONSTRATION MODEL" if findings.demo_model else "")
+    )[:1024]
+    if findings.demo_model:
+        sc.ImageComments = BANNER_TEXT
+    purpose = codes.DCM.SourceImageForImageProcessingOperation
+    refs = referenced_series(sources, findings.views, findings.study_uid)
+    sc.SourceImageSequence = []
+    for series in refs.values():
+        for instances in series.values():
+            for cls, inst in instances:
+                item = Dataset()
+                item.ReferencedSOPClassUID = cls
+                item.ReferencedSOPInstanceUID = inst
+                code = Dataset()
+                code.CodeValue = purpose.value
+                code.CodingSchemeDesignator = purpose.scheme_designator
+                code.CodeMeaning = purpose.meaning
+                item.PurposeOfReferenceCodeSequence = [code]
+                sc.SourceImageSequence.append(item)
+    # Common Instance Reference: where the referenced instances live (study/series)
+    same = {k: v for k, v in refs.items() if k == findings.study_uid}
+    other = {k: v for k, v in refs.items() if k != findings.study_uid}
+    if same:
+        sc.ReferencedSeriesSequence = [
+            _series_item(s) for s in hierarchical_references(same)[0].ReferencedSeriesSequence
+        ]
+    if other:
+        sc.StudiesContainingOtherReferencedInstancesSequence = [
+            _other_study_item(st) for st in hierarchical_references(other)
+        ]
+    return sc
+
+
+def _series_item(series: Dataset) -> Dataset:
+    """Hierarchical series item -> Common Instance Reference series item (other keyword)."""
+    item = Dataset()
+    item.SeriesInstanceUID = series.SeriesInstanceUID
+    item.ReferencedInstanceSequence = series.ReferencedSOPSequence
+    return item
+
+
+def _other_study_item(study: Dataset) -> Dataset:
+    item = Dataset()
+    item.StudyInstanceUID = study.StudyInstanceUID
+    item.ReferencedSeriesSequence = [_series_item(s) for s in study.ReferencedSeriesSequence]
+    return item

@@ -1,0 +1,185 @@
+"""Model package manifest (``manifest.json``): what the node needs to know to run a package.
+
+A package is one folder: ``model.onnx``, ``tokenizer.json``, ``manifest.json``. The reader refuses
+(ValueError naming the reason) any manifest it does not fully understand, rather than guessing:
+unknown ``format_version``, a missing or mistyped key, a missing file, a checksum mismatch, or a text
+template other than the one this node builds.
+
+Image intensity contract (format 1): the engine is fed float32 images in [0, 1] (after VOI LUT and
+MONOCHROME1 inversion); the graph itself applies ``(x - mean) / std`` from ``normalisation``, which
+is recorded for other engines and for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+INPUT_NAMES: tuple[str, ...] = ("image", "input_ids", "attention_mask")
+OUTPUT_NAMES: tuple[str, ...] = ("cancer", "calcification", "heatmap")
+DEMO_NOTICE = "demonstration model - not for clinical use"
+
+#: key -> accepted JSON types
+REQUIRED_KEYS: dict[str, tuple[type, ...]] = {
+    "format_version": (int,),
+    "name": (str,),
+    "version": (str,),
+    "input_size": (list,),
+    "normalisation": (dict,),
+    "max_text_len": (int,),
+    "text_template_version": (str,),
+    "outputs": (list,),
+    "thresholds": (dict,),
+    "demo": (bool,),
+    "training": (str,),
+}
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """Parsed, validated manifest of one model package."""
+
+    package: Path
+    name: str
+    version: str
+    input_size: tuple[int, int]  # (H, W)
+    normalisation: dict[str, Any]
+    max_text_len: int
+    text_template_version: str
+    outputs: tuple[str, ...]
+    thresholds: dict[str, float]
+    demo: bool
+    training: str
+    notice: str | None = None
+    heatmap_size: tuple[int, int] | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> Path:
+        return self.package / MODEL_NAME
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.package / TOKENIZER_NAME
+
+
+def _refuse(where: Path, reason: str) -> ValueError:
+    return ValueError(f"model package {where}: {reason}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _size_pair(where: Path, key: str, value: Any) -> tuple[int, int]:
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise _refuse(where, f"{key} must be [H, W] positive integers, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def read_manifest(path: str | Path, *, verify_checksums: bool = True,
+                  expected_text_template_version: str | None = None) -> ModelManifest:
+    """Read and validate a package folder (or its manifest.json); ValueError says why it refuses.
+
+    ``expected_text_template_version`` defaults to the template this node's text builder writes.
+    """
+    path = Path(path)
+    package = path.parent if path.name == MANIFEST_NAME else path
+    manifest_file = package / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise _refuse(package, f"missing file {MANIFEST_NAME}")
+    try:
+        data = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _refuse(package, f"{MANIFEST_NAME} is not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise _refuse(package, f"{MANIFEST_NAME} must hold a JSON object")
+
+    fmt = data.get("format_version")
+    if fmt != FORMAT_VERSION or isinstance(fmt, bool):
+        raise _refuse(package, f"unsupported format_version {fmt!r} "
+                               f"(this cadnode reads format_version {FORMAT_VERSION})")
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise _refuse(package, f"manifest is missing required key(s): {', '.join(missing)}")
+    for key, types in REQUIRED_KEYS.items():
+        value = data[key]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise _refuse(package, f"manifest key {key!r} has the wrong type "
+                                   f"({type(value).__name__})")
+
+    input_size = _size_pair(package, "input_size", data["input_size"])
+    heatmap_size = (_size_pair(package, "heatmap_size", data["heatmap_size"])
+                    if data.get("heatmap_size") is not None else None)
+    if data["max_text_len"] < 3:
+        raise _refuse(package, f"max_text_len {data['max_text_len']} is too small")
+    outputs = tuple(data["outputs"])
+    if set(outputs) != set(OUTPUT_NAMES):
+        raise _refuse(package, f"outputs {list(outputs)} are not {list(OUTPUT_NAMES)}")
+    thresholds: dict[str, float] = {}
+    for name in ("cancer", "calcification"):
+        value = data["thresholds"].get(name)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not 0.0 <= value <= 1.0):
+            raise _refuse(package, f"thresholds.{name} must be a probability, got {value!r}")
+        thresholds[name] = float(value)
+    norm = data["normalisation"]
+    for key in ("mean", "std"):
+        if isinstance(norm.get(key), bool) or not isinstance(norm.get(key), (int, float)):
+            raise _refuse(package, f"normalisation.{key} must be a number")
+    if norm.get("input_range") != [0, 1] and norm.get("input_range") != [0.0, 1.0]:
+        raise _refuse(package, f"normalisation.input_range {norm.get('input_range')!r} "
+                               "is not [0, 1] (the only range format 1 defines)")
+
+    if expected_text_template_version is None:
+        from cadnode.text.clinical import TEXT_TEMPLATE_VERSION
+
+        expected_text_template_version = TEXT_TEMPLATE_VERSION
+    if data["text_template_version"] != expected_text_template_version:
+        raise _refuse(package, f"text_template_version {data['text_template_version']!r} "
+                               f"differs from this node's {expected_text_template_version!r}")
+
+    for name in (MODEL_NAME, TOKENIZER_NAME):
+        if not (package / name).is_file():
+            raise _refuse(package, f"missing file {name}")
+    checksums = data.get("sha256") or {}
+    if not isinstance(checksums, dict):
+        raise _refuse(package, "sha256 must map file names to hex digests")
+    if verify_checksums:
+        for name, digest in sorted(checksums.items()):
+            if name not in (MODEL_NAME, TOKENIZER_NAME):
+                continue
+            if _sha256(package / name) != digest:
+                raise _refuse(package, f"checksum mismatch for {name} (file changed or corrupt)")
+
+    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice"}
+    return ModelManifest(
+        package=package,
+        name=data["name"],
+        version=data["version"],
+        input_size=input_size,
+        normalisation=dict(norm),
+        max_text_len=int(data["max_text_len"]),
+        text_template_version=data["text_template_version"],
+        outputs=outputs,
+        thresholds=thresholds,
+        demo=bool(data["demo"]),
+        training=data["training"],
+        notice=data.get("notice"),
+        heatmap_size=heatmap_size,
+        extra={k: v for k, v in data.items() if k not in known},
+    )

