@@ -28,8 +28,7 @@ class NodeProcess:
         self.home, self.port = home, port
         self.log = home.parent / f"{home.name}.log"
         full = dict(os.environ)
-        full.update({"CADNODE_HOME": str(home), "CADNODE_PORT": str(port),
-                     "CADNODE_HOST": "127.0.0.1", **env})
+        full.update({"CADNODE_HOME": str(home), "CADNODE_PORT": str(port), **env})
         self.env = full
         self._fh = open(self.log, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "cadnode", "serve"], env=full,

@@ -268,7 +268,8 @@ class FusedVLM(nn.Module):
             return self.image.reductions[self.stage_ids[-1]]
         return self.cfg.heatmap_stride
 
-    def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+    def forward(self, image: Tensor, input_ids: Tensor,
+                attention_mask: Tensor) -> dict[str, Tensor]:
         text: Tensor | None = None
         bias: Tensor | None = None
         if self.text is not None:

@@ -1,9 +1,9 @@
 """Model package manifest (``manifest.json``): what the node needs to know to run a package.
 
-A package is one folder: ``model.onnx``, ``tokenizer.json``, ``manifest.json``. The reader refuses
-(ValueError naming the reason) any manifest it does not fully understand, rather than guessing:
-unknown ``format_version``, a missing or mistyped key, a missing file, a checksum mismatch, or a text
-template other than the one this node builds.
+A package is one folder: ``model.onnx``, ``tokenizer.json``, ``manifest.json``. The reader
+refuses (ValueError naming the reason) any manifest it does not fully understand, rather than
+guessing: unknown ``format_version``, a missing or mistyped key, a missing file, a checksum
+mismatch, or a text template other than the one this node builds.
 
 Image intensity contract (format 1): the engine is fed float32 images in [0, 1] (after VOI LUT and
 MONOCHROME1 inversion); the graph itself applies ``(x - mean) / std`` from ``normalisation``, which

@@ -88,7 +88,8 @@ MODEL_WORDS: tuple[str, ...] = (
     "mammomat", "inspiration", "revelation", "fusion", "novation", "amulet", "innovality",
     "aspire", "microdose", "mammodiagnost", "nuance", "clarity", "tomo", "giotto",
 )
-_MODEL_ALIASES: dict[str, str] = {"3dimensions": "dimensions", "3d": "tomo", "tomosynthesis": "tomo"}
+_MODEL_ALIASES: dict[str, str] = {"3dimensions": "dimensions", "3d": "tomo",
+                                  "tomosynthesis": "tomo"}
 
 #: ViewInfo.view codes that are spoken as themselves (lower-case); others -> "other".
 VIEW_CODES: tuple[str, ...] = ("cc", "mlo", "ml", "lm", "lmo", "xccl", "xccm", "fb", "sio", "at",

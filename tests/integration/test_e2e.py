@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,10 +61,9 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 def test_storescu_to_serve_to_storescp(storescp, demo_study: list[Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pacs_port, pacs_dir = storescp
+    # Only the documented variables (home, port, destinations): default timings throughout.
     node = NodeProcess(tmp_path / "node", free_port(), {
         "CADNODE_DESTINATIONS": f"PACS@127.0.0.1:{pacs_port}",
-        "CADNODE_COMPLETE_SECONDS": "1",
-        "CADNODE_POLL_SECONDS": "0.5",
     })
     try:
         node.wait_ready()
@@ -121,6 +121,8 @@ def test_cadnode_send_to_serve_to_demo_pacs(demo_study: list[Path], tmp_path: Pa
     })
     try:
         node.wait_ready()
+        follow = subprocess.Popen([sys.executable, "-m", "cadnode", "jobs", "--follow"],
+                                  env=node.env, stdout=subprocess.PIPE, text=True)
         sent = node.cli("send", "--port", str(node.port), str(demo_study[0].parent))
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert "sent 4 of 4 file(s)" in sent.stdout
@@ -131,6 +133,11 @@ def test_cadnode_send_to_serve_to_demo_pacs(demo_study: list[Path], tmp_path: Pa
                    for p in demo_study}
         for r in pacs.received:
             assert sources <= referenced_uids(pydicom.dcmread(r.path))
+        time.sleep(2.5)  # --follow polls every second
+        follow.terminate()
+        printed = follow.communicate(timeout=10)[0]
+        for kind in ("queued", "running", "done", "delivered"):
+            assert f" {kind} " in printed, printed
     finally:
         node.stop()
         pacs.stop()
@@ -161,3 +168,13 @@ def test_destination_down_delays_but_never_loses(demo_study: list[Path], tmp_pat
     finally:
         node.stop()
         pacs.stop()
+
+
+def test_serving_never_imports_torch() -> None:
+    code = ("import sys, cadnode.cli, cadnode.jobs.worker, cadnode.demo; "
+            "w = cadnode.jobs.worker; "
+            "from cadnode.config import Settings; w.load_model(Settings()); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm') "
+            "or m.startswith('cadnode.model')]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

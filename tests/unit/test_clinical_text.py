@@ -58,7 +58,8 @@ def full_header() -> Dataset:
     mod = Dataset()
     mod.CodeValue, mod.CodingSchemeDesignator, mod.CodeMeaning = "R-102D6", "SRT", "Magnification"
     code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-10242", "SRT", "cranio-caudal"
+    code.CodeValue, code.CodingSchemeDesignator = "R-10242", "SRT"
+    code.CodeMeaning = "cranio-caudal"
     code.ViewModifierCodeSequence = Sequence([mod])
     ds.ViewCodeSequence = Sequence([code])
     return ds

@@ -1,0 +1,155 @@
+"""Runtime: the committed demo package runs on ONNX Runtime; bad packages are refused clearly."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from cadnode.dicom.views import ViewInfo
+from cadnode.runtime import DEFAULT_MODEL_PACKAGE, ViewOutputs, load_engine, read_manifest
+from cadnode.runtime.scoring import aggregate
+from cadnode.text.clinical import TEXT_TEMPLATE_VERSION, build_clinical_text
+from cadnode.text.tokenizer import ClinicalTokenizer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine(DEFAULT_MODEL_PACKAGE, intra_op_threads=2)
+
+
+def test_demo_manifest() -> None:
+    m = read_manifest(DEFAULT_MODEL_PACKAGE)
+    assert m.name == "cadnode-effb0-cpu" and m.version == "0.1.0-untrained"
+    assert m.input_size == (1024, 512) and m.max_text_len == 64
+    assert m.demo is True and m.notice == "demonstration model - not for clinical use"
+    assert m.thresholds == {"cancer": 0.5, "calcification": 0.5}
+    assert m.text_template_version == TEXT_TEMPLATE_VERSION
+    assert m.training == "untrained: random initialisation (seed 0)"
+    assert 10e6 < m.model_path.stat().st_size < 21e6
+
+
+def test_demo_predict_shapes_and_ranges(engine) -> None:
+    tok = ClinicalTokenizer.from_file(engine.manifest.tokenizer_path)
+    assert tok.max_len == engine.manifest.max_text_len
+    texts = [build_clinical_text(Dataset(), ViewInfo(s, v, True, "t"))
+             for s in "LR" for v in ("CC", "MLO")]
+    ids, mask = tok.encode_batch(texts)
+    h, w = engine.manifest.input_size
+    images = np.random.default_rng(0).random((4, 1, h, w), dtype=np.float32)
+    out = engine.predict(images, ids, mask)
+    assert isinstance(out, ViewOutputs) and len(out) == 4
+    assert out.cancer.shape == (4,) and out.calcification.shape == (4,)
+    assert out.heatmap.shape == (4, *engine.manifest.heatmap_size) == (4, 32, 16)
+    for arr in (out.cancer, out.calcification, out.heatmap):
+        assert arr.dtype == np.float32 and np.isfinite(arr).all()
+        assert (arr >= 0).all() and (arr <= 1).all()
+    # Batch of one gives the same numbers (dynamic batch axis; no cross-talk between views).
+    one = engine.predict(images[1:2], ids[1:2], mask[1:2])
+    assert abs(float(one.cancer[0]) - float(out.cancer[1])) < 1e-5
+    # The image matters.
+    blank = engine.predict(np.zeros_like(images[:1]), ids[:1], mask[:1])
+    assert not np.allclose(blank.heatmap[0], out.heatmap[0])
+
+
+def test_predict_rejects_wrong_shapes(engine) -> None:
+    ids = np.zeros((1, 64), np.int64)
+    with pytest.raises(ValueError, match="images must be"):
+        engine.predict(np.zeros((1, 1, 64, 64), np.float32), ids, ids)
+    with pytest.raises(ValueError, match="input_ids must be"):
+        engine.predict(np.zeros((1, 1, 1024, 512), np.float32), np.zeros((1, 32), np.int64), ids)
+
+
+def _copy(tmp_path: Path) -> Path:
+    pkg = tmp_path / "pkg"
+    shutil.copytree(DEFAULT_MODEL_PACKAGE, pkg)
+    return pkg
+
+
+def _edit(pkg: Path, **changes) -> None:
+    path = pkg / "manifest.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"format_version": 2}, "unsupported format_version 2"),
+    ({"format_version": None}, "unsupported format_version None"),
+    ({"max_text_len": None}, "missing required key(s): max_text_len"),
+    ({"demo": "yes"}, "'demo' has the wrong type"),
+    ({"input_size": [1024]}, "input_size must be [H, W]"),
+    ({"outputs": ["cancer"]}, "outputs ['cancer'] are not"),
+    ({"thresholds": {"cancer": 2, "calcification": 0.5}}, "thresholds.cancer must be a prob"),
+    ({"text_template_version": "99"}, "text_template_version '99' differs"),
+])
+def test_refuses_bad_manifest(tmp_path, changes, message) -> None:
+    pkg = _copy(tmp_path)
+    _edit(pkg, **changes)
+    with pytest.raises(ValueError) as err:
+        read_manifest(pkg)
+    assert message in str(err.value) and str(pkg) in str(err.value)
+    with pytest.raises(ValueError):
+        load_engine(pkg)
+
+
+def test_refuses_missing_or_changed_files(tmp_path) -> None:
+    pkg = _copy(tmp_path)
+    (pkg / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="missing file tokenizer.json"):
+        read_manifest(pkg)
+    pkg2 = _copy(tmp_path / "b")
+    with (pkg2 / "model.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ValueError, match="checksum mismatch for model.onnx"):
+        read_manifest(pkg2)
+    (pkg2 / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        read_manifest(pkg2)
+    with pytest.raises(ValueError, match="missing file manifest.json"):
+        read_manifest(tmp_path / "nowhere")
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="unknown runtime backend 'tensorflow'"):
+        load_engine(DEFAULT_MODEL_PACKAGE, backend="tensorflow")
+
+
+def test_runtime_does_not_import_torch() -> None:
+    code = ("import sys, numpy as np\n"
+            "from cadnode.runtime import load_engine\n"
+            "import cadnode.runtime.scoring, cadnode.text.tokenizer\n"
+            "e = load_engine()\n"
+            "e.predict(np.zeros((1, 1, 1024, 512), np.float32), np.zeros((1, 64), np.int64),"
+            " np.ones((1, 64), np.int64))\n"
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('cadnode.model')"
+            " or m.startswith('torch.'))\n"
+            "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_aggregate_max_per_breast_and_exam() -> None:
+    breasts, exam = aggregate({
+        "L-CC": {"cancer": 0.1, "calcification": 0.7},
+        "L-MLO": {"cancer": 0.4, "calcification": 0.2},
+        "R-CC": {"cancer": 0.3, "calcification": None},
+        "R-MLO": {"cancer": math.nan, "calcification": 0.05},
+    })
+    assert breasts == {"L": {"cancer": 0.4, "calcification": 0.7},
+                       "R": {"cancer": 0.3, "calcification": 0.05}}
+    assert exam == {"cancer": 0.4, "calcification": 0.7}
+    assert aggregate({}) == ({}, {})
+    with pytest.raises(ValueError, match="not of the form"):
+        aggregate({"CC": {"cancer": 0.1}})
