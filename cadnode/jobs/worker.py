@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,20 @@ def peak_and_outline(
     return clip(centre), outline + [outline[0]]
 
 
+class _Stopwatch:
+    """Seconds spent in each stage, for the job record and the benchmarks."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self.laps["total"] = round(now - self._start, 3)
+        self._last = now
+
+
 class Worker:
     """Claims jobs from the database and runs them; one model loaded per worker."""
 
@@ -108,22 +123,21 @@ class Worker:
         return True
 
     def process(self, job: ClaimedJob) -> None:
-        started = time.monotonic()
+        clock = _Stopwatch()
         with self.db.session() as s:
             paths = s.scalars(select(Instance.path).where(Instance.study_id == job.study_id)).all()
-        headers = []
+        by_path: dict[str, Dataset] = {}
         for p in paths:
             try:
-                headers.append(pydicom.dcmread(p, stop_before_pixels=True))
+                by_path[p] = pydicom.dcmread(p, stop_before_pixels=True)
             except Exception as exc:  # a spool file that vanished or rotted
                 log.warning("cannot read %s: %s", p, exc)
-        by_path = dict(zip(paths, headers, strict=False))
-        chosen = select_views((p, detect_view(ds)) for p, ds in by_path.items())
+        infos = {p: detect_view(ds) for p, ds in by_path.items()}
+        chosen = select_views(infos.items())
         if not chosen:
             raise PermanentError("no standard view (L/R CC/MLO) could be identified")
-        views = [
-            _View(key, by_path[path], detect_view(by_path[path])) for key, path in chosen.items()
-        ]
+        views = [_View(key, by_path[path], infos[path]) for key, path in chosen.items()]
+        clock.lap("select")
         size = tuple(self.engine.manifest.input_size)
         for v in views:
             path = chosen[v.key]
@@ -134,6 +148,7 @@ class Worker:
                 v.error = str(exc)
             except Exception as exc:
                 v.error = f"{type(exc).__name__}: {exc}"
+        clock.lap("pixels")
         ok = [v for v in views if v.prepared is not None]
         if not ok:
             raise PermanentError("no selected view could be decoded: " + "; ".join(
@@ -142,7 +157,9 @@ class Worker:
         encoded = [self.tokenizer.encode(build_clinical_text(v.header, v.info)) for v in ok]
         ids = np.stack([e[0] for e in encoded]).astype(np.int64)
         mask = np.stack([e[1] for e in encoded]).astype(np.int64)
+        clock.lap("text")
         out = self.engine.predict(images, ids, mask)
+        clock.lap("model")
         findings_by_key: dict[str, ViewFinding] = {}
         view_scores: dict[str, dict[str, float]] = {}
         for i, v in enumerate(ok):
@@ -170,12 +187,13 @@ class Worker:
         )
         sources = [v.header for v in views]
         results = self._write_results(findings, sources)
+        clock.lap("results")
         scores_doc = {
             "views": view_scores,
             "breasts": breasts,
             "exam": exam,
             "failed_views": {v.key: v.error for v in views if v.error},
-            "seconds": round(time.monotonic() - started, 3),
+            "seconds": clock.laps,
         }
         complete_job(self.db, job.id, scores_doc, sorted(chosen), m.version, results)
 
@@ -222,8 +240,6 @@ class Worker:
 
 
 def _encode(ds: Dataset) -> bytes:
-    from io import BytesIO
-
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

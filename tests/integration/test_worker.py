@@ -1,0 +1,135 @@
+"""A real Worker (ONNX Runtime, packaged model) over a spool filled by the real listener."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select, update
+
+from cadnode.config import Destination, Settings
+from cadnode.dicom.listener import Listener
+from cadnode.dicom.sender import send_files
+from cadnode.jobs import queue
+from cadnode.jobs.db import Database, Delivery, Study
+from cadnode.jobs.worker import Worker
+
+PACS = Destination("PACS", "127.0.0.1", 104)
+
+
+@pytest.fixture(scope="module")
+def worker_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, Database]]:
+    home = tmp_path_factory.mktemp("home")
+    settings = Settings(home=home, destinations=(PACS,))
+    db = Database(settings.database_url)
+    db.create_schema()
+    yield settings, db
+    db.dispose()
+
+
+@pytest.fixture(scope="module")
+def worker(worker_env: tuple[Settings, Database]) -> Worker:
+    return Worker(*worker_env)
+
+
+def receive(db: Database, settings: Settings, files: list[Path]) -> None:
+    listener = Listener(settings.spool_dir, lambda s: queue.record_instance(db, s))
+    port = listener.start("127.0.0.1", 0)
+    try:
+        assert all(r.ok for r in send_files(files, "127.0.0.1", port, "CADNODE"))
+    finally:
+        listener.stop()
+
+
+def corrupt_pixels(src: Path, dst: Path, study_uid: str, n: int) -> Path:
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = study_uid
+    ds.SOPInstanceUID = f"{study_uid}.{n}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    frame = bytearray(ds.PixelData)
+    frame[200:] = b"\xff" * (len(frame) - 200)  # RLE segments now point past the data
+    ds.PixelData = bytes(frame)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def run_study(db: Database, worker: Worker, study_uid: str) -> dict:
+    assert study_uid in queue.assemble_studies(db, 0, 0, now=time.time() + 1)
+    assert worker.run_once()
+    return next(r for r in queue.study_rows(db) if r["study_uid"] == study_uid)
+
+
+def test_study_is_processed_into_results_and_outbox(worker_env, worker, demo_study) -> None:  # type: ignore[no-untyped-def]
+    settings, db = worker_env
+    receive(db, settings, demo_study)
+    study_uid = str(pydicom.dcmread(demo_study[0], stop_before_pixels=True).StudyInstanceUID)
+    row = run_study(db, worker, study_uid)
+    assert row["state"] == "done" and row["job"]["error"] is None
+    scores = row["job"]["scores"]
+    assert set(scores["views"]) == {"L-CC", "L-MLO", "R-CC", "R-MLO"}
+    assert scores["exam"]["cancer"] == max(b["cancer"] for b in scores["breasts"].values())
+    assert row["deliveries"] == {"pending": 2}
+    with db.session() as s:
+        first = sorted(s.scalars(select(Delivery.sop_instance_uid)).all())
+    for kind in ("cad_sr", "sc"):
+        ds = pydicom.dcmread(settings.results_dir / study_uid / f"{kind}.dcm")
+        assert ds.StudyInstanceUID == study_uid
+
+    # Re-processing the same study replaces its results: same UIDs, not new ones.
+    with db.session() as s:
+        s.execute(update(Study).values(state="receiving"))
+    run_study(db, worker, study_uid)
+    with db.session() as s:
+        uids = s.scalars(select(Delivery.sop_instance_uid)).all()
+    assert sorted(set(uids)) == first
+
+
+def test_undecodable_view_is_reported_failed_not_dropped(worker_env, worker, demo_study,  # type: ignore[no-untyped-def]
+                                                         tmp_path) -> None:
+    settings, db = worker_env
+    study_uid = "1.2.826.0.1.3680043.10.1407.77"
+    files = []
+    for n, f in enumerate(demo_study):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study_uid
+        ds.SOPInstanceUID = f"{study_uid}.{n}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        files.append(tmp_path / f"{n}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    files[0] = corrupt_pixels(demo_study[0], tmp_path / "bad.dcm", study_uid, 0)  # lcc
+    receive(db, settings, files)
+    row = run_study(db, worker, study_uid)
+    assert row["state"] == "done"
+    assert set(row["job"]["scores"]["failed_views"]) == {"L-CC"}
+    assert "L-CC" not in row["job"]["scores"]["views"]
+    sr = pydicom.dcmread(settings.results_dir / study_uid / "cad_sr.dcm")
+    texts, containers = [], []
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if item.get("ValueType") == "TEXT":
+                texts.append(str(item.TextValue))
+            if item.get("ValueType") == "CONTAINER":
+                containers.append(item.ConceptNameCodeSequence[0].CodeMeaning)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert "Failed Detections" in containers
+    assert any("L-CC not analysed:" in t for t in texts), texts
+
+
+def test_study_with_nothing_decodable_fails_with_its_error(worker_env, worker, demo_study,  # type: ignore[no-untyped-def]
+                                                         tmp_path) -> None:
+    settings, db = worker_env
+    study_uid = "1.2.826.0.1.3680043.10.1407.78"
+    files = [corrupt_pixels(f, tmp_path / f"{n}.dcm", study_uid, n)
+             for n, f in enumerate(demo_study)]
+    receive(db, settings, files)
+    row = run_study(db, worker, study_uid)
+    assert row["state"] == "failed" and row["job"]["state"] == "failed"
+    assert row["job"]["error"].startswith("no selected view could be decoded")
+    assert row["job"]["attempts"] == 1  # permanent: not retried
+    assert row["deliveries"] == {}
