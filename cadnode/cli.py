@@ -1,4 +1,4 @@
-"""The command line: thin wrappers over the library (serve, jobs, send, demo)."""
+"""The command line: thin wrappers over the library (serve, jobs, send, retry, demo)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def open_database(settings: Settings) -> Any:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from cadnode.dicom.listener import Listener, cleanup_incoming
+    from cadnode.dicom.listener import Listener, Policy, cleanup_incoming
     from cadnode.jobs.queue import record_instance
     from cadnode.jobs.scheduler import create_scheduler
     from cadnode.jobs.worker import Worker
@@ -60,6 +60,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         on_stored=lambda stored: record_instance(db, stored),
         ae_title=settings.ae_title,
         on_refused=lambda msg, uid: db.log("refused", msg, uid or None, "warning"),
+        policy=Policy.from_settings(settings),
     )
     port = listener.start(settings.host, settings.port)
     sched = create_scheduler(settings, db)
@@ -113,7 +114,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             r["state"] + (f" ({job['error'][:40]})" if job.get("error") else ""),
             ",".join(r["views"]) or "-",
             _fmt_scores(job),
-            f"{d.get('sent', 0)}/{total}" if total else "-",
+            (f"{d.get('sent', 0)}/{total}" + (f" ({d['dead']} dead)" if d.get("dead") else ""))
+            if total else "-",
             _fmt_time(r["last_received"]),
             _fmt_time(job.get("finished_at")),
         ])
@@ -177,6 +179,15 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from cadnode.jobs.queue import retry_dead_deliveries
+
+    db = open_database(settings)
+    n = retry_dead_deliveries(db, args.study)
+    print(f"{n} dead-lettered delivery(ies) put back in the outbox")
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from cadnode.demo import run_demo
 
@@ -198,13 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--aet", default="CADNODE_SCU", help="calling AE title")
     s.add_argument("--called-aet", default=None, help="default: CADNODE_AE_TITLE")
     s.add_argument("paths", nargs="+")
+    r = sub.add_parser("retry", help="put dead-lettered deliveries back in the outbox")
+    r.add_argument("--study", help="only this Study Instance UID")
     d = sub.add_parser("demo", help="node + demo PACS + a real 4-view exam, end to end")
     d.add_argument("--keep", action="store_true", help="keep the temporary home")
     d.add_argument("--timeout", type=float, default=300.0)
     return p
 
 
-COMMANDS = {"serve": cmd_serve, "jobs": cmd_jobs, "send": cmd_send, "demo": cmd_demo}
+COMMANDS = {"serve": cmd_serve, "jobs": cmd_jobs, "send": cmd_send, "retry": cmd_retry,
+            "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 11112
     destinations: tuple[Destination, ...] = ()
-    db_url: str = ""  # empty: a SQLite file under home
+    db_url: str = field(default="", repr=False)  # empty: a SQLite file under home; a secret
     backend: str = "onnxruntime"
     model: str = ""  # empty: the packaged demonstration model
     stable_seconds: float = 300.0  # quiet time after which a study runs with whatever arrived
@@ -52,6 +52,21 @@ class Settings:
     max_attempts: int = 3
     uid_root: str = ""  # empty: the results package's default root
     log_level: str = "INFO"
+    # who may connect
+    allowed_aes: tuple[str, ...] = ()  # calling AE titles allowed in; empty: any
+    require_called_ae: bool = True  # refuse associations addressed to another AE title
+    tls_cert: str = ""  # PEM certificate and key: TLS on the listener when both are set
+    tls_key: str = ""
+    tls_ca: str = ""  # PEM CA bundle: peers must present a certificate it signed (mutual TLS)
+    # limits
+    max_associations: int = 16
+    max_pdu: int = 131072
+    max_instance_mb: float = 2048.0
+    min_free_mb: float = 200.0  # refuse stores (0xA700) below this much free spool space
+    # delivery
+    delivery_max_attempts: int = 20  # then the delivery is dead-lettered until an admin retries
+    retry_base_seconds: float = 5.0
+    retry_cap_seconds: float = 300.0
 
     @property
     def spool_dir(self) -> Path:
@@ -94,40 +109,40 @@ def _check_port(value: int, name: str) -> int:
     return value
 
 
-def _coerce(name: str, kind: type, raw: Any) -> Any:
+def _coerce(name: str, kind: str, raw: Any) -> Any:
+    """Turn a TOML or environment value into the field's type (given as its annotation)."""
+    if kind == "tuple[Destination, ...]":
+        text = ",".join(raw) if isinstance(raw, list) else str(raw)
+        return parse_destinations(text, name)
+    if kind == "tuple[str, ...]":
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        return tuple(_check_ae(str(x).strip(), name) for x in items if str(x).strip())
     try:
-        if kind is Path:
+        if kind == "Path":
             return Path(str(raw))
-        if kind is int:
+        if kind == "bool":
+            text = str(raw).strip().lower()
+            if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return text in ("1", "true", "yes", "on")
+        if kind == "int":
             if isinstance(raw, bool):
                 raise ValueError
             return int(str(raw).strip())
-        if kind is float:
+        if kind == "float":
             value = float(str(raw).strip())
             if value < 0 or value != value:
                 raise ValueError
             return value
         return str(raw)
     except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a valid {kind.__name__}") from None
+        raise SettingsError(f"{name}: {raw!r} is not a valid {kind}") from None
 
 
-_KINDS: dict[str, type] = {
-    "home": Path,
-    "ae_title": str,
-    "host": str,
-    "port": int,
-    "db_url": str,
-    "backend": str,
-    "model": str,
-    "stable_seconds": float,
-    "complete_seconds": float,
-    "poll_seconds": float,
-    "lease_seconds": float,
-    "max_attempts": int,
-    "uid_root": str,
-    "log_level": str,
-}
+#: Every setting and its type, read off the dataclass so there is one list of settings.
+_KINDS: dict[str, str] = {f.name: str(f.type) for f in fields(Settings)}
+#: Settings that are secrets may also be given as a path in ``<NAME>_FILE``.
+SECRETS = ("db_url",)
 
 
 def load_settings(
@@ -147,19 +162,19 @@ def load_settings(
             raise SettingsError(f"{path}: not valid TOML ({exc})") from None
         section = data.get("cadnode", data)
         for key, raw in section.items():
-            if key == "destinations":
-                text = ",".join(raw) if isinstance(raw, list) else str(raw)
-                values["destinations"] = parse_destinations(text, f"{path}: destinations")
-            elif key in _KINDS:
-                values[key] = _coerce(f"{path}: {key}", _KINDS[key], raw)
-            else:
+            if key not in _KINDS:
                 raise SettingsError(f"{path}: unknown setting {key!r}")
+            values[key] = _coerce(f"{path}: {key}", _KINDS[key], raw)
     for key, kind in _KINDS.items():
         name = f"CADNODE_{key.upper()}"
         if name in env:
             values[key] = _coerce(name, kind, env[name])
-    if "CADNODE_DESTINATIONS" in env:
-        values["destinations"] = parse_destinations(env["CADNODE_DESTINATIONS"])
+        if key in SECRETS and f"{name}_FILE" in env:
+            secret = Path(env[f"{name}_FILE"])
+            try:
+                values[key] = secret.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"{name}_FILE: cannot read {secret}: {exc.strerror}") from None
     settings = replace(Settings(), **values)
     validate(settings)
     return settings
@@ -184,3 +199,17 @@ def validate(s: Settings) -> None:
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"CADNODE_LOG_LEVEL: {s.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
 
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SettingsError("CADNODE_TLS_CERT and CADNODE_TLS_KEY: set both or neither")
+    if s.tls_ca and not s.tls_cert:
+        raise SettingsError("CADNODE_TLS_CA: mutual TLS needs CADNODE_TLS_CERT and _KEY too")
+    for name, value in (("CADNODE_TLS_CERT", s.tls_cert), ("CADNODE_TLS_KEY", s.tls_key),
+                        ("CADNODE_TLS_CA", s.tls_ca)):
+        if value and not Path(value).is_file():
+            raise SettingsError(f"{name}: {value} is not a file")
+    if not 1 <= s.max_associations <= 1000:
+        raise SettingsError("CADNODE_MAX_ASSOCIATIONS: must be between 1 and 1000")
+    if not 4096 <= s.max_pdu <= 2**32 - 1:
+        raise SettingsError("CADNODE_MAX_PDU: must be between 4096 and 4294967295 bytes")
+    if s.delivery_max_attempts < 1:
+        raise SettingsError("CADNODE_DELIVERY_MAX_ATTEMPTS: must be at least 1")

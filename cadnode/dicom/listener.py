@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import ssl
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from cadnode.config import Settings
 from cadnode.dicom.spool import SpoolError, StoredInstance, commit_file, spool_path
 from cadnode.dicom.views import detect_view
 
@@ -56,6 +60,43 @@ OnStored = Callable[[StoredInstance], Any]
 OnRefused = Callable[[str, str], Any]  # (message, study uid or "")
 
 
+@dataclass(frozen=True)
+class Policy:
+    """Who may connect and how much they may send (see docs/conformance.md)."""
+
+    allowed_aes: tuple[str, ...] = ()  # calling AE titles; empty: any
+    require_called_ae: bool = True
+    max_associations: int = 16
+    max_pdu: int = 131072
+    max_instance_bytes: int = 2048 * 2**20
+    min_free_bytes: int = 200 * 2**20
+    ssl_context: ssl.SSLContext | None = None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Policy:
+        return cls(
+            allowed_aes=s.allowed_aes,
+            require_called_ae=s.require_called_ae,
+            max_associations=s.max_associations,
+            max_pdu=s.max_pdu,
+            max_instance_bytes=int(s.max_instance_mb * 2**20),
+            min_free_bytes=int(s.min_free_mb * 2**20),
+            ssl_context=server_ssl_context(s.tls_cert, s.tls_key, s.tls_ca)
+            if s.tls_cert else None,
+        )
+
+
+def server_ssl_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
+    """TLS for the listener; with ``ca`` the peer must present a certificate it signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(ca)
+    return ctx
+
+
 class Listener:
     """A pynetdicom storage SCP bound to ``on_stored``."""
 
@@ -66,14 +107,18 @@ class Listener:
         ae_title: str = "CADNODE",
         sop_classes: Sequence[str] = ACCEPTED_SOP_CLASSES,
         on_refused: OnRefused | None = None,
-        max_pdu: int = 131072,
+        policy: Policy | None = None,
     ) -> None:
         self.spool_root = spool_root
         self.incoming = spool_root / ".incoming"
         self.on_stored = on_stored
         self.on_refused = on_refused
+        self.policy = policy or Policy()
         self.ae = AE(ae_title=ae_title)
-        self.ae.maximum_pdu_size = max_pdu
+        self.ae.maximum_pdu_size = self.policy.max_pdu
+        self.ae.maximum_associations = self.policy.max_associations
+        self.ae.require_called_aet = self.policy.require_called_ae
+        self.ae.require_calling_aet = list(self.policy.allowed_aes)
         self.ae.add_supported_context(Verification)
         for uid in sop_classes:
             self.ae.add_supported_context(uid, TRANSFER_SYNTAXES)
@@ -86,29 +131,61 @@ class Listener:
         # pynetdicom streams each dataset to a NamedTemporaryFile: keep it on the spool's file
         # system so that committing is a rename, not a copy.
         tempfile.tempdir = str(self.incoming)
-        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, lambda e: SUCCESS)]
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        handlers = [
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, lambda e: SUCCESS),
+            (evt.EVT_REJECTED, self._handle_rejected),
+        ]
+        self._server = self.ae.start_server(
+            (host, port), block=False, evt_handlers=handlers, ssl_context=self.policy.ssl_context
+        )
         bound = int(self._server.server_address[1])
-        log.info("listening as %s on %s:%d", self.ae.ae_title, host, bound)
+        log.info("listening as %s on %s:%d%s", self.ae.ae_title, host, bound,
+                 " (TLS)" if self.policy.ssl_context else "")
         return bound
+
+    def _handle_rejected(self, event: Any) -> None:
+        """Say who was turned away and why; pynetdicom has already answered A-ASSOCIATE-RJ."""
+        rq = event.assoc.requestor
+        calling = str(rq.primitive.calling_ae_title).strip()
+        called = str(rq.primitive.called_ae_title).strip()
+        p = self.policy
+        if p.allowed_aes and calling not in p.allowed_aes:
+            why = f"calling AE {calling!r} is not allowed"
+        elif p.require_called_ae and called != str(self.ae.ae_title).strip():
+            why = f"called AE {called!r} is not this node ({self.ae.ae_title})"
+        else:
+            why = f"more than {p.max_associations} associations at once"
+        self._report(f"association from {rq.address}:{rq.port} rejected: {why}")
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
 
-    def _refuse(self, status: int, message: str, study_uid: str = "") -> int:
-        log.warning("refused C-STORE (0x%04X): %s", status, message)
+    def _report(self, message: str, study_uid: str = "") -> None:
+        log.warning("%s", message)
         if self.on_refused is not None:
             try:
                 self.on_refused(message, study_uid)
             except Exception:  # the refusal must still be answered
                 log.exception("could not record the refusal")
+
+    def _refuse(self, status: int, message: str, study_uid: str = "") -> int:
+        self._report(f"C-STORE refused (0x{status:04X}): {message}", study_uid)
         return status
 
     def _handle_store(self, event: Any) -> int:
         tmp = Path(event.dataset_path)
         calling_ae = str(event.assoc.requestor.ae_title).strip()
+        size = tmp.stat().st_size
+        if size > self.policy.max_instance_bytes:
+            return self._refuse(OUT_OF_RESOURCES, f"instance of {size} bytes from {calling_ae} "
+                                f"exceeds the limit of {self.policy.max_instance_bytes}")
+        free = shutil.disk_usage(self.spool_root).free
+        if free < self.policy.min_free_bytes:
+            return self._refuse(OUT_OF_RESOURCES, f"spool has {free // 2**20} MiB free, below "
+                                f"the threshold of {self.policy.min_free_bytes // 2**20} MiB")
         try:
             ds = pydicom.dcmread(tmp, stop_before_pixels=True)
             sop_uid = str(ds.SOPInstanceUID)
@@ -127,7 +204,6 @@ class Listener:
         except SpoolError as exc:
             return self._refuse(CANNOT_UNDERSTAND, str(exc))
         try:
-            size = tmp.stat().st_size
             commit_file(tmp, final)
             stored = StoredInstance(
                 path=final,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,17 @@ def send_files(
     for sop, ts in contexts:
         ae.add_requested_context(sop, [ts])
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream from disk, never convert
-    try:
-        assoc = ae.associate(host, port, ae_title=called_ae)
-    except OSError as exc:
-        raise DeliveryError(f"cannot connect to {called_ae}@{host}:{port}: {exc}") from exc
+    connected: list[bool] = []
+    assoc = ae.associate(host, port, ae_title=called_ae,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: connected.append(True))])
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise DeliveryError(f"association with {called_ae}@{host}:{port} {why}")
+        if not connected:
+            why = "cannot connect"
+        elif assoc.is_rejected:
+            why = "association rejected by"
+        else:
+            why = f"association aborted or timed out ({timeout:.0f} s) with"
+        raise DeliveryError(f"{why} {called_ae}@{host}:{port}")
     try:
         for path, _sop, _ts in metas:
             try:

@@ -9,12 +9,14 @@ from pathlib import Path
 from cadnode.config import parse_destinations
 from cadnode.dicom.sender import DeliveryError, send_files
 from cadnode.jobs.db import Database, Delivery
-from cadnode.jobs.queue import due_deliveries, mark_delivery
+from cadnode.jobs.queue import DEFAULT_RETRY, RetryPolicy, due_deliveries, mark_delivery
 
 log = logging.getLogger(__name__)
 
 
-def deliver_due(db: Database, calling_ae: str, timeout: float = 30.0) -> int:
+def deliver_due(
+    db: Database, calling_ae: str, retry: RetryPolicy = DEFAULT_RETRY, timeout: float = 30.0
+) -> int:
     """Try every due delivery once, one association per destination; returns how many were sent."""
     by_dest: dict[str, list[Delivery]] = defaultdict(list)
     for d in due_deliveries(db):
@@ -30,15 +32,15 @@ def deliver_due(db: Database, calling_ae: str, timeout: float = 30.0) -> int:
         except DeliveryError as exc:
             log.warning("delivery to %s failed: %s", dest_text, exc)
             for d in items:
-                mark_delivery(db, d.id, str(exc))
+                mark_delivery(db, d.id, str(exc), retry=retry)
             continue
         by_path = {str(r.path): r for r in results}
         for d in items:
             r = by_path.get(d.path)
             if r is not None and r.ok:
-                mark_delivery(db, d.id, None)
+                mark_delivery(db, d.id, None, retry=retry)
                 sent += 1
             else:
                 why = "not sent" if r is None else r.error or f"status 0x{r.status:04X}"
-                mark_delivery(db, d.id, why)
+                mark_delivery(db, d.id, why, retry=retry)
     return sent

@@ -264,8 +264,23 @@ def backoff_seconds(attempts: int, base: float = 5.0, cap: float = 300.0) -> flo
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-def mark_delivery(db: Database, delivery_id: int, error: str | None, now: float | None = None
-                  ) -> None:
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a failing delivery keeps being retried before it is dead-lettered."""
+
+    max_attempts: int = 20
+    base_seconds: float = 5.0
+    cap_seconds: float = 300.0
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def mark_delivery(
+    db: Database, delivery_id: int, error: str | None, now: float | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> str:
+    """Record one try; returns the delivery's new state (sent, pending or dead)."""
     now = time.time() if now is None else now
     with db.session() as s:
         d = s.get(Delivery, delivery_id)
@@ -279,11 +294,37 @@ def mark_delivery(db: Database, delivery_id: int, error: str | None, now: float 
             d.sent_at = now
             d.last_error = None
             add_event(s, "delivered", f"{d.kind} to {d.destination}", study_uid)
+        elif d.attempts >= retry.max_attempts:
+            d.state = "dead"
+            d.last_error = error
+            add_event(s, "dead_letter", f"{d.kind} to {d.destination} after {d.attempts} "
+                      f"tries: {error}", study_uid, "error")
         else:
             d.last_error = error
-            d.next_attempt = now + backoff_seconds(d.attempts)
+            d.next_attempt = now + backoff_seconds(d.attempts, retry.base_seconds,
+                                                   retry.cap_seconds)
             add_event(s, "delivery_retry", f"{d.kind} to {d.destination}: {error}", study_uid,
                       "warning")
+        return d.state
+
+
+def retry_dead_deliveries(
+    db: Database, study_uid: str | None = None, now: float | None = None
+) -> int:
+    """Put dead-lettered deliveries (of one study, or all) back in the outbox."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        q = select(Delivery).where(Delivery.state == "dead")
+        if study_uid:
+            q = q.join(Job, Job.id == Delivery.job_id).join(Study, Study.id == Job.study_id).where(
+                Study.study_uid == study_uid)
+        dead = s.scalars(q).all()
+        for d in dead:
+            d.state, d.attempts, d.next_attempt = "pending", 0, now
+        if dead:
+            add_event(s, "retry_requested", f"{len(dead)} dead delivery(ies) back in the outbox",
+                      study_uid)
+        return len(dead)
 
 
 def study_rows(db: Database, limit: int = 50) -> list[dict[str, Any]]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from cadnode.config import Settings
 from cadnode.jobs.db import Database
 from cadnode.jobs.outbox import deliver_due
-from cadnode.jobs.queue import assemble_studies, expire_leases
+from cadnode.jobs.queue import RetryPolicy, assemble_studies, expire_leases
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,11 @@ def create_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
     )
     sched.add_job(
         expire_leases, "interval", seconds=max(every, 10.0), id="leases",
-        args=[db, settings.max_attempts],
+        args=[db, settings.max_attempts], next_run_time=datetime.now(),
     )
+    retry = RetryPolicy(settings.delivery_max_attempts, settings.retry_base_seconds,
+                        settings.retry_cap_seconds)
     sched.add_job(
-        deliver_due, "interval", seconds=every, id="outbox", args=[db, settings.ae_title],
+        deliver_due, "interval", seconds=every, id="outbox", args=[db, settings.ae_title, retry],
     )
     return sched

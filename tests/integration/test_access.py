@@ -1,0 +1,147 @@
+"""Who may connect and how much they may send, against DCMTK's echoscu/storescu (and TLS)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from sqlalchemy import select
+
+from cadnode.dicom.listener import Listener, Policy, server_ssl_context
+from cadnode.jobs.db import Database, Event, Instance
+from cadnode.jobs.queue import record_instance
+from tests.helpers import require
+
+StartNode = Callable[[Policy], int]
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[tuple[StartNode, Database]]:
+    require("storescu", "echoscu")
+    db = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    db.create_schema()
+    listeners: list[Listener] = []
+
+    def start(policy: Policy) -> int:
+        listener = Listener(
+            tmp_path / "spool", on_stored=lambda st: record_instance(db, st),
+            on_refused=lambda msg, uid: db.log("refused", msg, uid or None, "warning"),
+            policy=policy,
+        )
+        listeners.append(listener)
+        return listener.start("127.0.0.1", 0)
+
+    yield start, db
+    for listener in listeners:
+        listener.stop()
+    db.dispose()
+
+
+def dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+
+
+def refusals(db: Database) -> list[str]:
+    with db.session() as s:
+        return list(s.scalars(select(Event.message).where(Event.kind == "refused")).all())
+
+
+def test_calling_ae_allow_list(start_node) -> None:  # type: ignore[no-untyped-def]
+    start, db = start_node
+    port = start(Policy(allowed_aes=("MODALITY",)))
+    assert dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "CADNODE", "127.0.0.1",
+                 str(port)).returncode != 0
+    (message,) = refusals(db)
+    assert message.startswith("association from 127.0.0.1:")
+    assert "calling AE 'INTRUDER' is not allowed" in message
+    assert dcmtk("echoscu", "-aet", "MODALITY", "-aec", "CADNODE", "127.0.0.1",
+                 str(port)).returncode == 0
+
+
+def test_called_ae_must_be_this_node(start_node) -> None:  # type: ignore[no-untyped-def]
+    start, db = start_node
+    port = start(Policy())
+    assert dcmtk("echoscu", "-aec", "SOMEONE", "127.0.0.1", str(port)).returncode != 0
+    assert any("called AE 'SOMEONE' is not this node" in m for m in refusals(db))
+    assert dcmtk("echoscu", "-aec", "CADNODE", "127.0.0.1", str(port)).returncode == 0
+
+
+def test_excess_associations_are_rejected_not_hung(start_node) -> None:  # type: ignore[no-untyped-def]
+    start, db = start_node
+    port = start(Policy(max_associations=2))
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = 10
+    held = [ae.associate("127.0.0.1", port, ae_title="CADNODE") for _ in range(2)]
+    assert all(a.is_established for a in held)
+    extra = ae.associate("127.0.0.1", port, ae_title="CADNODE")
+    assert extra.is_rejected
+    assert any("more than 2 associations" in m for m in refusals(db))
+    for a in held:
+        a.release()
+    again = ae.associate("127.0.0.1", port, ae_title="CADNODE")
+    assert again.is_established
+    again.release()
+
+
+def test_instance_over_the_size_limit_is_refused(start_node, demo_study) -> None:  # type: ignore[no-untyped-def]
+    start, db = start_node
+    port = start(Policy(max_instance_bytes=2**20))
+    r = dcmtk("storescu", "-v", "-xr", "-aec", "CADNODE", "127.0.0.1", str(port),
+              str(demo_study[0]))
+    assert "Refused: OutOfResources" in r.stderr, r.stderr
+    assert any("exceeds the limit" in m for m in refusals(db))
+    with db.session() as s:
+        assert s.scalars(select(Instance)).all() == []
+    assert dcmtk("echoscu", "-aec", "CADNODE", "127.0.0.1", str(port)).returncode == 0
+
+
+def test_low_disk_refuses_with_out_of_resources(start_node, demo_study, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    start, db = start_node
+    port = start(Policy(min_free_bytes=2**62))  # more than any disk has
+    r = dcmtk("storescu", "-v", "-xr", "-aec", "CADNODE", "127.0.0.1", str(port),
+              str(demo_study[0]))
+    assert "Refused: OutOfResources" in r.stderr, r.stderr
+    assert any("below the threshold" in m for m in refusals(db))
+    assert not list((tmp_path / "spool").glob("*/*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate."""
+    require("openssl")
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=cadnode test CA")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return d
+
+
+def test_mutual_tls_with_dcmtk(start_node, pki, demo_study) -> None:  # type: ignore[no-untyped-def]
+    start, db = start_node
+    ctx = server_ssl_context(str(pki / "server.crt"), str(pki / "server.key"), str(pki / "ca.crt"))
+    port = start(Policy(ssl_context=ctx))
+    tls = ("+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt"))
+    r = dcmtk("storescu", *tls, "-xr", "-aec", "CADNODE", "127.0.0.1", str(port),
+              str(demo_study[0]))
+    assert r.returncode == 0, r.stderr
+    with db.session() as s:
+        assert len(s.scalars(select(Instance)).all()) == 1
+    # Without a client certificate, and without TLS at all, nothing gets in.
+    anonymous = dcmtk("echoscu", "+tla", "+cf", str(pki / "ca.crt"), "-aec", "CADNODE",
+                      "127.0.0.1", str(port))
+    assert anonymous.returncode != 0
+    assert dcmtk("echoscu", "-aec", "CADNODE", "127.0.0.1", str(port)).returncode != 0
+    assert dcmtk("echoscu", *tls, "-aec", "CADNODE", "127.0.0.1", str(port)).returncode == 0

@@ -1,0 +1,145 @@
+"""Delivery survives outages: refused, rejected, failure status, timeout; then dead-letter + retry.
+
+Every peer here is real: a pynetdicom storage SCP (the demo PACS) that is absent, addressed with
+the wrong AE title, out of disk (it answers 0xA700), or a TCP server that accepts and never speaks.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from cadnode.demo import DemoPACS, free_port
+from cadnode.dicom.listener import Policy
+from cadnode.jobs import queue
+from cadnode.jobs.db import Database, Delivery, Event
+from cadnode.jobs.outbox import deliver_due
+
+FAST = queue.RetryPolicy(max_attempts=3, base_seconds=0.01, cap_seconds=0.02)
+
+
+@pytest.fixture
+def outbox(db: Database, demo_study: list[Path]) -> Database:
+    """A running job (id 1); `add_results` finishes it with files that await delivery."""
+    from cadnode.dicom.spool import StoredInstance
+    from cadnode.dicom.views import ViewInfo
+
+    queue.record_instance(db, StoredInstance(
+        path=demo_study[0], size=1, sop_instance_uid="1.2.3.1", sop_class_uid="1.2",
+        transfer_syntax="1.2", study_uid="1.2.3", series_uid="1.2.3.4", patient_id="P",
+        accession="", calling_ae="M", view=ViewInfo("L", "CC", True, "t")), now=0)
+    queue.assemble_studies(db, 0, 0, now=1)
+    job = queue.claim_next_job(db, "w", 60, now=1)
+    assert job is not None and job.id == 1
+    return db
+
+
+def add_results(db: Database, files: list[Path], dest: str) -> None:
+    """Finish job 1 with ``files`` as its results (source images stand in for SR/SC files)."""
+    queue.complete_job(db, 1, {}, [], "v", [
+        queue.ResultFile("cad_sr", str(f), f"9.{n}", (dest,)) for n, f in enumerate(files)])
+
+
+def states(db: Database) -> list[tuple[str, int]]:
+    with db.session() as s:
+        return [(d.state, d.attempts) for d in s.scalars(select(Delivery).order_by(Delivery.id))]
+
+
+def drain(db: Database, rounds: int) -> None:
+    for _ in range(rounds):
+        deliver_due(db, "CADNODE", FAST, timeout=2)
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """Accepts TCP connections and never answers: an association that times out."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except TimeoutError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    srv.close()
+
+
+def test_refused_then_up_delivers_each_once(outbox: Database, demo_study, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    add_results(outbox, demo_study[:2], f"PACS@127.0.0.1:{port}")
+    deliver_due(outbox, "CADNODE", queue.RetryPolicy(base_seconds=0.01, cap_seconds=0.02))
+    assert states(outbox) == [("pending", 1), ("pending", 1)]
+    pacs = DemoPACS(tmp_path / "pacs", ae_title="PACS")
+    pacs.start(port)
+    try:
+        time.sleep(0.05)
+        deliver_due(outbox, "CADNODE")
+        assert states(outbox) == [("sent", 2), ("sent", 2)]
+        deliver_due(outbox, "CADNODE")  # nothing left: nothing sent twice
+        assert len(pacs.received) == 2
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.parametrize("fault", ["refused", "rejected", "failure_status", "timeout"])
+def test_each_fault_retries_then_dead_letters_then_admin_retry(  # type: ignore[no-untyped-def]
+    fault: str, outbox: Database, demo_study, tmp_path, silent_server
+) -> None:
+    port = free_port()
+    pacs: DemoPACS | None = None
+    if fault == "rejected":  # a PACS that is someone else: association rejected (called AE)
+        pacs = DemoPACS(tmp_path / "other", ae_title="OTHERPACS")
+        pacs.start(port)
+    elif fault == "failure_status":  # a PACS whose disk is full: 0xA700 for every store
+        pacs = DemoPACS(tmp_path / "full", ae_title="PACS")
+        pacs.listener.policy = Policy(min_free_bytes=2**62)
+        pacs.start(port)
+    elif fault == "timeout":
+        port = silent_server
+    add_results(outbox, demo_study[:1], f"PACS@127.0.0.1:{port}")
+    try:
+        drain(outbox, 5)
+        assert states(outbox) == [("dead", 3)]
+        with outbox.session() as s:
+            d = s.scalars(select(Delivery)).one()
+            dead = s.scalars(select(Event).where(Event.kind == "dead_letter")).all()
+        expected = {"refused": "cannot connect", "rejected": "association rejected",
+                    "failure_status": "status 0xA700", "timeout": "timed out"}[fault]
+        assert expected in (d.last_error or ""), d.last_error
+        assert len(dead) == 1
+        assert queue.study_rows(outbox)[0]["deliveries"] == {"dead": 1}
+    finally:
+        if pacs is not None:
+            pacs.stop()
+    # The admin fixes the PACS and retries: it arrives, once.
+    good = DemoPACS(tmp_path / "good", ae_title="PACS")
+    good_port = good.start(0)
+    with outbox.session() as s:
+        s.execute(Delivery.__table__.update().values(destination=f"PACS@127.0.0.1:{good_port}"))
+    try:
+        assert queue.retry_dead_deliveries(outbox) == 1
+        drain(outbox, 2)
+        assert states(outbox) == [("sent", 1)]
+        assert len(good.received) == 1
+    finally:
+        good.stop()
