@@ -1,0 +1,34 @@
+"""Dataset adapters: each reads a layout users already have and yields `Sample` records."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from train.datasets import cbis_ddsm, csv_manifest, dicom_folder, embed, rsna, vindr
+from train.datasets._common import DatasetError
+from train.datasets.base import Sample
+
+__all__ = ["ADAPTERS", "DatasetError", "Sample", "load_dataset"]
+
+#: Layout name -> loader(root, **options). Layouts and label rules: docs/training.md, "Datasets".
+ADAPTERS: dict[str, Callable[..., list[Sample]]] = {
+    "rsna": rsna.load,
+    "vindr": vindr.load,
+    "cbis-ddsm": cbis_ddsm.load,
+    "embed": embed.load,
+    "csv": csv_manifest.load,
+    "dicom-folder": dicom_folder.load,
+}
+
+
+def load_dataset(kind: str, root: Path, **options: Any) -> list[Sample]:
+    """Samples of the dataset at ``root`` in layout ``kind`` (``cbis_ddsm`` = ``cbis-ddsm``).
+
+    Options are the adapter's keyword arguments; all take ``on_error="raise"|"skip"``.
+    """
+    key = kind.strip().lower().replace("_", "-")
+    if key not in ADAPTERS:
+        raise ValueError(f"unknown dataset kind {kind!r}; known: {', '.join(ADAPTERS)}")
+    return ADAPTERS[key](Path(root), **options)
