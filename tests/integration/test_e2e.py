@@ -107,6 +107,10 @@ def test_storescu_to_serve_to_storescp(storescp, demo_study: list[Path], tmp_pat
                           ["deliveries"] == {"sent": 2}, 10)
         table = node.cli("jobs")
         assert "done" in table.stdout and "L-CC,L-MLO,R-CC,R-MLO" in table.stdout
+        # No patient identifiers in the logs at the default level.
+        patient = pydicom.dcmread(demo_study[0], stop_before_pixels=True)
+        logs = node.log.read_text() + (node.home / "logs" / "cadnode.log").read_text()
+        assert str(patient.PatientID) not in logs and str(patient.PatientName) not in logs
     finally:
         node.stop()
 

@@ -55,3 +55,24 @@ def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         "cadnode: bad setting: CADNODE_PORT: 'eleven' is not a valid int"
     ]
+
+
+def test_secret_from_file_is_never_echoed(tmp_path: Path) -> None:
+    secret = tmp_path / "db_url"
+    secret.write_text("postgresql+psycopg://cad:s3cret-pw@db.example/cad\n")
+    s = load_settings(environ={"CADNODE_DB_URL_FILE": str(secret)})
+    assert s.database_url == "postgresql+psycopg://cad:s3cret-pw@db.example/cad"
+    assert "s3cret-pw" not in repr(s)
+    with pytest.raises(SettingsError, match="CADNODE_DB_URL_FILE: cannot read"):
+        load_settings(environ={"CADNODE_DB_URL_FILE": str(tmp_path / "missing")})
+
+
+def test_access_and_limit_settings(tmp_path: Path) -> None:
+    s = load_settings(environ={"CADNODE_ALLOWED_AES": "MOD1, MOD2", "CADNODE_REQUIRE_CALLED_AE":
+                               "no", "CADNODE_MAX_ASSOCIATIONS": "4", "CADNODE_MIN_FREE_MB": "1"})
+    assert s.allowed_aes == ("MOD1", "MOD2") and s.require_called_ae is False
+    assert s.max_associations == 4 and s.min_free_mb == 1.0
+    with pytest.raises(SettingsError, match="CADNODE_TLS_CERT and CADNODE_TLS_KEY"):
+        load_settings(environ={"CADNODE_TLS_CERT": str(tmp_path)})
+    with pytest.raises(SettingsError, match="CADNODE_REQUIRE_CALLED_AE"):
+        load_settings(environ={"CADNODE_REQUIRE_CALLED_AE": "maybe"})

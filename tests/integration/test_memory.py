@@ -1,0 +1,67 @@
+"""Bounded memory: 16 senders pushing 4-view studies at once keep the node's RSS under a bound.
+
+Datasets are streamed to the spool (pynetdicom's chunked receive), never held whole in memory;
+the bound below is what the node needs with its model loaded, plus headroom for 16 associations.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cadnode.demo import free_port
+from cadnode.dicom.sender import send_files
+from tests.helpers import NodeProcess
+
+RSS_BOUND_MIB = 400
+SENDERS = 16
+
+
+@pytest.mark.e2e
+def test_sixteen_concurrent_senders_stay_under_the_memory_bound(
+    tmp_path: Path, demo_study: list[Path]
+) -> None:
+    # Each sender pushes its own copy of the real 4-view exam (46 MB): 740 MB in all.
+    studies = []
+    for i in range(SENDERS):
+        files = []
+        for n, src in enumerate(demo_study):
+            ds = pydicom.dcmread(src)
+            ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.1407.5.{i}"
+            ds.SOPInstanceUID = f"{ds.StudyInstanceUID}.{n}"
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            path = tmp_path / f"in{i}" / f"{n}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        studies.append(files)
+    node = NodeProcess(tmp_path / "node", free_port(), {
+        "CADNODE_COMPLETE_SECONDS": "3600", "CADNODE_STABLE_SECONDS": "3600",
+        "CADNODE_HOST": "127.0.0.1",
+    })
+    try:
+        node.wait_ready()
+        idle = node.rss_peak_kib() / 1024
+        results: list[bool] = []
+
+        def push(files: list[Path]) -> None:
+            results.append(all(r.ok for r in send_files(files, "127.0.0.1", node.port,
+                                                         "CADNODE", timeout=120)))
+
+        threads = [threading.Thread(target=push, args=(f,)) for f in studies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        peak = node.rss_peak_kib() / 1024
+        print(f"node RSS: {idle:.0f} MiB idle (model loaded), peak {peak:.0f} MiB "
+              f"with {SENDERS} concurrent senders")
+        assert results == [True] * SENDERS
+        assert len(list((tmp_path / "node" / "spool").glob("*/*.dcm"))) == 4 * SENDERS
+        assert peak < RSS_BOUND_MIB
+        assert peak - idle < 100  # the data (740 MB) never sits in memory
+    finally:
+        node.stop()
