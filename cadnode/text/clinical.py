@@ -311,9 +311,14 @@ def _safe(fn: Callable[..., str], *args: Any) -> str:
         return UNKNOWN
 
 
+def age_band(ds: pydicom.Dataset) -> str:
+    """The age word of the text ("fifties", "unknown"); also the training subgroup key."""
+    return _safe(lambda d: _bin(_age_years(d), AGE_EDGES, AGE_WORDS, AGE_RANGE), ds)
+
+
 def build_clinical_text(ds: pydicom.Dataset, view: ViewInfo) -> str:
     """Hierarchical text (exam, breast, view) from the header; deterministic, never raises."""
-    age = _safe(lambda d: _bin(_age_years(d), AGE_EDGES, AGE_WORDS, AGE_RANGE), ds)
+    age = age_band(ds)
     thickness = _safe(lambda d: _bin(_to_float(_get(d, "BodyPartThickness")), THICKNESS_EDGES,
                                      THICKNESS_WORDS, THICKNESS_RANGE), ds)
     force = _safe(lambda d: _bin(_to_float(_get(d, "CompressionForce")), FORCE_EDGES,

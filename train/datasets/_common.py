@@ -21,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from cadnode.dicom.views import ViewInfo, detect_view
-from cadnode.text.clinical import AGE_EDGES, AGE_RANGE, AGE_WORDS, UNKNOWN, _age_years, _bin
+from cadnode.text.clinical import UNKNOWN, age_band
 
 log = logging.getLogger("train.datasets")
 
@@ -293,14 +293,6 @@ def check_image(row: Row, path: Path) -> Path:
     if image_kind(path) == "other":
         raise row.error(f"image is neither DICOM nor PNG: {path}")
     return path
-
-
-def age_band(ds: Dataset) -> str:
-    """The same age word the clinical text uses, so subgroup reports match the text."""
-    try:
-        return _bin(_age_years(ds), AGE_EDGES, AGE_WORDS, AGE_RANGE)
-    except Exception:  # noqa: BLE001
-        return UNKNOWN
 
 
 def manufacturer_group(ds: Dataset) -> str:
