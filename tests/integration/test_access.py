@@ -87,6 +87,22 @@ def test_excess_associations_are_rejected_not_hung(start_node) -> None:  # type:
     again.release()
 
 
+def test_maximum_pdu_is_negotiated(start_node, demo_study) -> None:  # type: ignore[no-untyped-def]
+    start, db = start_node
+    port = start(Policy(max_pdu=16384))
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.1.2.5")
+    assoc = ae.associate("127.0.0.1", port, ae_title="CADNODE")
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 16384  # what the node told the sender
+    status = assoc.send_c_store(demo_study[0])  # 9.7 MB in 16 KiB PDUs still arrives whole
+    assoc.release()
+    assert status.Status == 0
+    with db.session() as s:
+        (path,) = s.scalars(select(Instance.path)).all()
+    assert Path(path).stat().st_size >= demo_study[0].stat().st_size - 1024
+
+
 def test_instance_over_the_size_limit_is_refused(start_node, demo_study) -> None:  # type: ignore[no-untyped-def]
     start, db = start_node
     port = start(Policy(max_instance_bytes=2**20))
