@@ -17,6 +17,8 @@ from typing import Any
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 BACKENDS = ("onnxruntime",)
+#: The result objects the node writes (cadnode.results.BUILDERS has one builder for each).
+RESULT_KINDS = ("cad_sr", "tid1500", "sc", "gsps")
 
 
 class SettingsError(ValueError):
@@ -30,9 +32,13 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    kinds: tuple[str, ...] = ()  # result kinds this destination takes; empty: all
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def takes(self, kind: str) -> bool:
+        return not self.kinds or kind in self.kinds
 
 
 @dataclass(frozen=True)
@@ -82,18 +88,23 @@ class Settings:
 
 
 def parse_destinations(text: str, name: str = "CADNODE_DESTINATIONS") -> tuple[Destination, ...]:
-    """Parse ``AE@host:port,AE2@host2:port2``."""
+    """Parse ``AE@host:port[/kind+kind],...``, e.g. ``PACS@pacs:104,OHIF@viewer:4242/tid1500``."""
     out = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        m = re.fullmatch(r"([^@]+)@([^:@]+|\[[0-9a-fA-F:]+\]):(\d+)", item)
+        m = re.fullmatch(r"([^@]+)@([^:@/]+|\[[0-9a-fA-F:]+\]):(\d+)(?:/([\w+]+))?", item)
         if not m:
-            raise SettingsError(f"{name}: {item!r} is not AE@host:port")
+            raise SettingsError(f"{name}: {item!r} is not AE@host:port[/kind+kind]")
         ae, host, port = m.group(1), m.group(2).strip("[]"), int(m.group(3))
+        kinds = tuple(m.group(4).split("+")) if m.group(4) else ()
+        unknown = [k for k in kinds if k not in RESULT_KINDS]
+        if unknown:
+            raise SettingsError(f"{name}: unknown result kind(s) {', '.join(unknown)} in "
+                                f"{item!r}; known: {'+'.join(RESULT_KINDS)}")
         _check_ae(ae, name)
         _check_port(port, name)
-        out.append(Destination(ae, host, port))
+        out.append(Destination(ae, host, port, kinds))
     return tuple(out)
 
 

@@ -147,7 +147,7 @@ def run_demo(keep: bool = False, timeout: float = 300.0) -> int:
         if not all(r.ok for r in results):
             print("demo: the node refused some files:", [r.error or r.status for r in results])
             return 1
-        if not pacs.wait_for(2, timeout):
+        if not pacs.wait_for(4, timeout):
             print(f"demo: results did not arrive within {timeout:.0f} s; see {home / 'node.log'}")
             return 1
         turnaround = time.monotonic() - acked

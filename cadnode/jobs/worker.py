@@ -22,18 +22,14 @@ from cadnode.dicom.spool import write_durably
 from cadnode.dicom.views import ViewInfo, detect_view, select_views
 from cadnode.jobs.db import Database, Instance
 from cadnode.jobs.queue import ClaimedJob, ResultFile, claim_next_job, complete_job, fail_job
-from cadnode.results.cad_sr import build_cad_sr
+from cadnode.results import BUILDERS
 from cadnode.results.findings import StudyFindings, ViewFinding
-from cadnode.results.sc import build_secondary_capture
 from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, load_engine
 from cadnode.runtime.scoring import aggregate
 from cadnode.text.clinical import build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
 
 log = logging.getLogger(__name__)
-
-RESULT_KINDS = ("cad_sr", "sc")
-
 
 class PermanentError(RuntimeError):
     """Retrying cannot help (no usable view, for example)."""
@@ -225,16 +221,14 @@ class Worker:
         )
 
     def _write_results(self, findings: StudyFindings, sources: list[Dataset]) -> list[ResultFile]:
-        uid_root = self.settings.uid_root or None
-        builders = {"cad_sr": build_cad_sr, "sc": build_secondary_capture}
+        kwargs = {"uid_root": self.settings.uid_root} if self.settings.uid_root else {}
         out_dir = self.settings.results_dir / findings.study_uid
-        dests = tuple(str(d) for d in self.settings.destinations)
         results = []
-        for kind in RESULT_KINDS:
-            kwargs = {"uid_root": uid_root} if uid_root else {}
-            ds = builders[kind](findings, sources, **kwargs)
+        for kind, build in BUILDERS.items():
+            ds = build(findings, sources, **kwargs)
             path = out_dir / f"{kind}.dcm"
             write_durably(_encode(ds), path)
+            dests = tuple(str(d) for d in self.settings.destinations if d.takes(kind))
             results.append(ResultFile(kind, str(path), str(ds.SOPInstanceUID), dests))
         return results
 

@@ -59,3 +59,9 @@ def result_instance_uid(
 ) -> str:
     """SOP Instance UID of result object ``kind`` (``index`` for several objects of a kind)."""
     return derive_uid(root, "instance", study_uid, model_version, kind, str(index))
+
+
+def tracking_uid(root: str, study_uid: str, model_version: str, label: str) -> str:
+    """Tracking UID of a finding (``label`` like "R-CC cancer suspicion"): stable across
+    re-processing, and shared by the objects that show the same finding (TID 1500, GSPS)."""
+    return derive_uid(root, "tracking", study_uid, model_version, label)

@@ -25,12 +25,14 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
+from cadnode.config import RESULT_KINDS
 from cadnode.demo import DemoPACS, free_port
 from cadnode.dicom.sender import DeliveryError, send_files
 from cadnode.jobs.db import Database, Delivery, Instance, Job
 from tests.helpers import NodeProcess, wait_until, write_small_study
 
 UID = "1.2.826.0.1.3680043.10.1407.9"
+PER_STUDY = len(RESULT_KINDS)  # result objects each study sends
 NODE_ENV = {
     "CADNODE_COMPLETE_SECONDS": "1",
     "CADNODE_POLL_SECONDS": "0.3",
@@ -95,7 +97,7 @@ def run_kill_test(root: Path, kills: int, senders: int, studies: int, seed: int 
             return by_study
 
         all_done = wait_until(
-            lambda: all(len(delivered()[s]) == 2 for s in study_uids), 240)
+            lambda: all(len(delivered()[s]) == PER_STUDY for s in study_uids), 240)
         db = Database(f"sqlite:///{root / 'node' / 'cadnode.db'}")
         with db.session() as s:
             rows = {r.sop_instance_uid: r.path for r in s.scalars(select(Instance))}
@@ -129,7 +131,7 @@ def test_sigkill_while_receiving_loses_nothing(tmp_path: Path) -> None:
     assert figures["acknowledged"] == 3 * 4  # senders retried until every file was taken
     assert figures["found_whole"] == figures["acknowledged"]
     assert figures["all_results_delivered"]
-    assert figures["results_distinct"] == 2 * figures["studies"]  # no duplicate objects
+    assert figures["results_distinct"] == PER_STUDY * figures["studies"]  # no duplicates
 
 
 @pytest.mark.e2e
@@ -155,7 +157,7 @@ def test_worker_killed_mid_job_runs_again_with_the_same_result_uids(tmp_path: Pa
             node.start()
             node.wait_ready()
             assert wait_until(lambda s=study: len({r.sop_instance_uid for r in pacs.received
-                                                   if r.study_uid == s}) == 2, 60)
+                                                   if r.study_uid == s}) == PER_STUDY, 60)
             with db.session() as s:
                 job = s.scalars(select(Job).order_by(Job.id.desc())).first()
                 assert job is not None and job.state == "done"
@@ -166,7 +168,7 @@ def test_worker_killed_mid_job_runs_again_with_the_same_result_uids(tmp_path: Pa
             expected = set(s.scalars(select(Delivery.sop_instance_uid)
                                      .where(Delivery.job_id == job.id)).all())
         got = {r.sop_instance_uid for r in pacs.received if r.study_uid == study}
-        assert got == expected and len(got) == 2
+        assert got == expected and len(got) == PER_STUDY
     finally:
         db.dispose()
         node.stop()

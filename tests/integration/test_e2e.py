@@ -25,6 +25,9 @@ pytestmark = pytest.mark.e2e
 
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+RESULT_CLASSES = {CAD_SR, SECONDARY_CAPTURE, COMPREHENSIVE_3D_SR, GSPS}
 
 
 def referenced_uids(ds: pydicom.Dataset) -> set[str]:
@@ -74,14 +77,14 @@ def test_storescu_to_serve_to_storescp(storescp, demo_study: list[Path], tmp_pat
         )
         assert push.returncode == 0, push.stderr
         last_ack = time.monotonic()
-        assert wait_until(lambda: len(list(pacs_dir.iterdir())) >= 2, 60), node.log.read_text()
+        assert wait_until(lambda: len(list(pacs_dir.iterdir())) >= 4, 60), node.log.read_text()
         turnaround = time.monotonic() - last_ack
         print(f"turnaround {turnaround:.1f} s")
         assert turnaround < 60
-        time.sleep(0.5)  # let storescp finish writing the second file
+        time.sleep(0.5)  # let storescp finish writing the last file
         received = [pydicom.dcmread(p) for p in sorted(pacs_dir.iterdir())]
         by_class = {str(ds.SOPClassUID): ds for ds in received}
-        assert set(by_class) == {CAD_SR, SECONDARY_CAPTURE}
+        assert set(by_class) == RESULT_CLASSES
         sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                    for p in demo_study}
         study_uid = pydicom.dcmread(demo_study[0], stop_before_pixels=True).StudyInstanceUID
@@ -104,7 +107,7 @@ def test_storescu_to_serve_to_storescp(storescp, demo_study: list[Path], tmp_pat
             for task in ("cancer", "calcification"):
                 assert 0.0 <= row["job"]["scores"]["breasts"][side][task] <= 1.0
         assert wait_until(lambda: json.loads(node.cli("jobs", "--json").stdout)[0]
-                          ["deliveries"] == {"sent": 2}, 10)
+                          ["deliveries"] == {"sent": 4}, 10)
         table = node.cli("jobs")
         assert "done" in table.stdout and "L-CC,L-MLO,R-CC,R-MLO" in table.stdout
         # No patient identifiers in the logs at the default level.
@@ -130,9 +133,9 @@ def test_cadnode_send_to_serve_to_demo_pacs(demo_study: list[Path], tmp_path: Pa
         sent = node.cli("send", "--port", str(node.port), str(demo_study[0].parent))
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert "sent 4 of 4 file(s)" in sent.stdout
-        assert pacs.wait_for(2, 60), node.log.read_text()
+        assert pacs.wait_for(4, 60), node.log.read_text()
         classes = sorted(r.sop_class_uid for r in pacs.received)
-        assert classes == sorted([CAD_SR, SECONDARY_CAPTURE])
+        assert classes == sorted(RESULT_CLASSES)
         sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                    for p in demo_study}
         for r in pacs.received:
@@ -166,9 +169,9 @@ def test_destination_down_delays_but_never_loses(demo_study: list[Path], tmp_pat
         assert wait_until(retried, 60)
         time.sleep(1.5)  # at least one refused try
         pacs.start(pacs_port)
-        assert pacs.wait_for(2, 60), node.log.read_text()
+        assert pacs.wait_for(4, 60), node.log.read_text()
         time.sleep(1.0)
-        assert len(pacs.received) == 2  # each result exactly once
+        assert len(pacs.received) == 4  # each result exactly once
     finally:
         node.stop()
         pacs.stop()

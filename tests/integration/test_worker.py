@@ -18,12 +18,13 @@ from cadnode.jobs.db import Database, Delivery, Study
 from cadnode.jobs.worker import Worker
 
 PACS = Destination("PACS", "127.0.0.1", 104)
+VIEWER = Destination("OHIF", "127.0.0.1", 4242, ("tid1500",))
 
 
 @pytest.fixture(scope="module")
 def worker_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, Database]]:
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, destinations=(PACS,))
+    settings = Settings(home=home, destinations=(PACS, VIEWER))
     db = Database(settings.database_url)
     db.create_schema()
     yield settings, db
@@ -71,10 +72,13 @@ def test_study_is_processed_into_results_and_outbox(worker_env, worker, demo_stu
     scores = row["job"]["scores"]
     assert set(scores["views"]) == {"L-CC", "L-MLO", "R-CC", "R-MLO"}
     assert scores["exam"]["cancer"] == max(b["cancer"] for b in scores["breasts"].values())
-    assert row["deliveries"] == {"pending": 2}
+    assert row["deliveries"] == {"pending": 5}  # four objects to the PACS, TID 1500 to the viewer
     with db.session() as s:
+        sent = s.execute(select(Delivery.destination, Delivery.kind)).all()
         first = sorted(s.scalars(select(Delivery.sop_instance_uid)).all())
-    for kind in ("cad_sr", "sc"):
+    assert sorted(k for d, k in sent if d == str(VIEWER)) == ["tid1500"]
+    assert sorted(k for d, k in sent if d == str(PACS)) == ["cad_sr", "gsps", "sc", "tid1500"]
+    for kind in ("cad_sr", "tid1500", "sc", "gsps"):
         ds = pydicom.dcmread(settings.results_dir / study_uid / f"{kind}.dcm")
         assert ds.StudyInstanceUID == study_uid
 
@@ -84,7 +88,7 @@ def test_study_is_processed_into_results_and_outbox(worker_env, worker, demo_stu
     run_study(db, worker, study_uid)
     with db.session() as s:
         uids = s.scalars(select(Delivery.sop_instance_uid)).all()
-    assert sorted(set(uids)) == first
+    assert sorted(uids) == sorted(first * 2)  # the second run's rows repeat the first's UIDs
 
 
 def test_undecodable_view_is_reported_failed_not_dropped(worker_env, worker, demo_study,  # type: ignore[no-untyped-def]

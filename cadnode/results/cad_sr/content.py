@@ -1,201 +1,41 @@
-"""Mammography CAD SR (SOP class 1.2.840.10008.5.1.4.1.1.88.50, root template TID 4000).
+"""The Mammography CAD SR content tree (TID 4000), as plain pydicom datasets.
 
-Mammography workstations read this object to show CAD marks. highdicom has no TID 4000 builder,
-so the tree is assembled from highdicom content items and then written out as plain pydicom
-datasets, because TID 4021 (geometry) needs by-reference relationships (R-SELECTED FROM the
-Image Library entry) that highdicom's content item classes cannot express.
-
-Content tree (TID numbers of PS3.16 in brackets)::
-
-    CONTAINER Mammography CAD Report                              [4000]
-      HAS CONCEPT MOD  Language of Content Item and Descendants   [1204]
-      CONTAINS  CONTAINER Image Library
-        CONTAINS  IMAGE (every analysed view, failed ones too)    [4020]
-          HAS ACQ CONTEXT  Image Laterality, Image View, Study Date/Time, [orientation, spacing]
-      CONTAINS  CODE CAD Processing and Findings Summary          [4001]
-        HAS PROPERTIES  TEXT Impression Description (exam level)  [4002]
-        INFERRED FROM  CONTAINER Individual Impression/Recommendation, one per breast  [4003]
-          HAS CONCEPT MOD  Rendering Intent
-          CONTAINS  TEXT Impression Description (breast level, failed views named)
-          CONTAINS  CODE Composite Feature = Selected region (cancer, breast level)  [4004]
-            HAS PROPERTIES  Certainty of Feature, Probability of cancer, algorithm  [4019]
-            INFERRED FROM  CODE Single Image Finding = Selected region, one per view  [4006]
-              HAS CONCEPT MOD  Rendering Intent
-              HAS PROPERTIES  algorithm, Certainty of Finding, Probability of cancer
-              HAS PROPERTIES  SCOORD Center (POINT) / Outline (closed POLYLINE)     [4021]
-                R-SELECTED FROM  -> Image Library entry
-          CONTAINS  CODE Composite Feature = Calcification Cluster (same shape, no geometry)
-      CONTAINS  CODE Summary of Detections  (Succeeded | Partially Succeeded | Failed)
-        INFERRED FROM  CONTAINER Successful Detections / Failed Detections   [4015]
-          CONTAINS  CODE Detection Performed, algorithm, R-HAS PROPERTIES -> library entries
-      CONTAINS  CODE Summary of Analyses  (same, per-breast and overall analyses)  [4016]
-
-Choices worth knowing:
-- Scores are NUM items in percent (UCUM "%"), rounded to 0.01.
-- "with findings" in the summary means at least one finding is above its operating point
-  (``StudyFindings.thresholds``), i.e. marked "Presentation Required"; findings below it are
-  still reported, marked "Presentation Optional".
-- The model's calcification output is image-level: its single image findings carry no geometry.
-- SCOORDs are clipped to the image (0..Columns, 0..Rows); outlines are closed (last = first).
+highdicom has no TID 4000 builder, so the tree is assembled from highdicom content items and
+written out as plain datasets, because TID 4021 (geometry) needs by-reference relationships
+(R-SELECTED FROM the Image Library entry) that highdicom's content item classes cannot express.
+See the package docstring for the tree's shape.
 """
 
 from __future__ import annotations
 
-import datetime
-import logging
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from copy import deepcopy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-from cadnode import __version__
+from cadnode.results.common import (
+    BREAST_NAME,
+    DEMO_TEXT,
+    PERCENT,
+    SIDE,
+    VIEW,
+    clean_code,
+    percent,
+    plain,
+)
 from cadnode.results.findings import StudyFindings, ViewFinding
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
-
-log = logging.getLogger(__name__)
-
-MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
-KIND = "cad-sr"
-SERIES_NUMBER = 9001
-MANUFACTURER = "cadnode"
-DEMO_TEXT = "demonstration model - not for clinical use"
 
 # Codes (DCM unless stated); taken from pydicom's dictionary so meanings match PS3.16.
 _DCM = codes.DCM
-_SCT = codes.SCT
-PERCENT = codes.UCUM.Percent
 MM = codes.UCUM.Millimeter
 CANCER_FINDING = _DCM.SelectedRegion  # CID 6014/6016: the model localises "a suspicious region"
-CALC_FINDING = _SCT.CalcificationCluster
-SIDE = {"R": _SCT.RightBreast, "L": _SCT.LeftBreast, "B": _SCT.BothBreasts}  # CID 6022
-VIEW = {  # CID 4014, keyed by cadnode.dicom.views ViewInfo.view
-    "CC": _SCT.CranioCaudal,
-    "MLO": _SCT.MedioLateralObliqueProjection,
-    "ML": _SCT.MedioLateralProjection,
-    "LM": _SCT.LateroMedial,
-    "LMO": _SCT.LateroMedialOblique,
-    "XCCL": _SCT.CranioCaudalExaggeratedLaterally,
-    "XCCM": _SCT.CranioCaudalExaggeratedMedially,
-    "FB": _SCT.CaudoCranial,
-    "SIO": _SCT.SuperolateralToInferomedialOblique,
-    "ISO": _SCT.InferomedialToSuperolateralOblique,
-}
+CALC_FINDING = codes.SCT.CalcificationCluster
 REQUIRED = _DCM.PresentationRequiredRenderingDeviceIsExpectedToPresent
 OPTIONAL = _DCM.PresentationOptionalRenderingDeviceMayPresent
-BREAST_NAME = {"R": "Right breast", "L": "Left breast"}
-
-_PATIENT_STUDY_ATTRS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-    "IssuerOfAccessionNumberSequence", "StudyDescription",
-)
-_TYPE2_PATIENT_STUDY = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Header helpers shared with the other result objects (sc.py imports them).
-
-
-def copy_patient_study(dst: Dataset, src: Dataset, study_uid: str) -> None:
-    """Copy patient/study identity (and character set) so the result files into the study."""
-    if "SpecificCharacterSet" in src:
-        dst.SpecificCharacterSet = src.SpecificCharacterSet
-    for kw in _PATIENT_STUDY_ATTRS:
-        if kw in src:
-            dst[kw] = deepcopy(src[kw])
-    for kw in _TYPE2_PATIENT_STUDY:  # Type 2: present, possibly empty
-        if kw not in dst:
-            setattr(dst, kw, None)
-    dst.StudyInstanceUID = study_uid
-
-
-def referenced_series(
-    sources: Iterable[Dataset], views: Iterable[ViewFinding], study_uid: str
-) -> dict[str, dict[str, list[tuple[str, str]]]]:
-    """Group every source image as {study: {series: [(sop class, sop instance)]}}, in order."""
-    out: dict[str, dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
-    seen: set[str] = set()
-    for ds in sources:
-        uid = str(ds.SOPInstanceUID)
-        if uid not in seen:
-            seen.add(uid)
-            study = str(ds.get("StudyInstanceUID", study_uid))
-            out[study][str(ds.SeriesInstanceUID)].append((str(ds.SOPClassUID), uid))
-    for v in views:  # a view the worker analysed must be evidence even if no header was passed
-        if v.sop_instance_uid not in seen:
-            seen.add(v.sop_instance_uid)
-            out[study_uid][v.series_uid].append((v.sop_class_uid, v.sop_instance_uid))
-    return out
-
-
-def hierarchical_references(refs: dict[str, dict[str, list[tuple[str, str]]]]) -> list[Dataset]:
-    """Items of a Hierarchical SOP Instance Reference Macro sequence (study/series/instance)."""
-    studies = []
-    for study_uid, series in refs.items():
-        st = Dataset()
-        st.StudyInstanceUID = study_uid
-        st.ReferencedSeriesSequence = []
-        for series_uid, instances in series.items():
-            se = Dataset()
-            se.SeriesInstanceUID = series_uid
-            se.ReferencedSOPSequence = []
-            for cls, inst in instances:
-                it = Dataset()
-                it.ReferencedSOPClassUID = cls
-                it.ReferencedSOPInstanceUID = inst
-                se.ReferencedSOPSequence.append(it)
-            st.ReferencedSeriesSequence.append(se)
-        studies.append(st)
-    return studies
-
-
-def contributing_equipment(findings: StudyFindings) -> Dataset:
-    """Contributing Equipment item naming the model that produced the scores."""
-    item = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=_DCM.ProcessingEquipment,
-        manufacturer_model_name=findings.model_name[:64],
-        software_versions=findings.model_version[:64],
-        contribution_description=(
-            "CAD model" + (f" ({DEMO_TEXT})" if findings.demo_model else "")
-        )[:64],
-    )
-    return _plain(item)
-
-
-def file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
-    """PS3.10 file meta for an Explicit VR Little Endian object."""
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"CADNODE_{__version__}"[:16]
-    return meta
-
-
-def _plain(item: Dataset) -> Dataset:
-    """Deep copy of a (highdicom) dataset as plain pydicom Datasets all the way down."""
-    out = Dataset()
-    for elem in item:
-        if elem.VR == "SQ":
-            out.add_new(elem.tag, "SQ", [_plain(x) for x in elem.value])
-        else:
-            out.add(deepcopy(elem))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,21 +58,12 @@ class _Ref:
     target: _Node
 
 
-def _clean(code: Code) -> Code:
-    """pydicom's dictionary keeps zero-width spaces of the HTML standard in some meanings
-    ("Impression/\u200bRecommendation"); they would not encode in ISO_IR 100."""
-    meaning = code.meaning.replace("\u200b", "")
-    if meaning == code.meaning:
-        return code
-    return Code(code.value, code.scheme_designator, meaning, code.scheme_version)
-
-
 def _code(name: Code, value: Code, rel: str) -> _Node:
-    return _Node(hd.sr.CodeContentItem(_clean(name), _clean(value), relationship_type=rel))
+    return _Node(hd.sr.CodeContentItem(clean_code(name), clean_code(value), relationship_type=rel))
 
 
 def _text(name: Code, value: str, rel: str) -> _Node:
-    return _Node(hd.sr.TextContentItem(_clean(name), value, relationship_type=rel))
+    return _Node(hd.sr.TextContentItem(clean_code(name), value, relationship_type=rel))
 
 
 def _num(name: Code, value: float, unit: Code, rel: str) -> _Node:
@@ -242,13 +73,9 @@ def _num(name: Code, value: float, unit: Code, rel: str) -> _Node:
 def _container(name: Code, rel: str | None, continuous: bool = False) -> _Node:
     return _Node(
         hd.sr.ContainerContentItem(
-            _clean(name), is_content_continuous=continuous, relationship_type=rel
+            clean_code(name), is_content_continuous=continuous, relationship_type=rel
         )
     )
-
-
-def _percent(p: float) -> float:
-    return round(float(p) * 100.0, 2)
 
 
 def _assign_paths(node: _Node, path: tuple[int, ...], paths: dict[int, tuple[int, ...]]) -> None:
@@ -259,7 +86,7 @@ def _assign_paths(node: _Node, path: tuple[int, ...], paths: dict[int, tuple[int
 
 
 def _emit(node: _Node, paths: dict[int, tuple[int, ...]]) -> Dataset:
-    ds = _plain(node.item)
+    ds = plain(node.item)
     if node.children:
         seq = []
         for child in node.children:
@@ -360,9 +187,9 @@ def _single_image_finding(
     node = _code(_DCM.SingleImageFinding, kind, "INFERRED FROM")
     node.add(_intent(score >= threshold))
     _algorithm(node, findings)
-    node.add(_num(_DCM.CertaintyOfFinding, _percent(score), PERCENT, "HAS PROPERTIES"))
+    node.add(_num(_DCM.CertaintyOfFinding, percent(score), PERCENT, "HAS PROPERTIES"))
     if cancer:
-        node.add(_num(_DCM.ProbabilityOfCancer, _percent(score), PERCENT, "HAS PROPERTIES"))
+        node.add(_num(_DCM.ProbabilityOfCancer, percent(score), PERCENT, "HAS PROPERTIES"))
     if with_geometry:
         _geometry(node, v, entry)
     return node
@@ -385,9 +212,9 @@ def _composite(
     )
     node.add(_code(_DCM.ScopeOfFeature, scope, "HAS PROPERTIES"))
     _algorithm(node, findings)
-    node.add(_num(_DCM.CertaintyOfFeature, _percent(breast_score), PERCENT, "HAS PROPERTIES"))
+    node.add(_num(_DCM.CertaintyOfFeature, percent(breast_score), PERCENT, "HAS PROPERTIES"))
     if cancer:
-        node.add(_num(_DCM.ProbabilityOfCancer, _percent(breast_score), PERCENT, "HAS PROPERTIES"))
+        node.add(_num(_DCM.ProbabilityOfCancer, percent(breast_score), PERCENT, "HAS PROPERTIES"))
     for v, s in zip(views, view_scores, strict=True):
         node.add(_single_image_finding(
             v, s, kind, threshold, findings, entries[v.sop_instance_uid],
@@ -402,7 +229,7 @@ def _describe_scores(label: str, scores: dict[str, float], thresholds: dict[str,
         if key in scores:
             t = thresholds.get(key)
             flag = "" if t is None else (" (above threshold)" if scores[key] >= t else "")
-            parts.append(f"{name} {_percent(scores[key]):.2f} %{flag}")
+            parts.append(f"{name} {percent(scores[key]):.2f} %{flag}")
     return f"{label}: " + (", ".join(parts) if parts else "no score")
 
 
@@ -544,54 +371,11 @@ def _content_tree(findings: StudyFindings, sources: Sequence[Dataset]) -> _Node:
     return root
 
 
-# ---------------------------------------------------------------------------------------------
 
 
-def build_cad_sr(
-    findings: StudyFindings, sources: Sequence[Dataset], uid_root: str = DEFAULT_UID_ROOT
-) -> Dataset:
-    """Build the Mammography CAD SR for ``findings`` in a new series of the source study."""
-    if not sources:
-        raise ValueError("build_cad_sr needs at least one source header (patient/study)")
-    first = sources[0]
-    series_uid = result_series_uid(uid_root, findings.study_uid, findings.model_version, KIND)
-    sop_uid = result_instance_uid(uid_root, findings.study_uid, findings.model_version, KIND)
-    now = datetime.datetime.now()
-
-    ds = Dataset()
-    ds.file_meta = file_meta(MAMMOGRAPHY_CAD_SR, sop_uid)
-    ds.preamble = b"\x00" * 128
-    copy_patient_study(ds, first, findings.study_uid)
-    # SOP Common
-    ds.SOPClassUID = MAMMOGRAPHY_CAD_SR
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
-    # SR Document Series
-    ds.Modality = "SR"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = SERIES_NUMBER
-    ds.SeriesDescription = "CAD SR " + ("(DEMO MODEL)" if findings.demo_model else "cadnode")
-    ds.ReferencedPerformedProcedureStepSequence = []
-    # General Equipment: this node; the model goes to Contributing Equipment
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = MANUFACTURER
-    ds.SoftwareVersions = [__version__, f"{findings.model_name} {findings.model_version}"[:64]]
-    ds.ContributingEquipmentSequence = [contributing_equipment(findings)]
-    # SR Document General
-    ds.InstanceNumber = 1
-    ds.ContentDate = ds.InstanceCreationDate
-    ds.ContentTime = ds.InstanceCreationTime
-    ds.CompletionFlag = "COMPLETE"
-    ds.VerificationFlag = "UNVERIFIED"
-    ds.PerformedProcedureCodeSequence = []
-    ds.CurrentRequestedProcedureEvidenceSequence = hierarchical_references(
-        referenced_series(sources, findings.views, findings.study_uid)
-    )
-    # SR Document Content: the root item's attributes live in the top-level dataset
+def content_dataset(findings: StudyFindings, sources: Sequence[Dataset]) -> Dataset:
+    """The root content item (its attributes go into the top-level SR dataset)."""
     tree = _content_tree(findings, sources)
     paths: dict[int, tuple[int, ...]] = {}
     _assign_paths(tree, (1,), paths)
-    for elem in _emit(tree, paths):
-        ds.add(elem)
-    return ds
+    return _emit(tree, paths)

@@ -1,0 +1,72 @@
+"""The Mammography CAD SR IOD: header modules around the TID 4000 content tree."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+from pydicom import Dataset
+
+from cadnode import __version__
+from cadnode.results.cad_sr.content import content_dataset
+from cadnode.results.common import (
+    MANUFACTURER,
+    contributing_equipment,
+    copy_patient_study,
+    file_meta,
+    hierarchical_references,
+    referenced_series,
+)
+from cadnode.results.findings import StudyFindings
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
+
+MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+KIND = "cad-sr"
+SERIES_NUMBER = 9001
+
+
+def build_cad_sr(
+    findings: StudyFindings, sources: Sequence[Dataset], uid_root: str = DEFAULT_UID_ROOT
+) -> Dataset:
+    """Build the Mammography CAD SR for ``findings`` in a new series of the source study."""
+    if not sources:
+        raise ValueError("build_cad_sr needs at least one source header (patient/study)")
+    first = sources[0]
+    series_uid = result_series_uid(uid_root, findings.study_uid, findings.model_version, KIND)
+    sop_uid = result_instance_uid(uid_root, findings.study_uid, findings.model_version, KIND)
+    now = datetime.datetime.now()
+
+    ds = Dataset()
+    ds.file_meta = file_meta(MAMMOGRAPHY_CAD_SR, sop_uid)
+    ds.preamble = b"\x00" * 128
+    copy_patient_study(ds, first, findings.study_uid)
+    # SOP Common
+    ds.SOPClassUID = MAMMOGRAPHY_CAD_SR
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # SR Document Series
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = SERIES_NUMBER
+    ds.SeriesDescription = "CAD SR " + ("(DEMO MODEL)" if findings.demo_model else "cadnode")
+    ds.ReferencedPerformedProcedureStepSequence = []
+    # General Equipment: this node; the model goes to Contributing Equipment
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = MANUFACTURER
+    ds.SoftwareVersions = [__version__, f"{findings.model_name} {findings.model_version}"[:64]]
+    ds.ContributingEquipmentSequence = [contributing_equipment(findings)]
+    # SR Document General
+    ds.InstanceNumber = 1
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.PerformedProcedureCodeSequence = []
+    ds.CurrentRequestedProcedureEvidenceSequence = hierarchical_references(
+        referenced_series(sources, findings.views, findings.study_uid)
+    )
+    # SR Document Content: the root item's attributes live in the top-level dataset
+    for elem in content_dataset(findings, sources):
+        ds.add(elem)
+    return ds

@@ -1,0 +1,221 @@
+"""Helpers every result object uses, so that all four file into the study the same way.
+
+- patient/study identity and character set copied from the source (``copy_patient_study``);
+- the source images grouped by study/series (``referenced_series``,
+  ``hierarchical_references``), for evidence and reference sequences;
+- the model named as Contributing Equipment (``contributing_equipment``);
+- PS3.10 file meta for the pydicom-built objects (``file_meta``);
+- ``reference_stub``: a header-only copy of a source image with the attributes highdicom's
+  builders read, filled with safe defaults where a source lacks them (scanned film headers do);
+- codes shared by the SR templates (sides, views, percent).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from copy import deepcopy
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
+
+from cadnode import __version__
+from cadnode.results.findings import StudyFindings, ViewFinding
+
+__all__ = [
+    "BREAST_NAME",
+    "DEMO_TEXT",
+    "MANUFACTURER",
+    "PERCENT",
+    "SIDE",
+    "VIEW",
+    "cancer_label",
+    "clean_code",
+    "contributing_equipment",
+    "copy_patient_study",
+    "file_meta",
+    "hierarchical_references",
+    "percent",
+    "plain",
+    "reference_stub",
+    "referenced_series",
+]
+
+MANUFACTURER = "cadnode"
+DEMO_TEXT = "demonstration model - not for clinical use"
+PERCENT = codes.UCUM.Percent
+SIDE = {"R": codes.SCT.RightBreast, "L": codes.SCT.LeftBreast, "B": codes.SCT.BothBreasts}
+VIEW = {  # CID 4014, keyed by cadnode.dicom.views ViewInfo.view
+    "CC": codes.SCT.CranioCaudal,
+    "MLO": codes.SCT.MedioLateralObliqueProjection,
+    "ML": codes.SCT.MedioLateralProjection,
+    "LM": codes.SCT.LateroMedial,
+    "LMO": codes.SCT.LateroMedialOblique,
+    "XCCL": codes.SCT.CranioCaudalExaggeratedLaterally,
+    "XCCM": codes.SCT.CranioCaudalExaggeratedMedially,
+    "FB": codes.SCT.CaudoCranial,
+    "SIO": codes.SCT.SuperolateralToInferomedialOblique,
+    "ISO": codes.SCT.InferomedialToSuperolateralOblique,
+}
+BREAST_NAME = {"R": "Right breast", "L": "Left breast"}
+
+_PATIENT_STUDY_ATTRS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "StudyDescription",
+)
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+# Image attributes highdicom's GSPS / SR builders read from referenced images.
+_IMAGE_ATTRS = (
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns",
+    "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction",
+    "VOILUTSequence", "SmallestImagePixelValue", "LargestImagePixelValue",
+    "ImageLaterality", "Laterality", "ViewPosition", "PatientOrientation",
+    "PixelSpacing", "ImagerPixelSpacing",
+)
+
+
+def copy_patient_study(dst: Dataset, src: Dataset, study_uid: str) -> None:
+    """Copy patient/study identity (and character set) so the result files into the study."""
+    if "SpecificCharacterSet" in src:
+        dst.SpecificCharacterSet = src.SpecificCharacterSet
+    for kw in _PATIENT_STUDY_ATTRS:
+        if kw in src:
+            dst[kw] = deepcopy(src[kw])
+    for kw in _TYPE2_PATIENT_STUDY:  # Type 2: present, possibly empty
+        if kw not in dst:
+            setattr(dst, kw, None)
+    dst.StudyInstanceUID = study_uid
+
+
+def reference_stub(src: Dataset | None, view: ViewFinding | None, study_uid: str,
+                   patient: Dataset) -> Dataset:
+    """Header-only stand-in for a source image, complete enough for highdicom's builders.
+
+    highdicom reads patient/study attributes and image geometry with plain attribute access;
+    real headers (scanned film, anonymised exports) often lack Type 2 ones, so they are copied
+    with ``copy_patient_study`` from ``patient`` and defaulted here, never invented elsewhere.
+    """
+    stub = Dataset()
+    copy_patient_study(stub, patient, study_uid)
+    if src is not None:
+        if src.get("StudyInstanceUID"):
+            stub.StudyInstanceUID = src.StudyInstanceUID  # evidence keeps its own study
+        for kw in _IMAGE_ATTRS:
+            if kw in src and src[kw].value not in (None, ""):
+                stub[kw] = deepcopy(src[kw])
+    if view is not None:
+        stub.SOPClassUID = view.sop_class_uid
+        stub.SOPInstanceUID = view.sop_instance_uid
+        if view.series_uid:
+            stub.SeriesInstanceUID = view.series_uid
+        stub.Rows, stub.Columns = view.rows, view.columns
+    stub.setdefault("SamplesPerPixel", 1)
+    stub.setdefault("PhotometricInterpretation", "MONOCHROME2")
+    return stub
+
+
+def referenced_series(
+    sources: Iterable[Dataset], views: Iterable[ViewFinding], study_uid: str
+) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """Group every source image as {study: {series: [(sop class, sop instance)]}}, in order."""
+    out: dict[str, dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
+    seen: set[str] = set()
+    for ds in sources:
+        uid = str(ds.SOPInstanceUID)
+        if uid not in seen:
+            seen.add(uid)
+            study = str(ds.get("StudyInstanceUID", study_uid))
+            out[study][str(ds.SeriesInstanceUID)].append((str(ds.SOPClassUID), uid))
+    for v in views:  # a view the worker analysed must be evidence even if no header was passed
+        if v.sop_instance_uid not in seen:
+            seen.add(v.sop_instance_uid)
+            out[study_uid][v.series_uid].append((v.sop_class_uid, v.sop_instance_uid))
+    return out
+
+
+def hierarchical_references(refs: dict[str, dict[str, list[tuple[str, str]]]]) -> list[Dataset]:
+    """Items of a Hierarchical SOP Instance Reference Macro sequence (study/series/instance)."""
+    studies = []
+    for study_uid, series in refs.items():
+        st = Dataset()
+        st.StudyInstanceUID = study_uid
+        st.ReferencedSeriesSequence = []
+        for series_uid, instances in series.items():
+            se = Dataset()
+            se.SeriesInstanceUID = series_uid
+            se.ReferencedSOPSequence = []
+            for cls, inst in instances:
+                it = Dataset()
+                it.ReferencedSOPClassUID = cls
+                it.ReferencedSOPInstanceUID = inst
+                se.ReferencedSOPSequence.append(it)
+            st.ReferencedSeriesSequence.append(se)
+        studies.append(st)
+    return studies
+
+
+def contributing_equipment(findings: StudyFindings) -> Dataset:
+    """Contributing Equipment item naming the model that produced the scores."""
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=findings.model_name[:64],
+        software_versions=findings.model_version[:64],
+        contribution_description=(
+            "CAD model" + (f" ({DEMO_TEXT})" if findings.demo_model else "")
+        )[:64],
+    )
+    return plain(item)
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
+    """PS3.10 file meta for an Explicit VR Little Endian object."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"CADNODE_{__version__}"[:16]
+    return meta
+
+
+def plain(item: Dataset) -> Dataset:
+    """Deep copy of a (highdicom) dataset as plain pydicom Datasets all the way down."""
+    out = Dataset()
+    for elem in item:
+        if elem.VR == "SQ":
+            out.add_new(elem.tag, "SQ", [plain(x) for x in elem.value])
+        else:
+            out.add(deepcopy(elem))
+    return out
+
+
+def clean_code(code: Code) -> Code:
+    """pydicom's dictionary keeps zero-width spaces of the HTML standard in some meanings
+    ("Impression/\u200bRecommendation"); they would not encode in ISO_IR 100."""
+    meaning = code.meaning.replace("\u200b", "")
+    if meaning == code.meaning:
+        return code
+    return Code(code.value, code.scheme_designator, meaning, code.scheme_version)
+
+
+def cancer_label(v: ViewFinding) -> str:
+    """Tracking label of a view's cancer finding, shared by TID 1500 and GSPS."""
+    return f"{v.view_key} cancer suspicion"
+
+
+def percent(p: float) -> float:
+    """A probability as the percent value the SRs carry (UCUM "%"), rounded to 0.01."""
+    return round(float(p) * 100.0, 2)

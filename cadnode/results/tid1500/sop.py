@@ -1,0 +1,101 @@
+"""The Comprehensive 3D SR document around the TID 1500 Measurement Report (highdicom)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from copy import deepcopy
+
+import highdicom as hd
+from pydicom import Dataset
+
+from cadnode import __version__
+from cadnode.results.common import (
+    MANUFACTURER,
+    contributing_equipment,
+    copy_patient_study,
+    file_meta,
+    reference_stub,
+)
+from cadnode.results.findings import StudyFindings
+from cadnode.results.tid1500.content import measurement_report
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
+
+KIND = "tid1500"
+SERIES_NUMBER = 9003
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def evidence_stubs(findings: StudyFindings, sources: Sequence[Dataset]) -> list[Dataset]:
+    """One header stub per source image and per analysed view (a view without a header too)."""
+    first = sources[0]
+    views = {v.sop_instance_uid: v for v in findings.views}
+    stubs: dict[str, Dataset] = {}
+    for src in sources:
+        uid = str(src.SOPInstanceUID)
+        stubs.setdefault(uid, reference_stub(src, views.get(uid), findings.study_uid, first))
+    for uid, v in views.items():
+        stubs.setdefault(uid, reference_stub(None, v, findings.study_uid, first))
+    return list(stubs.values())
+
+
+def library_stub(stub: Dataset) -> Dataset:
+    """A copy of ``stub`` that highdicom's Image Library entry (TID 1601/1603) can describe.
+
+    For projection modalities highdicom reads a two-valued Patient Orientation and Imager
+    Pixel Spacing; scanned film (CBIS-DDSM: orientation "CC", no spacing) has neither. Such an
+    entry is then described like any image (modality from the SOP class, rows, columns): the
+    Modality below is only what selects highdicom's descriptor set, it is not written out.
+    """
+    lib = deepcopy(stub)
+    po = lib.get("PatientOrientation")
+    orientation_ok = po is not None and not isinstance(po, str) and len(po) == 2 and all(po)
+    if "ImagerPixelSpacing" not in lib and "PixelSpacing" in lib:
+        lib.ImagerPixelSpacing = lib.PixelSpacing
+    if not orientation_ok or "ImagerPixelSpacing" not in lib:
+        lib.Modality = "OT"
+    lib.setdefault("Modality", "OT")
+    return lib
+
+
+def build_tid1500_sr(
+    findings: StudyFindings, sources: Sequence[Dataset], uid_root: str = DEFAULT_UID_ROOT
+) -> Dataset:
+    """Build the TID 1500 Comprehensive 3D SR in a new series of the source study.
+
+    Comprehensive 3D SR (not plain Comprehensive SR) because that is the class OHIF-style
+    viewers read and write for TID 1500; only 2D SCOORDs are used.
+    """
+    if not sources:
+        raise ValueError("build_tid1500_sr needs at least one source header (patient/study)")
+    evidence = evidence_stubs(findings, sources)
+    analysed = {v.sop_instance_uid for v in findings.views}
+    report = measurement_report(
+        findings, uid_root,
+        [library_stub(s) for s in evidence if str(s.SOPInstanceUID) in analysed],
+    )
+    sop_uid = result_instance_uid(uid_root, findings.study_uid, findings.model_version, KIND)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=result_series_uid(
+            uid_root, findings.study_uid, findings.model_version, KIND
+        ),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,  # unverified machine output, a radiologist decides
+        is_verified=False,
+        series_description=(
+            "CAD measurements TID 1500 " + ("(DEMO MODEL)" if findings.demo_model else "cadnode")
+        ),
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=__version__,
+    )
+    copy_patient_study(sr, sources[0], findings.study_uid)
+    sr.ContributingEquipmentSequence = [
+        contributing_equipment(findings)  # type: ignore[list-item]
+    ]
+    sr.file_meta = file_meta(COMPREHENSIVE_3D_SR, sop_uid)
+    return sr
