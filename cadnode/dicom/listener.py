@@ -131,7 +131,7 @@ class Listener:
         # pynetdicom streams each dataset to a NamedTemporaryFile: keep it on the spool's file
         # system so that committing is a rename, not a copy.
         tempfile.tempdir = str(self.incoming)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda e: SUCCESS),
             (evt.EVT_REJECTED, self._handle_rejected),

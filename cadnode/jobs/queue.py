@@ -12,9 +12,9 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 
 from cadnode.dicom.spool import StoredInstance
 from cadnode.dicom.views import STANDARD_VIEW_KEYS, ViewInfo
@@ -129,7 +129,7 @@ def claim_next_job(
         job_id = s.scalar(pick)
         if job_id is None:
             return None
-        claimed = s.execute(
+        claimed = cast(CursorResult[Any], s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == "queued")
             .values(
@@ -139,7 +139,7 @@ def claim_next_job(
                 started_at=now,
                 attempts=Job.attempts + 1,
             )
-        ).rowcount
+        )).rowcount
         if claimed != 1:
             return None
         job = s.get(Job, job_id)
@@ -225,10 +225,10 @@ def fail_job(
         job.state = "queued"
         job.lease_owner = None
         job.lease_until = None
-        study = s.get(Study, job.study_id)
-        assert study is not None
-        study.state = "queued"
-        add_event(s, "retry", f"job {job_id} attempt {job.attempts}: {error}", study.study_uid,
+        waiting = s.get(Study, job.study_id)
+        assert waiting is not None
+        waiting.state = "queued"
+        add_event(s, "retry", f"job {job_id} attempt {job.attempts}: {error}", waiting.study_uid,
                   "warning")
         return "queued"
 

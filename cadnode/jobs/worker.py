@@ -24,6 +24,7 @@ from cadnode.jobs.db import Database, Instance
 from cadnode.jobs.queue import ClaimedJob, ResultFile, claim_next_job, complete_job, fail_job
 from cadnode.results import BUILDERS
 from cadnode.results.findings import StudyFindings, ViewFinding
+from cadnode.results.uids import DEFAULT_UID_ROOT
 from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, load_engine
 from cadnode.runtime.scoring import aggregate
 from cadnode.text.clinical import build_clinical_text
@@ -221,11 +222,11 @@ class Worker:
         )
 
     def _write_results(self, findings: StudyFindings, sources: list[Dataset]) -> list[ResultFile]:
-        kwargs = {"uid_root": self.settings.uid_root} if self.settings.uid_root else {}
+        uid_root = self.settings.uid_root or DEFAULT_UID_ROOT
         out_dir = self.settings.results_dir / findings.study_uid
         results = []
         for kind, build in BUILDERS.items():
-            ds = build(findings, sources, **kwargs)
+            ds = build(findings, sources, uid_root)
             path = out_dir / f"{kind}.dcm"
             write_durably(_encode(ds), path)
             dests = tuple(str(d) for d in self.settings.destinations if d.takes(kind))
