@@ -17,12 +17,15 @@ import hashlib
 import re
 import uuid
 
+from cadnode.results.findings import StudyFindings
+
 DEFAULT_UID_ROOT = "2.25"
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _NAMESPACE = uuid.UUID("6f0e2d7c-5b1a-4c3e-9d8f-1a2b3c4d5e6f")  # cadnode's fixed namespace
 _SEP = "\x1f"  # unit separator: ("a.b", "c") and ("a", "b.c") must not collide
 _MIN_DIGITS = 20  # below ~66 bits collisions between studies become plausible
+
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -59,6 +62,12 @@ def result_instance_uid(
 ) -> str:
     """SOP Instance UID of result object ``kind`` (``index`` for several objects of a kind)."""
     return derive_uid(root, "instance", study_uid, model_version, kind, str(index))
+
+
+def result_uids(root: str, findings: StudyFindings, kind: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the single result object ``kind``."""
+    return (result_series_uid(root, findings.study_uid, findings.model_version, kind),
+            result_instance_uid(root, findings.study_uid, findings.model_version, kind))
 
 
 def tracking_uid(root: str, study_uid: str, model_version: str, label: str) -> str:

@@ -18,7 +18,7 @@ from cadnode.results.common import (
     referenced_series,
 )
 from cadnode.results.findings import StudyFindings
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_uids
 
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 KIND = "cad-sr"
@@ -32,8 +32,7 @@ def build_cad_sr(
     if not sources:
         raise ValueError("build_cad_sr needs at least one source header (patient/study)")
     first = sources[0]
-    series_uid = result_series_uid(uid_root, findings.study_uid, findings.model_version, KIND)
-    sop_uid = result_instance_uid(uid_root, findings.study_uid, findings.model_version, KIND)
+    series_uid, sop_uid = result_uids(uid_root, findings, KIND)
     now = datetime.datetime.now()
 
     ds = Dataset()

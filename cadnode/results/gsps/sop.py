@@ -23,7 +23,7 @@ from cadnode.results.gsps.content import (
     view_annotations,
     voi_transformation,
 )
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_uids
 
 KIND = "gsps"
 SERIES_NUMBER = 9004
@@ -63,15 +63,13 @@ def build_gsps(
         same_size.append(copy)
     vois = [t for t in (voi_transformation(im) for im in images) if t is not None]
     monochrome1 = all(str(im.PhotometricInterpretation) == "MONOCHROME1" for im in images)
-    sop_uid = result_instance_uid(uid_root, findings.study_uid, findings.model_version, KIND)
+    series_uid, sop_uid = result_uids(uid_root, findings, KIND)
     description = f"CAD marks {findings.model_name} {findings.model_version}"
     if findings.demo_model:
         description = "NOT FOR CLINICAL USE (demo model) - " + description
     pr = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=same_size,
-        series_instance_uid=result_series_uid(
-            uid_root, findings.study_uid, findings.model_version, KIND
-        ),
+        series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
         instance_number=1,

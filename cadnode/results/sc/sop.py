@@ -19,7 +19,7 @@ from cadnode.results.common import (
 )
 from cadnode.results.findings import StudyFindings
 from cadnode.results.sc.content import BANNER_TEXT, render_montage
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_uids
 
 KIND = "sc"
 SERIES_NUMBER = 9002
@@ -32,6 +32,7 @@ def build_secondary_capture(
     if not sources:
         raise ValueError("build_secondary_capture needs at least one source header")
     first = sources[0]
+    series_uid, sop_uid = result_uids(uid_root, findings, KIND)
     pixels = render_montage(findings)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
@@ -39,13 +40,9 @@ def build_secondary_capture(
         bits_allocated=8,
         coordinate_system="PATIENT",
         study_instance_uid=findings.study_uid,
-        series_instance_uid=result_series_uid(
-            uid_root, findings.study_uid, findings.model_version, KIND
-        ),
+        series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
-        sop_instance_uid=result_instance_uid(
-            uid_root, findings.study_uid, findings.model_version, KIND
-        ),
+        sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=("R", "F"),  # replaced below: a montage has no single orientation

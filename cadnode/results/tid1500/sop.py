@@ -18,7 +18,7 @@ from cadnode.results.common import (
 )
 from cadnode.results.findings import StudyFindings
 from cadnode.results.tid1500.content import measurement_report
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_instance_uid, result_series_uid
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_uids
 
 KIND = "tid1500"
 SERIES_NUMBER = 9003
@@ -73,13 +73,11 @@ def build_tid1500_sr(
         findings, uid_root,
         [library_stub(s) for s in evidence if str(s.SOPInstanceUID) in analysed],
     )
-    sop_uid = result_instance_uid(uid_root, findings.study_uid, findings.model_version, KIND)
+    series_uid, sop_uid = result_uids(uid_root, findings, KIND)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=result_series_uid(
-            uid_root, findings.study_uid, findings.model_version, KIND
-        ),
+        series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
         instance_number=1,
