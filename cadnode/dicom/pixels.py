@@ -144,6 +144,26 @@ def _decode_with_gdcm(ds: Dataset) -> np.ndarray:
     return arr.reshape((rows, cols, spp) if spp > 1 else (rows, cols))
 
 
+def _check_native_length(ds: Dataset, pixels: int, frames: int, ts_name: str) -> None:
+    """Native Pixel Data shorter than Rows x Columns x Samples x Bits x Frames says is corrupt
+    (pydicom would pad it with zeros and decode a partly blank image)."""
+    try:
+        ts = dcm_uid.UID(str(ds.file_meta.TransferSyntaxUID))
+        if ts.is_compressed:
+            return
+        have = len(ds.PixelData)
+    except Exception:  # noqa: BLE001 - no usable transfer syntax: the decoder will say so
+        return
+    spp = _int(ds, "SamplesPerPixel", 1) or 1
+    bits = _int(ds, "BitsAllocated", 16) or 16
+    need = (pixels * spp * frames * bits + 7) // 8
+    if have < need:
+        raise PixelDecodeError(
+            f"Pixel Data holds {have} bytes but Rows x Columns x {spp} sample(s) x {bits} bits "
+            f"x {frames} frame(s) needs {need} ({ts_name})"
+        )
+
+
 def decode_pixels(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decoded first frame as float32 (rows, columns), Modality LUT then VOI LUT (or the first
     window) applied, MONOCHROME1 inverted so that bright means dense.
@@ -152,6 +172,8 @@ def decode_pixels(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     when Rows * Columns exceeds ``max_pixels`` (checked before any decoding).
     """
     ts_name = _ts_name(ds)
+    if len(ds) == 0:  # pydicom returns an empty dataset for a file cut inside encapsulated data
+        raise PixelDecodeError(f"the dataset is empty: file truncated or unreadable ({ts_name})")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if not rows or not cols or rows < 0 or cols < 0:
         raise PixelDecodeError(f"missing or invalid Rows/Columns ({ts_name})")
@@ -163,6 +185,7 @@ def decode_pixels(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     if "PixelData" not in ds:
         raise PixelDecodeError(f"no Pixel Data ({ts_name})")
     frames = _int(ds, "NumberOfFrames", 1) or 1
+    _check_native_length(ds, rows * cols, frames, ts_name)
     try:
         arr = _decode_with_pydicom(ds, 0 if frames > 1 else None)
     except Exception as exc:  # noqa: BLE001

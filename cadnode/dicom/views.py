@@ -258,9 +258,17 @@ def _parse_text(text: str) -> tuple[str | None, str | None]:
     return side, view
 
 
+def _text(value: Any) -> str:
+    """A plain value as text; "" for anything else (a sequence under a wrong VR, for example,
+    whose ``str()`` would convert, and may fail on, every element it holds)."""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return str(value) if isinstance(value, (str, int, float)) else ""
+
+
 def _for_presentation(ds: Dataset) -> bool:
     """For Processing images are raw detector data the model must not read."""
-    sop = str(_get(ds, "SOPClassUID") or "").strip()
+    sop = _text(_get(ds, "SOPClassUID")).strip()
     if sop in _MG_PRESENTATION_CLASSES:
         return _MG_PRESENTATION_CLASSES[sop]
     intent = " ".join(_strings(_get(ds, "PresentationIntentType")))
@@ -306,7 +314,7 @@ def detect_view(ds: Dataset) -> ViewInfo:
         if not raw:
             continue
         try:
-            t_side, t_view = _parse_text(str(raw))
+            t_side, t_view = _parse_text(_text(raw))
         except Exception:  # noqa: BLE001
             continue
         if view is None and t_view is not None:
