@@ -18,12 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cadnode.config import Settings
-from cadnode.dicom.spool import SpoolError, StoredInstance, commit_file, spool_path
+from cadnode.dicom.spool import (
+    InstanceConflict,
+    SpoolError,
+    StoredInstance,
+    check_pixel_data_complete,
+    commit_file,
+    spool_path,
+)
 from cadnode.dicom.views import detect_view
 
 log = logging.getLogger(__name__)
@@ -135,6 +141,8 @@ class Listener:
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda e: SUCCESS),
             (evt.EVT_REJECTED, self._handle_rejected),
+            (evt.EVT_RELEASED, self._handle_ended),
+            (evt.EVT_ABORTED, self._handle_ended),
         ]
         self._server = self.ae.start_server(
             (host, port), block=False, evt_handlers=handlers, ssl_context=self.policy.ssl_context
@@ -143,6 +151,23 @@ class Listener:
         log.info("listening as %s on %s:%d%s", self.ae.ae_title, host, bound,
                  " (TLS)" if self.policy.ssl_context else "")
         return bound
+
+    def _handle_ended(self, event: Any) -> None:
+        """Record an association whose C-STOREs never reached us because we refused its classes.
+
+        The sender gives up locally on a refused presentation context, so this is the only trace
+        a PACS admin gets. Senders such as storescu propose dozens of classes they never use,
+        so an association that did send us something says nothing here.
+        """
+        assoc = event.assoc
+        if getattr(assoc, "cadnode_stores", 0) or not assoc.is_acceptor:
+            return
+        refused = sorted({pydicom.uid.UID(str(cx.abstract_syntax)).name
+                          for cx in assoc.rejected_contexts})
+        if refused:
+            rq = assoc.requestor
+            self._report(f"association from {str(rq.ae_title).strip()}@{rq.address} sent "
+                         f"nothing we accept; SOP class(es) refused: {', '.join(refused)}")
 
     def _handle_rejected(self, event: Any) -> None:
         """Say who was turned away and why; pynetdicom has already answered A-ASSOCIATE-RJ."""
@@ -177,6 +202,7 @@ class Listener:
 
     def _handle_store(self, event: Any) -> int:
         tmp = Path(event.dataset_path)
+        event.assoc.cadnode_stores = getattr(event.assoc, "cadnode_stores", 0) + 1
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         size = tmp.stat().st_size
         if size > self.policy.max_instance_bytes:
@@ -191,8 +217,10 @@ class Listener:
             sop_uid = str(ds.SOPInstanceUID)
             study_uid = str(ds.StudyInstanceUID)
             sop_class = str(ds.SOPClassUID)
-        except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError) as exc:
-            return self._refuse(CANNOT_UNDERSTAND, f"unreadable dataset from {calling_ae}: {exc}")
+            check_pixel_data_complete(tmp)
+        except Exception as exc:  # whatever pydicom raises on a malformed dataset
+            why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SpoolError) else str(exc)
+            return self._refuse(CANNOT_UNDERSTAND, f"unreadable dataset from {calling_ae}: {why}")
         if sop_class != str(event.request.AffectedSOPClassUID) or sop_uid != str(
             event.request.AffectedSOPInstanceUID
         ):
@@ -219,6 +247,9 @@ class Listener:
                 view=detect_view(ds),
             )
             self.on_stored(stored)
+        except InstanceConflict as exc:
+            final.unlink(missing_ok=True)  # the earlier copy (another study's) stays as it was
+            return self._refuse(DATASET_MISMATCH, str(exc), study_uid)
         except Exception as exc:  # disk full, database down: the sender must retry later
             log.exception("could not persist %s", sop_uid)
             return self._refuse(OUT_OF_RESOURCES, f"could not persist instance: {exc}", study_uid)

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydicom.filereader import _read_file_meta_info, read_dataset
+from pydicom.uid import UID
 
 from cadnode.dicom.views import ViewInfo
 
@@ -18,6 +23,10 @@ UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 
 class SpoolError(ValueError):
     """The instance cannot be spooled (for example its UIDs are not valid)."""
+
+
+class InstanceConflict(ValueError):
+    """``on_stored`` refuses an instance that contradicts one already stored (0xA900)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,67 @@ def spool_path(root: Path, study_uid: str, sop_instance_uid: str) -> Path:
         if not is_valid_uid(uid):
             raise SpoolError(f"{name} {uid!r} is not a valid UID")
     return root / study_uid / f"{sop_instance_uid}.dcm"
+
+
+PIXEL_DATA = 0x7FE00010
+_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _at_pixel_data(tag: Any, vr: Any, length: Any) -> bool:
+    return int(tag) == PIXEL_DATA
+
+
+def check_pixel_data_complete(path: Path) -> None:
+    """Raise SpoolError when the file ends inside its Pixel Data element.
+
+    A sender can push a truncated file; reading the header alone would not notice. This walks
+    the element (and the fragments of encapsulated data) by their lengths, reading only a few
+    bytes, so the check costs nothing next to the receive.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fp:
+        fp.seek(128)
+        if fp.read(4) != b"DICM":
+            return  # no file meta: nothing more to check than what the header read did
+        meta = _read_file_meta_info(fp)
+        ts = UID(str(meta.get("TransferSyntaxUID", "")))
+        if str(ts) == _DEFLATED or not ts.is_transfer_syntax:
+            return
+        read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_at_pixel_data)
+        start = fp.tell()
+        endian = "<" if ts.is_little_endian else ">"
+        head = fp.read(8)
+        if len(head) < 8:
+            if head:
+                raise SpoolError("file truncated inside the Pixel Data element header")
+            return  # no pixel data at all: the worker reports that view as failed
+        if ts.is_implicit_VR:
+            length = struct.unpack(endian + "L", head[4:8])[0]
+        elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ"):
+            extra = fp.read(4)
+            if len(extra) < 4:
+                raise SpoolError("file truncated inside the Pixel Data element header")
+            length = struct.unpack(endian + "L", extra)[0]
+        else:
+            length = struct.unpack(endian + "H", head[6:8])[0]
+        if length != 0xFFFFFFFF:
+            if fp.tell() + length > size:
+                raise SpoolError(f"file truncated: Pixel Data needs {length} bytes, "
+                                 f"{size - fp.tell()} present")
+            return
+        while True:  # encapsulated: items until the sequence delimiter
+            item = fp.read(8)
+            if len(item) < 8:
+                raise SpoolError(f"file truncated inside encapsulated Pixel Data "
+                                 f"(at byte {fp.tell()} of {size}, from {start})")
+            group, elem, item_len = struct.unpack(endian + "HHL", item)
+            tag = (group << 16) | elem
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM or fp.tell() + item_len > size:
+                raise SpoolError("file truncated inside encapsulated Pixel Data")
+            fp.seek(item_len, 1)
 
 
 def fsync_path(path: Path) -> None:

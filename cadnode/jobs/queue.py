@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, select, update
 
-from cadnode.dicom.spool import StoredInstance
+from cadnode.dicom.spool import InstanceConflict, StoredInstance
 from cadnode.dicom.views import STANDARD_VIEW_KEYS, ViewInfo
 from cadnode.jobs.db import Database, Delivery, Instance, Job, Study, add_event, latest_job
 
@@ -45,6 +45,11 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
         existing = s.scalars(
             select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
         ).first()
+        if existing is not None and existing.study_id != study.id:
+            old = s.scalar(select(Study.study_uid).where(Study.id == existing.study_id))
+            raise InstanceConflict(
+                f"SOP instance {stored.sop_instance_uid} already belongs to study {old}"
+            )
         if existing is not None:
             # The file was replaced atomically by the same name; keep the row, note the repeat.
             existing.size = stored.size

@@ -75,6 +75,9 @@ def test_other_sop_classes_are_refused_and_the_node_keeps_serving(node) -> None:
     assert "no presentation context" in (r.stdout + r.stderr).lower()
     with db.session() as s:
         assert s.scalars(select(Instance)).all() == []
+        (event,) = s.scalars(select(Event).where(Event.kind == "refused")).all()
+    assert "sent nothing we accept" in event.message
+    assert "Secondary Capture Image Storage" in event.message
     assert echo(port)
 
 
