@@ -23,6 +23,7 @@ from cadnode.dicom.views import ViewInfo, detect_view, select_views
 from cadnode.jobs.db import Database, Instance
 from cadnode.jobs.queue import ClaimedJob, ResultFile, claim_next_job, complete_job, fail_job
 from cadnode.results import BUILDERS
+from cadnode.results.common import NotApplicable
 from cadnode.results.findings import StudyFindings, ViewFinding
 from cadnode.results.uids import DEFAULT_UID_ROOT
 from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, load_engine
@@ -210,8 +211,8 @@ class Worker:
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),
             series_uid=str(ds.get("SeriesInstanceUID", "")),
-            rows=int(ds.Rows),
-            columns=int(ds.Columns),
+            rows=v.prepared.original_shape[0] if v.prepared else _int(ds.get("Rows")),
+            columns=v.prepared.original_shape[1] if v.prepared else _int(ds.get("Columns")),
             cancer=None if scores is None else scores["cancer"],
             calcification=None if scores is None else scores["calcification"],
             center=centre,
@@ -226,12 +227,24 @@ class Worker:
         out_dir = self.settings.results_dir / findings.study_uid
         results = []
         for kind, build in BUILDERS.items():
-            ds = build(findings, sources, uid_root)
+            try:
+                ds = build(findings, sources, uid_root)
+            except NotApplicable as exc:
+                self.db.log("result_skipped", f"{kind}: {exc}", findings.study_uid)
+                continue
             path = out_dir / f"{kind}.dcm"
             write_durably(_encode(ds), path)
             dests = tuple(str(d) for d in self.settings.destinations if d.takes(kind))
             results.append(ResultFile(kind, str(path), str(ds.SOPInstanceUID), dests))
         return results
+
+
+def _int(value: object) -> int:
+    """A header number for a failed view, 0 when absent or not a number."""
+    try:
+        return max(0, int(value))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
 
 
 def _encode(ds: Dataset) -> bytes:

@@ -12,13 +12,17 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from copy import deepcopy
+from datetime import datetime
 
 import highdicom as hd
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
@@ -85,13 +89,65 @@ _IMAGE_ATTRS = (
 )
 
 
+_KNOWN_CHARSETS = frozenset(v.value for v in hd.SpecificCharacterSetValues)
+UTF8 = "ISO_IR 192"
+
+
+def result_character_set(src: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set when it is a valid one, else UTF-8.
+
+    Text values are already decoded by pydicom, so any character set that can encode them
+    will do; UTF-8 can encode all of them. An empty first value of an ISO 2022 set is written
+    as its explicit name, ``ISO 2022 IR 6``, which highdicom's builders require.
+    """
+    raw = src.get("SpecificCharacterSet")
+    if raw is None:
+        return None
+    values = [str(v).strip() for v in (raw if isinstance(raw, MultiValue | list) else [raw])]
+    if len(values) > 1 and values[0] == "":
+        values[0] = "ISO 2022 IR 6"
+    if not values or not all(v in _KNOWN_CHARSETS for v in values):
+        return UTF8
+    return values[0] if len(values) == 1 else values
+
+
+def _valid_value(elem: DataElement) -> bool:
+    """False for dates and times a builder or a viewer would choke on (19991399, 25:00)."""
+    value = str(elem.value or "").strip()
+    if not value:
+        return True
+    try:
+        if elem.VR == "DA":
+            datetime.strptime(value[:8], "%Y%m%d")
+            return len(value) == 8
+        if elem.VR == "TM":
+            return bool(_TM_RE.match(value))
+    except ValueError:
+        return False
+    return True
+
+
+_TM_RE = re.compile(r"^([01][0-9]|2[0-3])([0-5][0-9]([0-5][0-9](\.[0-9]{1,6})?)?)?$")
+
+
+class NotApplicable(ValueError):
+    """This object kind has nothing to say for the study (the worker skips it and says so)."""
+
+
 def copy_patient_study(dst: Dataset, src: Dataset, study_uid: str) -> None:
-    """Copy patient/study identity (and character set) so the result files into the study."""
-    if "SpecificCharacterSet" in src:
-        dst.SpecificCharacterSet = src.SpecificCharacterSet
+    """Copy patient/study identity (and character set) so the result files into the study.
+
+    A value that is not valid for its VR is left empty rather than copied (the source's own
+    file keeps it): a result object must be readable even when its source is not tidy.
+    """
+    charset = result_character_set(src)
+    if charset is not None:
+        dst.SpecificCharacterSet = charset
     for kw in _PATIENT_STUDY_ATTRS:
         if kw in src:
-            dst[kw] = deepcopy(src[kw])
+            elem = src[kw]
+            dst[kw] = deepcopy(elem) if _valid_value(elem) else DataElement(elem.tag, elem.VR,
+                                                                               None)
     for kw in _TYPE2_PATIENT_STUDY:  # Type 2: present, possibly empty
         if kw not in dst:
             setattr(dst, kw, None)

@@ -86,7 +86,6 @@ class Case:
     expect: Expect
     sender: str = "scu"  # "scu": cadnode's sender (raw bytes); "storescu": DCMTK
     needs: tuple[str, ...] = ()  # "shared": needs ../shared/data
-    xfail: str = ""  # a known defect outside tests/robustness (reason for strict xfail)
 
 
 @dataclass
@@ -589,7 +588,6 @@ _NO_CONTEXT = Expect((NOT_SENT,))
 # acknowledged, pydicom reads it back as an empty dataset and the view fails in the worker.
 _TRUNCATED = Expect((CANNOT_UNDERSTAND, SUCCESS), job="done", views=("R-CC",), event="refused",
                     event_text="truncated")
-_X_CHARSET = "results: the TID 1500 SR (highdicom) rejects the copied Specific Character Set"
 _NO_VIEW = Expect((SUCCESS,), job="failed", error="no standard view", event="failed")
 
 CASES: list[Case] = [
@@ -650,11 +648,9 @@ CASES: list[Case] = [
          _with_good(_bomb(False)), _failed_lcc("exceeds the limit")),
     Case("bomb-rle", "Rows = Columns = 65535 with a small RLE frame",
          _with_good(_bomb(True)), _failed_lcc("exceeds the limit")),
-    Case("rows-zero", "Rows = 0", _with_good(_rows(0)), _failed_lcc("invalid Rows/Columns"),
-         xfail="results: a failed view of 0 rows gives an empty bounding box; the job fails"),
+    Case("rows-zero", "Rows = 0", _with_good(_rows(0)), _failed_lcc("invalid Rows/Columns")),
     Case("rows-missing", "no Rows attribute", _with_good(_rows(None)),
-         _failed_lcc("invalid Rows/Columns"),
-         xfail="worker: Worker._finding reads int(ds.Rows) and the job fails with AttributeError"),
+         _failed_lcc("invalid Rows/Columns")),
     Case("corrupt-rle", "real RLE frame overwritten with 0xFF after 200 bytes",
          _with_good(_corrupt_real_rle), _failed_lcc("cannot decode")),
     Case("corrupt-j2k", "JPEG 2000 lossless codestream with its SIZ marker zeroed",
@@ -708,12 +704,11 @@ CASES: list[Case] = [
     Case("charset-utf8", "ISO_IR 192 name in Greek and Chinese",
          _charset("ISO_IR 192", "Ωμέγα^李"), _ok2),
     Case("charset-iso2022-japanese", "ISO 2022 IR 87 name `Yamada^Tarou=山田^太郎=やまだ^たろう`",
-         _charset(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"), _ok2,
-         xfail=_X_CHARSET),
+         _charset(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"), _ok2),
     Case("charset-invalid-utf8", "ISO_IR 192 declared, name bytes `\\xff\\xfe\\xc3(`",
          _charset("ISO_IR 192", b"\xff\xfe\xc3(^X"), _ok2),
     Case("charset-unknown", "Specific Character Set `ISO_IR 999`",
-         _charset("ISO_IR 999", "Odd^Name"), _ok2, xfail=_X_CHARSET),
+         _charset("ISO_IR 999", "Odd^Name"), _ok2),
     Case("charset-missing-latin1-bytes", "no Specific Character Set, Latin-1 bytes in the name",
          _charset(None, b"M\xfcller^J"), _ok2),
     Case("patient-age-abc", "PatientAge `abc`",
@@ -728,19 +723,16 @@ CASES: list[Case] = [
          "KVP -28, force 1e9 N, exposure NaN, implant MAYBE, unknown anode, bad birth date",
          _odd_attrs, Expect((SUCCESS, SUCCESS), job="done", views=("L-CC", "R-CC"), event="done",
                             text_has=("kvp unknown", "force unknown", "implant unknown",
-                                      "anode molybdenum other")),
-         xfail="results: the TID 1500 SR copies PatientBirthDate 19991399 and raises"),
+                                      "anode molybdenum other"))),
     Case("long-patient-id-accession", "PatientID of 64+ and Accession of 30 characters",
          _views("L-CC", "R-CC", PatientID="P" * 90, AccessionNumber="A" * 30), _ok2),
     Case("window-center-not-a-number", "WindowCenter `abc`, WindowWidth `-5`",
-         _pixels("window"), _ok2,
-         xfail="results: WindowCenter `abc` copied into the result objects raises"),
+         _pixels("window"), _ok2),
     Case("uniform-black-image", "L-CC whose pixels are all 0", _pixels("uniform"), _ok2),
     Case("one-pixel-image", "L-CC of 1 x 1 pixel", _pixels("tiny"), _ok2),
     Case("bits-allocated-8", "8-bit L-CC", _pixels("8bit"), _ok2),
     Case("signed-pixels", "PixelRepresentation 1 with negative values", _pixels("signed"), _ok2),
-    Case("rgb-mammogram", "L-CC stored as RGB", _pixels("rgb"), _ok2,
-         xfail="results: the GSPS refuses a source image of 3 samples per pixel; the job fails"),
+    Case("rgb-mammogram", "L-CC stored as RGB", _pixels("rgb"), _ok2),
     Case("pixel-data-long", "Pixel Data 4 KiB longer than Rows x Columns needs",
          _pixels("long"), _ok2),
     Case("pixel-data-one-row-short", "Pixel Data one row shorter than Rows x Columns",

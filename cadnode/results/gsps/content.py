@@ -108,8 +108,11 @@ def view_annotations(
 def _first(value: object) -> float:
     """First value of a possibly multi-valued DS (several windows: the first is the default)."""
     if isinstance(value, MultiValue | list | tuple):
-        return float(value[0])
-    return float(value)  # type: ignore[arg-type]
+        value = value[0]
+    result = float(value)  # type: ignore[arg-type]
+    if result != result or result in (float("inf"), float("-inf")):
+        raise ValueError(f"not a finite number: {value!r}")
+    return result
 
 
 def voi_transformation(image: Dataset) -> hd.pr.SoftcopyVOILUTTransformation | None:
@@ -117,11 +120,15 @@ def voi_transformation(image: Dataset) -> hd.pr.SoftcopyVOILUTTransformation | N
     (the modality chose it for display), else its smallest..largest pixel value, else the
     full range of Bits Stored. None when nothing is known."""
     refs = hd.ReferencedImageSequence([image])
-    if "WindowCenter" in image and "WindowWidth" in image:
+    try:
+        center, width = _first(image.get("WindowCenter")), _first(image.get("WindowWidth"))
+    except (TypeError, ValueError):  # absent, or not a number (`abc`): use what else is known
+        center = width = None
+    if center is not None and width is not None:
         explanation = image.get("WindowCenterWidthExplanation")
         return hd.pr.SoftcopyVOILUTTransformation(
-            window_center=_first(image.WindowCenter),
-            window_width=max(1.0, _first(image.WindowWidth)),
+            window_center=center,
+            window_width=max(1.0, width),
             window_explanation=(_first_text(explanation) if explanation else None),
             voi_lut_function=image.get("VOILUTFunction") or None,
             referenced_images=refs,

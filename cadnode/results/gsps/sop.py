@@ -11,6 +11,7 @@ from pydicom import Dataset
 from cadnode import __version__
 from cadnode.results.common import (
     MANUFACTURER,
+    NotApplicable,
     contributing_equipment,
     copy_patient_study,
     file_meta,
@@ -50,11 +51,14 @@ def build_gsps(
     images: list[Dataset] = []
     annotations: list[hd.pr.GraphicAnnotation] = []
     for v in findings.views:
-        image = reference_stub(by_uid.get(v.sop_instance_uid), v, findings.study_uid, first)
+        src = by_uid.get(v.sop_instance_uid)
+        if v.rows <= 0 or v.columns <= 0 or int((src or Dataset()).get("SamplesPerPixel", 1)) != 1:
+            continue  # no pixel grid to draw on, or not a grayscale image: nothing to present
+        image = reference_stub(src, v, findings.study_uid, first)
         images.append(image)
         annotations.extend(view_annotations(v, image, findings, uid_root))
     if not images:
-        raise ValueError("build_gsps needs at least one view")
+        raise NotApplicable("no grayscale view with a pixel grid to annotate")
     rows, columns = images[0].Rows, images[0].Columns
     same_size = []
     for image in images:

@@ -16,6 +16,7 @@ from cadnode.results.common import (
     copy_patient_study,
     hierarchical_references,
     referenced_series,
+    result_character_set,
 )
 from cadnode.results.findings import StudyFindings
 from cadnode.results.sc.content import BANNER_TEXT, render_montage
@@ -52,7 +53,7 @@ def build_secondary_capture(
         ),
         manufacturer_model_name=MANUFACTURER,
         software_versions=__version__,
-        specific_character_set=first.get("SpecificCharacterSet"),
+        specific_character_set=result_character_set(first),
     )
     copy_patient_study(sc, first, findings.study_uid)
     sc.PatientOrientation = None  # type: ignore[assignment]  # Type 2C: present, empty (views of both sides side by side)
