@@ -19,6 +19,10 @@ MODEL_CONFIGS: dict[str, FusedConfig] = {
     "cadnode-convnext-atto-1024": FusedConfig(name="cadnode-convnext-atto-1024",
                                               backbone="convnext_atto", input_size=(1024, 512),
                                               dim=128, text_layers=2, heads=4),
+    # Tiny and fast, for CPU ablations and tests on the synthetic benchmark (timm's test-sized
+    # EfficientNet, ~0.3 M backbone parameters): not a model to serve.
+    "cadnode-tiny-256": FusedConfig(name="cadnode-tiny-256", backbone="test_efficientnet",
+                                    input_size=(256, 128), dim=64, text_layers=1, heads=4),
 }
 
 

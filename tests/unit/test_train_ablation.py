@@ -1,0 +1,58 @@
+"""`python -m train ablate` end to end on a tiny setting, then `export` of its fused run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+from train.__main__ import main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and threads spin when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ablate_writes_one_table_then_export_loads_in_the_node(tmp_path) -> None:
+    config = {
+        "data": {"source": "synthetic", "n_exams": 8, "seed": 0, "split": [0.5, 0.25, 0.25],
+                 "shape": [96, 48]},
+        "train": {"model": "cadnode-tiny-256",
+                  "model_overrides": {"input_size": [64, 32], "dim": 32, "heads": 2},
+                  "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "progress": False},
+        "eval": {"n_boot": 20},
+    }
+    path = tmp_path / "abl.json"
+    path.write_text(json.dumps(config))
+    code = main(["ablate", "--config", str(path), "--out", str(tmp_path / "abl")])
+    assert code in (0, 3)  # 3: ran, but a tiny model does not pass the acceptance
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    for name in ("image-only", "text-only", "fused"):
+        assert f"| {name} |" in md
+        assert (tmp_path / "abl" / name / "eval_test" / "report.json").exists()
+    table = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert set(table["levels"]) == {"image-only", "text-only", "fused"}
+    assert set(table["verdict"]) == {"cancer", "calcification"}
+    assert table["passed"] == (code == 0)
+    # the variants really differ in what they read
+    text_only = torch.load(tmp_path / "abl" / "text-only" / "best.pt", weights_only=False)
+    assert not any(k.startswith("image.") for k in text_only["model"])
+
+    pkg = tmp_path / "pkg"
+    assert main(["export", "--run", str(tmp_path / "abl" / "fused"), "--out", str(pkg),
+                 "--version", "0.0.1-test", "--demo"]) == 0
+    from cadnode.runtime.onnx import OnnxEngine
+
+    engine = OnnxEngine(pkg)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["demo"] is True and "synthetic benchmark" in manifest["training"]
+    assert manifest["input_size"] == [64, 32] and manifest["parity_max_abs_diff"] <= 1e-4
+    assert engine is not None

@@ -1,0 +1,214 @@
+"""Samples -> tensors through the node's own serving code (pixels, clinical text, tokenizer).
+
+Training must see exactly what serving sees, so images go through
+:func:`cadnode.dicom.pixels.prepare_image` and text through
+:func:`cadnode.text.clinical.build_clinical_text` and the packaged :class:`ClinicalTokenizer`.
+Augmentation never changes those functions: :class:`TextAugment` removes header fields (the
+builder then says ``unknown``, as it does at a site that omits them) and may append a templated
+report-style sentence made of template words. Inference (``augment=None``) is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from PIL import Image
+from torch.utils.data import Dataset as TorchDataset
+
+from cadnode.dicom.pixels import prepare_image
+from cadnode.text.clinical import build_clinical_text, template_vocabulary
+from cadnode.text.tokenizer import ClinicalTokenizer
+from train.datasets.base import Sample
+
+#: Header keywords that field dropout may remove (grouped: dropping age removes both sources).
+DROPPABLE_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("PatientAge", "PatientBirthDate"),
+    ("BreastImplantPresent",),
+    ("Manufacturer",),
+    ("ManufacturerModelName",),
+    ("BodyPartThickness",),
+    ("CompressionForce",),
+    ("KVP",),
+    ("ExposureInuAs", "Exposure"),
+    ("AnodeTargetMaterial",),
+    ("FilterMaterial",),
+    ("ViewModifierCodeSequence",),
+)
+#: Report-style sentences; only template words, so no character pieces are needed.
+REPORT_SENTENCES: tuple[str, ...] = (
+    "exam: intent presentation.",
+    "breast: view projection.",
+    "exam: model unknown.",
+    "view: modifiers none.",
+)
+
+
+def make_tokenizer(max_len: int = 64) -> ClinicalTokenizer:
+    """The tokenizer the exported package ships (same vocabulary, same max length)."""
+    return ClinicalTokenizer.build_from_vocabulary(template_vocabulary(), max_len)
+
+
+@dataclass(frozen=True)
+class TextAugment:
+    """Training-time text augmentation applied to the header, not to the builder."""
+
+    field_dropout: float = 0.0  # probability of removing each field group
+    report_sentence: float = 0.0  # probability of appending a report-style sentence
+
+    def header(self, ds: pydicom.Dataset, rng: np.random.Generator) -> pydicom.Dataset:
+        if self.field_dropout <= 0:
+            return ds
+        drop = [g for g in DROPPABLE_FIELDS if rng.random() < self.field_dropout]
+        if not drop:
+            return ds
+        gone = {keyword for group in drop for keyword in group}
+        out = pydicom.Dataset()  # new top level sharing the kept elements; ``ds`` is untouched
+        for elem in ds:
+            if elem.keyword not in gone:
+                out.add(elem)
+        return out
+
+    def text(self, text: str, rng: np.random.Generator) -> str:
+        if self.report_sentence > 0 and rng.random() < self.report_sentence:
+            return f"{text} {REPORT_SENTENCES[int(rng.integers(len(REPORT_SENTENCES)))]}"
+        return text
+
+
+def sample_text(sample: Sample, augment: TextAugment | None = None,
+                rng: np.random.Generator | None = None) -> str:
+    """Clinical text of a sample; deterministic without ``augment``."""
+    if augment is None or rng is None:
+        return build_clinical_text(sample.header, sample.view)
+    return augment.text(build_clinical_text(augment.header(sample.header, rng), sample.view), rng)
+
+
+def load_image(sample: Sample, size: tuple[int, int]) -> np.ndarray:
+    """Prepared float32 (H, W) model input from a DICOM path, a PNG path, or a loader."""
+    lat = sample.view.laterality
+    source: Any = sample.image
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("I") if im.mode not in ("L", "I;16", "I") else im)
+            return prepare_image(sample.header, size, lat,
+                                 pixels=arr.astype(np.float32)).array
+        return prepare_image(pydicom.dcmread(path), size, lat).array
+    loaded = source()
+    if isinstance(loaded, pydicom.Dataset):
+        return prepare_image(loaded, size, lat).array
+    return prepare_image(sample.header, size, lat,
+                         pixels=np.asarray(loaded, dtype=np.float32)).array
+
+
+def _label(value: int | None) -> tuple[float, float]:
+    return (0.0, 0.0) if value is None else (float(value), 1.0)
+
+
+class SampleDataset(TorchDataset):
+    """Map-style dataset of view samples -> dict of tensors.
+
+    ``cache`` (a dict shared between datasets over the same sample list, e.g. the three ablation
+    models) keeps prepared images as float16 so each image is decoded once per process.
+    Augmentation randomness is keyed by (seed, epoch, index), so a resumed run draws the same.
+    """
+
+    def __init__(self, samples: Sequence[Sample], size: tuple[int, int],
+                 tokenizer: ClinicalTokenizer, augment: TextAugment | None = None,
+                 seed: int = 0, cache: dict[int, np.ndarray] | None = None,
+                 keys: Sequence[int] | None = None) -> None:
+        self.samples = list(samples)
+        self.size = (int(size[0]), int(size[1]))
+        self.tokenizer = tokenizer
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.cache = cache
+        self.keys = list(keys) if keys is not None else list(range(len(self.samples)))
+        self._text_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image(self, index: int) -> np.ndarray:
+        key = self.keys[index]
+        if self.cache is not None and key in self.cache:
+            return self.cache[key].astype(np.float32)
+        # float16 always (cached or not), so a fresh process and a warm cache feed the model
+        # identical values (exact resume); its ~5e-4 step is far below the image noise.
+        arr = load_image(self.samples[index], self.size).astype(np.float16)
+        if self.cache is not None:
+            self.cache[key] = arr
+        return arr.astype(np.float32)
+
+    def tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.augment is None:
+            if index not in self._text_cache:
+                self._text_cache[index] = self.tokenizer.encode(sample_text(self.samples[index]))
+            return self._text_cache[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.tokenizer.encode(sample_text(self.samples[index], self.augment, rng))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        ids, mask = self.tokens(index)
+        cancer, cancer_known = _label(sample.cancer)
+        calc, calc_known = _label(sample.calcification)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(self.image(index)))[None],
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask),
+            "targets": torch.tensor([cancer, calc], dtype=torch.float32),
+            "known": torch.tensor([cancer_known, calc_known], dtype=torch.float32),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+
+
+def _patient_hash(patient_id: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def patient_split(samples: Sequence[Sample], fractions: Sequence[float] = (0.7, 0.15, 0.15),
+                  seed: int = 0) -> dict[str, list[int]]:
+    """Indices of train / val / test; all views of a patient land in one split.
+
+    A patient's split depends only on (seed, patient id), so adding patients never moves others.
+    """
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError("fractions must be three numbers summing to 1")
+    edges = (fractions[0], fractions[0] + fractions[1])
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, s in enumerate(samples):
+        u = _patient_hash(s.patient_id, seed)
+        out["train" if u < edges[0] else "val" if u < edges[1] else "test"].append(i)
+    return out
+
+
+def pos_weights(samples: Sequence[Sample]) -> torch.Tensor:
+    """negatives / positives per task (cancer, calcification) for BCE ``pos_weight``."""
+    weights = []
+    for task in ("cancer", "calcification"):
+        labels = [getattr(s, task) for s in samples if getattr(s, task) is not None]
+        pos = sum(1 for v in labels if v)
+        neg = len(labels) - pos
+        weights.append(neg / pos if pos and neg else 1.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
+    """Per-sample weights that balance positives of either task against negatives."""
+    pos = np.array([bool(s.cancer) or bool(s.calcification) for s in samples])
+    n_pos = max(int(pos.sum()), 1)
+    n_neg = max(int((~pos).sum()), 1)
+    return np.where(pos, 0.5 / n_pos, 0.5 / n_neg).astype(np.float64)

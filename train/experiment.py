@@ -1,0 +1,250 @@
+"""Experiments from a config file: data -> split -> train -> evaluate; ablation; export.
+
+A config is a JSON (or TOML) file with three sections::
+
+    {"data":  {"source": "synthetic", "n_exams": 700, "seed": 0,
+               "split": [0.6, 0.2, 0.2], "split_seed": 0},
+     "train": {... TrainConfig fields ...},
+     "eval":  {"n_boot": 1000, "split": "test"}}
+
+``source`` other than ``synthetic`` is a dataset kind of ``train.datasets.load_dataset`` (rsna,
+vindr, cbis-ddsm, embed, csv, dicom-folder) with ``root`` and the adapter's options. An
+``export`` section ({out, version, demo})
+exports the best checkpoint after training. The run folder keeps ``config.json``, so resume /
+evaluate / export need only the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cadnode.model.factory import create_model, get_config
+from train.data import SampleDataset, TextAugment, make_tokenizer, patient_split
+from train.datasets.base import Sample
+from train.evaluate import TASKS, write_report
+from train.loop import BEST, TrainConfig, dist_info, predict, train
+from train.synthetic import SyntheticConfig, generate
+
+CONFIG_NAME = "config.json"
+VARIANTS: dict[str, dict[str, bool]] = {
+    "image-only": {"use_image": True, "use_text": False},
+    "text-only": {"use_image": False, "use_text": True},
+    "fused": {"use_image": True, "use_text": True},
+}
+SYNTHETIC_RULE = ("cancer = mass visible AND age >= 60; calcification = microcalcification "
+                  "cluster visible AND no implant; 3% label noise per breast and task")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    for key in raw:
+        if key not in ("data", "train", "eval", "export"):
+            raise ValueError(f"{path}: unknown section {key!r}")
+    return raw
+
+
+def load_samples(data: dict[str, Any]) -> list[Sample]:
+    options = {k: v for k, v in data.items() if k not in ("source", "split", "split_seed")}
+    source = data.get("source", "synthetic")
+    if source == "synthetic":
+        known = {f.name for f in fields(SyntheticConfig)}
+        if "shape" in options:
+            options["shape"] = tuple(options["shape"])
+        return list(generate(SyntheticConfig(**{k: v for k, v in options.items()
+                                                if k in known})))
+    from train.datasets import load_dataset
+
+    if "root" not in options:
+        raise ValueError(f"data source {source!r} needs a 'root'")
+    root = options.pop("root")
+    return list(load_dataset(source, Path(root), **options))
+
+
+def data_summary(data: dict[str, Any], samples: list[Sample], split: dict[str, list[int]]) -> str:
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in split.items())
+    if data.get("source", "synthetic") == "synthetic":
+        return (f"synthetic benchmark (train/synthetic.py, seed {data.get('seed', 0)}, "
+                f"{len(samples)} views; {sizes} views by patient); labels: {SYNTHETIC_RULE}")
+    return f"{data.get('source')} ({len(samples)} views; {sizes} views by patient)"
+
+
+class Experiment:
+    """Samples, the patient split and datasets of one config (images cached once)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.data = dict(config.get("data", {"source": "synthetic"}))
+        self.samples = load_samples(self.data)
+        self.split = patient_split(self.samples, self.data.get("split", (0.7, 0.15, 0.15)),
+                                   self.data.get("split_seed", 0))
+        self.cache: dict[int, np.ndarray] = {}
+        self.summary = data_summary(self.data, self.samples, self.split)
+
+    def train_config(self, **model_overrides: bool) -> TrainConfig:
+        cfg = TrainConfig.from_dict(dict(self.config.get("train", {})))
+        cfg.model_overrides = {**cfg.model_overrides, **model_overrides}
+        return cfg
+
+    def dataset(self, name: str, cfg: TrainConfig, train: bool = False) -> SampleDataset:
+        size = get_config(cfg.model, **dict(cfg.model_overrides)).input_size
+        idx = self.split[name]
+        max_len = get_config(cfg.model, **dict(cfg.model_overrides)).max_text_len
+        augment = TextAugment(cfg.field_dropout, cfg.report_sentence) if train else None
+        return SampleDataset([self.samples[i] for i in idx], size, make_tokenizer(max_len),
+                             augment=augment, seed=cfg.seed, cache=self.cache, keys=idx)
+
+    def rows(self, name: str, probs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        rows = []
+        for j, i in enumerate(self.split[name]):
+            s = self.samples[i]
+            row: dict[str, Any] = {"exam_id": s.exam_id, "patient_id": s.patient_id,
+                                   "laterality": s.view.laterality, "view": s.view.view}
+            row.update({f"group_{k}": v for k, v in s.groups.items()})
+            for t in TASKS:
+                row[t] = float(probs[t][j])
+                row[f"{t}_label"] = getattr(s, t)
+            rows.append(row)
+        return rows
+
+
+def run_train(config: dict[str, Any], out: str | Path, resume: bool = False,
+              experiment: Experiment | None = None, stop_after_epoch: int | None = None,
+              **model_overrides: bool) -> dict[str, Any]:
+    """Train one model into ``out`` and evaluate its best checkpoint on the eval split."""
+    out = Path(out)
+    exp = experiment or Experiment(config)
+    cfg = exp.train_config(**model_overrides)
+    rank, _ = dist_info()
+    if rank == 0 and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        saved = {**config, "train": asdict(cfg)}
+        (out / CONFIG_NAME).write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    t0 = time.time()
+    result = train(cfg, exp.dataset("train", cfg, train=True), exp.dataset("val", cfg), out,
+                   resume=resume, stop_after_epoch=stop_after_epoch, summary=exp.summary)
+    result["train_seconds"] = time.time() - t0
+    state = result["state"]
+    done = state["stopped_early"] or state["epoch"] >= cfg.epochs
+    if rank == 0 and done:
+        result["report"] = evaluate_run(out, experiment=exp)
+        if config.get("export"):
+            result["package"] = export_run(out, **config["export"])
+    return result
+
+
+def export_run(run: str | Path, out: str | Path, version: str = "0.1.0", demo: bool = True,
+               checkpoint: str = BEST) -> dict[str, Any]:
+    """Model package of a run's checkpoint; the manifest says what it was trained on."""
+    from cadnode.model.export import export_package
+
+    model, blob = load_run_model(run, checkpoint)
+    training = str(blob.get("training_summary") or f"trained weights from {run}")
+    if blob.get("epoch"):
+        training += f"; checkpoint of epoch {blob['epoch']}"
+    return export_package(model, out, version=version, demo=demo, training=training)
+
+
+def load_run_model(run: str | Path, checkpoint: str = BEST) -> tuple[torch.nn.Module,
+                                                                   dict[str, Any]]:
+    blob = torch.load(Path(run) / checkpoint, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_dict(blob["config"])
+    model = create_model(cfg.model, **dict(cfg.model_overrides))
+    model.load_state_dict(blob["model"])
+    return model.eval(), blob
+
+
+def evaluate_run(run: str | Path, experiment: Experiment | None = None, split: str | None = None,
+                 checkpoint: str = BEST) -> dict[str, Any]:
+    """Report (JSON, Markdown, ROC PNGs) of a run's checkpoint on a split, in run/eval_<split>."""
+    run = Path(run)
+    config = json.loads((run / CONFIG_NAME).read_text(encoding="utf-8"))
+    exp = experiment or Experiment(config)
+    ev = config.get("eval", {})
+    split = split or ev.get("split", "test")
+    model, blob = load_run_model(run, checkpoint)
+    cfg = TrainConfig.from_dict(blob["config"])
+    probs = predict(model, exp.dataset(split, cfg))
+    report = write_report(exp.rows(split, probs), run / f"eval_{split}",
+                          title=f"{run.name} on {split}", n_boot=int(ev.get("n_boot", 1000)),
+                          seed=int(ev.get("seed", 0)))
+    report["checkpoint_epoch"] = blob.get("epoch")
+    return report
+
+
+def _cell(m: dict[str, Any]) -> str:
+    lo, hi = m["auroc_ci95"]
+    return f"{m['auroc']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def ablation_verdict(reports: dict[str, dict[str, Any]], level: str = "view"
+                     ) -> dict[str, dict[str, Any]]:
+    """Per task: is fused above both unimodal models, with a CI clear of the better one?"""
+    verdict: dict[str, dict[str, Any]] = {}
+    for t in TASKS:
+        fused = reports["fused"]["levels"][level][t]
+        uni = [reports[v]["levels"][level][t] for v in ("image-only", "text-only")]
+        better = max(uni, key=lambda m: m["auroc"])
+        verdict[t] = {
+            "fused_above_both": all(fused["auroc"] > m["auroc"] for m in uni),
+            "ci_clear_of_better_unimodal": fused["auroc_ci95"][0] > better["auroc_ci95"][1],
+        }
+        verdict[t]["pass"] = all(verdict[t].values())
+    return verdict
+
+
+def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """Train image-only, text-only and fused on one split; one table (JSON + Markdown)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    exp = Experiment(config)
+    reports: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for name, overrides in VARIANTS.items():
+        res = run_train(config, out / name, experiment=exp, **overrides)
+        reports[name] = res["report"]
+        seconds[name] = round(res["train_seconds"], 1)
+    total = round(time.time() - t0, 1)
+    verdict = ablation_verdict(reports)
+    table = {"levels": {}, "train_seconds": seconds, "total_seconds": total,
+             "verdict": verdict, "data": exp.summary, "config": config,
+             "passed": all(v["pass"] for v in verdict.values())}
+    lines = ["| model | cancer AUROC [95% CI] | calcification AUROC [95% CI] | "
+             "cancer sens@spec0.9 | calc. sens@spec0.9 | cancer pF1 | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rep in reports.items():
+        view = rep["levels"]["view"]
+        table["levels"][name] = {lvl: {t: {k: m[k] for k in ("auroc", "auroc_ci95", "pf1",
+                                                             "sensitivity_at_specificity")}
+                                       for t, m in rep["levels"][lvl].items()}
+                                 for lvl in rep["levels"]}
+        lines.append(f"| {name} | {_cell(view['cancer'])} | {_cell(view['calcification'])} | "
+                     f"{view['cancer']['sensitivity_at_specificity']['0.9']:.3f} | "
+                     f"{view['calcification']['sensitivity_at_specificity']['0.9']:.3f} | "
+                     f"{view['cancer']['pf1']:.3f} | {seconds[name]:.0f} |")
+    breast = ["", "Breast level (max over the breast's views, `cadnode.runtime.scoring`):", "",
+              "| model | cancer AUROC [95% CI] | calcification AUROC [95% CI] |", "|---|---|---|"]
+    for name, rep in reports.items():
+        b = rep["levels"]["breast"]
+        breast.append(f"| {name} | {_cell(b['cancer'])} | {_cell(b['calcification'])} |")
+    verdict_lines = ["", f"Total wall time {total:.0f} s. Acceptance (view level, fused above "
+                         "both and its 95% CI clear of the better unimodal model's): "
+                         + ", ".join(f"{t} {'PASS' if v['pass'] else 'FAIL'}"
+                                     for t, v in verdict.items()), "",
+                     f"Data: {exp.summary}"]
+    md = "\n".join(["# Ablation", "", "View level, test split:", "", *lines, *breast,
+                    *verdict_lines]) + "\n"
+    (out / "ablation.md").write_text(md, encoding="utf-8")
+    (out / "ablation.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    table["markdown"] = md
+    return table

@@ -1,0 +1,330 @@
+"""Synthetic screening benchmark whose labels need BOTH the image and the DICOM header.
+
+Why: image-only, text-only and fused models can only be compared on ground truth if the truth is
+known and provably needs both modalities. Everything is drawn from ``numpy.random.default_rng``
+streams keyed by ``(seed, exam, ...)``, so a set is identical for a given seed whatever ``n``,
+the order of access or the process.
+
+How one exam (one patient, four views L-CC, L-MLO, R-CC, R-MLO) is drawn
+-------------------------------------------------------------------------
+Header (exam level, stream ``(seed, exam, 0)``):
+
+* ``age`` uniform integer in [40, 79] -> ``PatientAge`` ("065Y");
+* ``implant`` YES with probability ``p_implant`` (0.5) -> ``BreastImplantPresent``;
+* ``manufacturer`` uniform over HOLOGIC / GE / SIEMENS / FUJIFILM (with a model name);
+* ``density`` A/B/C/D with probabilities 0.1/0.4/0.4/0.1 (in the image only, not the header).
+
+Findings per breast (same stream, L then R): ``mass`` ~ Bernoulli(``p_mass`` = 0.5) and
+``cluster`` (a cluster of microcalcifications) ~ Bernoulli(``p_cluster`` = 0.5), independent.
+A breast's findings are drawn in both of its views (at independent positions).
+
+Labels per breast, copied to its views (``flip`` ~ Bernoulli(``label_noise`` = 0.03), independent
+per breast and task; ``^`` is XOR)::
+
+    cancer        = (mass    and age >= 60)          ^ flip_cancer
+    calcification = (cluster and implant == "NO")    ^ flip_calcification
+
+The synthetic world's story: a mass is malignant only in older women; with an implant the bright
+dots are benign capsular calcifications. Age 60 is a bin edge of the clinical text ("sixties")
+and the implant word is in the text, so the rule is learnable from the text the node builds.
+
+Why fused must win: with P(finding) = P(condition) = 0.5, independent, a perfect image-only
+model (it knows the finding, not the condition) and a perfect text-only model (the reverse) both
+top out at AUROC 1 - 0.5 * 0.25 / 0.75 = 0.833 before noise, while a model reading both can
+reach ~0.97 (the ceiling set by the 3% label noise).
+
+Per-view header fields that carry no label information (distractors, as in real headers):
+``BodyPartThickness`` ~ N(55, 12) mm, ``CompressionForce`` ~ N(110, 30) N, ``KVP`` from
+thickness, ``ExposureInuAs``, anode/filter by manufacturer, ``ViewPosition``,
+``ImageLaterality``, ``PatientOrientation``, For Presentation.
+
+Image (stream ``(seed, exam, 1 + view index)``), ``shape`` (H, W) default 384 x 192, chest
+wall on the left for L and on the right for R (standard display): a half-ellipse breast with a
+thickness fall-off towards the skin line, fibroglandular texture (thresholded band-pass noise
+whose fraction and brightness grow with density), a pectoral muscle triangle in MLO views, a
+mass as a smooth bright lobulated blob (sigma 5-8 px), a microcalcification cluster as 6-12
+bright dots of radius 1.5-2.5 px within ~10 px, quantum noise, written as 12-bit values.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from cadnode.dicom.views import ViewInfo
+from train.datasets.base import Sample
+
+MANUFACTURERS: tuple[tuple[str, str, str, str], ...] = (
+    # (Manufacturer, ManufacturerModelName, AnodeTargetMaterial, FilterMaterial)
+    ("HOLOGIC, Inc.", "Selenia Dimensions", "TUNGSTEN", "RHODIUM"),
+    ("GE MEDICAL SYSTEMS", "Senographe Pristina", "RHODIUM", "SILVER"),
+    ("SIEMENS", "Mammomat Inspiration", "TUNGSTEN", "RHODIUM"),
+    ("FUJIFILM Corporation", "Amulet Innovality", "TUNGSTEN", "ALUMINUM"),
+)
+DENSITIES: tuple[str, ...] = ("A", "B", "C", "D")
+DENSITY_P: tuple[float, ...] = (0.1, 0.4, 0.4, 0.1)
+VIEWS: tuple[tuple[str, str], ...] = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+SOP_MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+_UID_ROOT = "2.25."
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the generator; the defaults are the documented benchmark."""
+
+    n_exams: int = 600
+    seed: int = 0
+    shape: tuple[int, int] = (384, 192)
+    p_mass: float = 0.5
+    p_cluster: float = 0.5
+    p_implant: float = 0.5
+    cancer_min_age: int = 60
+    label_noise: float = 0.03
+
+
+@dataclass
+class ExamSpec:
+    """Everything drawn for one exam before rendering (the ground truth)."""
+
+    index: int
+    age: int
+    implant: bool
+    manufacturer: int
+    density: str
+    mass: dict[str, bool] = field(default_factory=dict)  # per side "L"/"R"
+    cluster: dict[str, bool] = field(default_factory=dict)
+    cancer: dict[str, int] = field(default_factory=dict)
+    calcification: dict[str, int] = field(default_factory=dict)
+
+
+def cancer_rule(mass: bool, age: int, min_age: int = 60) -> int:
+    """Noise-free cancer label (the documented rule)."""
+    return int(mass and age >= min_age)
+
+
+def calcification_rule(cluster: bool, implant: bool) -> int:
+    """Noise-free calcification label (the documented rule)."""
+    return int(cluster and not implant)
+
+
+def age_band(age: float) -> str:
+    low = int(age // 10 * 10)
+    return f"{low}-{low + 9}"
+
+
+def draw_exam(cfg: SyntheticConfig, index: int) -> ExamSpec:
+    """Header facts, findings and labels of exam ``index`` (independent of rendering)."""
+    rng = np.random.default_rng([cfg.seed, index, 0])
+    spec = ExamSpec(index=index, age=int(rng.integers(40, 80)),
+                    implant=bool(rng.random() < cfg.p_implant),
+                    manufacturer=int(rng.integers(len(MANUFACTURERS))),
+                    density=str(rng.choice(DENSITIES, p=DENSITY_P)))
+    for side in ("L", "R"):
+        mass = bool(rng.random() < cfg.p_mass)
+        cluster = bool(rng.random() < cfg.p_cluster)
+        flip_cancer = bool(rng.random() < cfg.label_noise)
+        flip_calc = bool(rng.random() < cfg.label_noise)
+        spec.mass[side], spec.cluster[side] = mass, cluster
+        spec.cancer[side] = cancer_rule(mass, spec.age, cfg.cancer_min_age) ^ int(flip_cancer)
+        spec.calcification[side] = calcification_rule(cluster, spec.implant) ^ int(flip_calc)
+    return spec
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Gaussian-filtered white noise (FFT), standardised to zero mean and unit variance."""
+    h, w = shape
+    white = rng.standard_normal(shape)
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    kernel = np.exp(-2.0 * (math.pi * sigma) ** 2 * (fy**2 + fx**2))
+    out = np.fft.irfft2(np.fft.rfft2(white) * kernel, s=shape)
+    return (out - out.mean()) / (out.std() + 1e-8)
+
+
+def _point_inside(rng: np.random.Generator, cy: float, ry: float, rx: float,
+                  limit: float = 0.55) -> tuple[float, float]:
+    """A point well inside the half-ellipse (normalised radius below ``limit``)."""
+    while True:
+        y, x = rng.uniform(-1, 1), rng.uniform(0.1, 1)
+        if y * y + x * x < limit:
+            return cy + y * ry, x * rx
+
+
+def _add_local(img: np.ndarray, y: float, x: float, reach: float,
+               fn: Callable[[np.ndarray], np.ndarray]) -> None:
+    """img += fn(squared distance to (y, x)) inside a window of half-size ``reach`` (fast)."""
+    h, w = img.shape
+    r0, r1 = max(0, int(y - reach)), min(h, int(y + reach) + 2)
+    c0, c1 = max(0, int(x - reach)), min(w, int(x + reach) + 2)
+    if r0 >= r1 or c0 >= c1:
+        return
+    yy = np.arange(r0, r1, dtype=np.float64)[:, None] - y
+    xx = np.arange(c0, c1, dtype=np.float64)[None, :] - x
+    img[r0:r1, c0:c1] += fn(yy * yy + xx * xx)
+
+
+def render_view(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> np.ndarray:
+    """uint16 (H, W) 12-bit image of one view of ``spec``."""
+    side, view = VIEWS[view_index]
+    rng = np.random.default_rng([cfg.seed, spec.index, 1 + view_index])
+    h, w = cfg.shape
+    rows = np.arange(h, dtype=np.float64)[:, None]
+    cols = np.arange(w, dtype=np.float64)[None, :]
+    cy = h * (0.5 + rng.uniform(-0.04, 0.04))
+    ry, rx = h * rng.uniform(0.36, 0.46), w * rng.uniform(0.7, 0.9)
+    r2 = ((rows - cy) / ry) ** 2 + (cols / rx) ** 2
+    inside = r2 < 1.0
+    profile = np.sqrt(np.clip(1.0 - r2, 0.0, 1.0))
+    img = 0.35 + 0.2 * np.sqrt(profile)
+
+    d = DENSITIES.index(spec.density)  # 0..3
+    tex = _smooth_noise(rng, cfg.shape, 5.0) + 0.5 * _smooth_noise(rng, cfg.shape, 1.5)
+    threshold = (1.2, 0.6, 0.0, -0.6)[d]
+    gland = 1.0 / (1.0 + np.exp(-(tex - threshold) * 2.5))
+    img += (0.08 + 0.04 * d) * gland * np.sqrt(profile)
+    if view == "MLO":  # pectoral muscle: bright triangle in the upper chest-wall corner
+        a, b = w * rng.uniform(0.25, 0.4), h * rng.uniform(0.35, 0.5)
+        img += 0.15 * ((cols < a * (1.0 - rows / b)) & inside)
+
+    if spec.mass[side]:
+        my, mx = _point_inside(rng, cy, ry, rx)
+        sigma = rng.uniform(5.0, 8.0)
+        amp = rng.uniform(0.25, 0.35)
+        for _ in range(3):  # lobulated: a few overlapping blobs
+            oy, ox = rng.normal(0, sigma * 0.4, 2)
+            s = sigma * rng.uniform(0.7, 1.0)
+            _add_local(img, my + oy, mx + ox, 4.0 * s,
+                       lambda d2, s=s: amp / 2 * np.exp(-d2 / (2 * s * s)))
+    if spec.cluster[side]:
+        ccy, ccx = _point_inside(rng, cy, ry, rx)
+        for _ in range(int(rng.integers(6, 13))):
+            py, px = ccy + rng.normal(0, 5.0), ccx + rng.normal(0, 5.0)
+            rad = rng.uniform(1.5, 2.5)
+            gain = rng.uniform(0.35, 0.5)
+            _add_local(img, py, px, rad + 1.0,
+                       lambda d2, r=rad, g=gain: np.where(d2 <= r * r, g, 0.0))
+
+    img = np.where(inside, img, 0.02) + rng.normal(0.0, 0.008, cfg.shape)
+    pix = np.clip(img * 3000.0 + 60.0, 0, 4095).astype(np.uint16)
+    if side == "R":
+        pix = np.ascontiguousarray(pix[:, ::-1])
+    return pix
+
+
+def _uid(*parts: int) -> str:
+    value = 0
+    for p in parts:
+        value = value * 1_000_003 + int(p) + 1
+    return _UID_ROOT + str(value)
+
+
+def make_header(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> Dataset:
+    """The DICOM header of one view (no pixels), with the documented label-bearing fields."""
+    side, view = VIEWS[view_index]
+    rng = np.random.default_rng([cfg.seed, spec.index, 100 + view_index])
+    maker, model, anode, filt = MANUFACTURERS[spec.manufacturer]
+    thickness = float(np.clip(rng.normal(55.0, 12.0), 20.0, 95.0))
+    ds = Dataset()
+    ds.SOPClassUID = SOP_MG_PRESENTATION
+    ds.SOPInstanceUID = _uid(cfg.seed, spec.index, 3, view_index)
+    ds.StudyInstanceUID = _uid(cfg.seed, spec.index, 1)
+    ds.SeriesInstanceUID = _uid(cfg.seed, spec.index, 2)
+    ds.Modality = "MG"
+    ds.PatientID = f"SYN{cfg.seed}-{spec.index:06d}"
+    ds.PatientName = f"SYNTHETIC^{spec.index:06d}"
+    ds.PatientSex = "F"
+    ds.PatientAge = f"{spec.age:03d}Y"
+    ds.StudyDate = "20240101"
+    ds.AccessionNumber = f"A{spec.index:06d}"
+    ds.BreastImplantPresent = "YES" if spec.implant else "NO"
+    ds.Manufacturer = maker
+    ds.ManufacturerModelName = model
+    ds.ViewPosition = view
+    ds.ImageLaterality = side
+    ds.PatientOrientation = ["A", "R" if view == "CC" else "FR"] if side == "L" else \
+        ["P", "L" if view == "CC" else "FL"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.BodyPartThickness = f"{thickness:.1f}"
+    ds.CompressionForce = f"{float(np.clip(rng.normal(110.0, 30.0), 30.0, 250.0)):.1f}"
+    ds.KVP = f"{25.0 + thickness / 10.0 + rng.normal(0.0, 0.7):.1f}"
+    ds.ExposureInuAs = int(np.clip(rng.normal(90.0, 30.0), 20.0, 250.0) * 1000)
+    ds.AnodeTargetMaterial = anode
+    ds.FilterMaterial = filt
+    ds.InstanceNumber = view_index + 1
+    return ds
+
+
+def _loader(cfg: SyntheticConfig, spec: ExamSpec, view_index: int):  # noqa: ANN202
+    return lambda: render_view(cfg, spec, view_index)
+
+
+def generate(cfg: SyntheticConfig) -> Iterator[Sample]:
+    """Yield the 4 * ``n_exams`` view samples; images are rendered lazily by their loaders."""
+    for index in range(cfg.n_exams):
+        spec = draw_exam(cfg, index)
+        for view_index, (side, view) in enumerate(VIEWS):
+            header = make_header(cfg, spec, view_index)
+            yield Sample(
+                image=_loader(cfg, spec, view_index), header=header,
+                view=ViewInfo(side, view, True, "ViewPosition+ImageLaterality"),
+                cancer=spec.cancer[side], calcification=spec.calcification[side],
+                patient_id=str(header.PatientID), exam_id=str(header.StudyInstanceUID),
+                density=spec.density,
+                groups={"manufacturer": MANUFACTURERS[spec.manufacturer][0].split()[0].strip(","),
+                        "age_band": age_band(spec.age)})
+
+
+LABEL_FIELDS = ("file", "SOPInstanceUID", "StudyInstanceUID", "patient_id", "exam_id",
+                "laterality", "view", "cancer",
+                "calcification", "mass", "cluster", "age", "implant", "manufacturer", "density")
+
+
+def write_dataset(cfg: SyntheticConfig, out: str | Path) -> Path:
+    """Write every view as a DICOM file (uncompressed 12-bit MG) plus ``labels.csv``.
+
+    ``labels.csv`` is keyed by SOPInstanceUID, so the ``dicom-folder`` adapter reads the set.
+    """
+    out = Path(out)
+    (out / "dicom").mkdir(parents=True, exist_ok=True)
+    label_path = out / "labels.csv"
+    with label_path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LABEL_FIELDS)
+        writer.writeheader()
+        for index in range(cfg.n_exams):
+            spec = draw_exam(cfg, index)
+            for view_index, (side, view) in enumerate(VIEWS):
+                ds = make_header(cfg, spec, view_index)
+                pix = render_view(cfg, spec, view_index)
+                _add_pixels(ds, pix)
+                rel = Path("dicom") / f"{ds.PatientID}_{side}_{view}.dcm"
+                ds.save_as(out / rel, enforce_file_format=True)
+                writer.writerow({
+                    "file": rel.as_posix(), "SOPInstanceUID": ds.SOPInstanceUID,
+                    "StudyInstanceUID": ds.StudyInstanceUID, "patient_id": ds.PatientID,
+                    "exam_id": ds.StudyInstanceUID, "laterality": side, "view": view,
+                    "cancer": spec.cancer[side], "calcification": spec.calcification[side],
+                    "mass": int(spec.mass[side]), "cluster": int(spec.cluster[side]),
+                    "age": spec.age, "implant": "YES" if spec.implant else "NO",
+                    "manufacturer": ds.Manufacturer, "density": spec.density})
+    return label_path
+
+
+def _add_pixels(ds: Dataset, pix: np.ndarray) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.Rows, ds.Columns = (int(v) for v in pix.shape)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pix.astype("<u2").tobytes()
