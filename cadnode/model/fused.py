@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -167,8 +167,9 @@ class ImageEncoder(nn.Module):
     def __init__(self, backbone: str, checkpoint: str | Path | None = None) -> None:
         super().__init__()
         self.body = timm.create_model(backbone, features_only=True, in_chans=1, pretrained=False)
-        self.channels: list[int] = list(self.body.feature_info.channels())
-        self.reductions: list[int] = list(self.body.feature_info.reduction())
+        info: Any = self.body.feature_info  # timm's FeatureInfo (typed as Module by torch)
+        self.channels: list[int] = list(info.channels())
+        self.reductions: list[int] = list(info.reduction())
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
 
@@ -255,12 +256,12 @@ class FusedVLM(nn.Module):
         self.cancer_head = nn.Linear(d, 1)
         self.calcification_head = nn.Linear(d, 1)
         prior_logit = math.log(cfg.head_prior / (1.0 - cfg.head_prior))
-        heads = [self.cancer_head, self.calcification_head]
+        heads: list[nn.Module] = [self.cancer_head, self.calcification_head]
         if self.image is not None:
             heads.append(self.heatmap_head)
         with torch.no_grad():
             for head in heads:
-                head.bias.fill_(prior_logit)
+                head.bias.fill_(prior_logit)  # type: ignore[operator]
 
     @property
     def heatmap_stride(self) -> int:
@@ -278,7 +279,8 @@ class FusedVLM(nn.Module):
         parts: list[Tensor] = []
         heat_logit: Tensor
         if self.image is not None:
-            feats = self.image((image - self.mean) / self.std)
+            mean, std = cast(Tensor, self.mean), cast(Tensor, self.std)
+            feats = self.image((image - mean) / std)
             fused = feats[-1]
             for fusion, idx in zip(self.fusions, self.stage_ids, strict=True):
                 fused, tokens, text = fusion(feats[idx], text, bias)

@@ -120,11 +120,13 @@ def voi_transformation(image: Dataset) -> hd.pr.SoftcopyVOILUTTransformation | N
     (the modality chose it for display), else its smallest..largest pixel value, else the
     full range of Bits Stored. None when nothing is known."""
     refs = hd.ReferencedImageSequence([image])
+    window: tuple[float, float] | None
     try:
-        center, width = _first(image.get("WindowCenter")), _first(image.get("WindowWidth"))
+        window = _first(image.get("WindowCenter")), _first(image.get("WindowWidth"))
     except (TypeError, ValueError):  # absent, or not a number (`abc`): use what else is known
-        center = width = None
-    if center is not None and width is not None:
+        window = None
+    if window is not None:
+        center, width = window
         explanation = image.get("WindowCenterWidthExplanation")
         return hd.pr.SoftcopyVOILUTTransformation(
             window_center=center,
