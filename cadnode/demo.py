@@ -61,6 +61,16 @@ def write_demo_study(out_dir: Path, case: int = 0) -> list[Path]:
     return paths
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not stopped within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,11 +167,7 @@ def run_demo(keep: bool = False, timeout: float = 300.0) -> int:
         print_summary(rows[0] if rows else None, pacs.received, turnaround)
         return 0
     finally:
-        node.terminate()
-        try:
-            node.wait(30)
-        except subprocess.TimeoutExpired:
-            node.kill()
+        stop_process(node)
         log_file.close()
         pacs.stop()
         if not keep:

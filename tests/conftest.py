@@ -60,3 +60,13 @@ def demo_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     from cadnode.demo import write_demo_study
 
     return write_demo_study(tmp_path_factory.mktemp("exam"))
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and threads spin when the CPU is shared."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

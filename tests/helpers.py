@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cadnode.demo import stop_process
+
 
 def require(*commands: str) -> None:
     """Fail in CI, skip elsewhere, when a real peer is not installed."""
@@ -63,11 +65,7 @@ class NodeProcess:
                               capture_output=True, text=True, timeout=120)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self._fh.close()
 
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cadnode.demo import free_port, write_demo_study
+from cadnode.demo import free_port, stop_process, write_demo_study
 
 
 def push(port: int, files: list[Path], called: str) -> float:
@@ -47,18 +47,22 @@ def bench(rounds: int) -> dict[str, float]:
         files = write_demo_study(root / "exam")
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         out = {}
-        env = dict(os.environ, TCP_NODELAY="1")
         port = free_port()
+
+        def measure(cmd: list[str], called: str, env: dict[str, str] | None = None) -> float:
+            receiver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+            try:
+                wait_port(port, called)
+                return statistics.median(
+                    megabytes / push(port, files, called) for _ in range(rounds))
+            finally:
+                stop_process(receiver)
+
         (root / "dcmtk").mkdir()
-        scp = subprocess.Popen(["storescp", "+xa", "-od", str(root / "dcmtk"), str(port)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(port, "ANY-SCP")
-            out["storescp"] = statistics.median(
-                megabytes / push(port, files, "ANY-SCP") for _ in range(rounds))
-        finally:
-            scp.terminate()
-            scp.wait()
+        out["storescp"] = measure(
+            ["storescp", "+xa", "-od", str(root / "dcmtk"), str(port)], "ANY-SCP",
+            dict(os.environ, TCP_NODELAY="1"))
         code = (
             "import sys, time; from pathlib import Path; "
             "from cadnode.dicom.listener import Listener; from cadnode.jobs.db import Database; "
@@ -67,14 +71,7 @@ def bench(rounds: int) -> dict[str, float]:
             f"l = Listener(Path('{root}/spool'), lambda s: record_instance(db, s)); "
             f"l.start('127.0.0.1', {port}); time.sleep(3600)"
         )
-        node = subprocess.Popen([sys.executable, "-c", code])
-        try:
-            wait_port(port, "CADNODE")
-            out["cadnode"] = statistics.median(
-                megabytes / push(port, files, "CADNODE") for _ in range(rounds))
-        finally:
-            node.terminate()
-            node.wait()
+        out["cadnode"] = measure([sys.executable, "-c", code], "CADNODE")
         out["megabytes"] = megabytes
         return out
 

@@ -23,7 +23,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from cadnode.demo import free_port
+from cadnode.demo import free_port, stop_process
 from cadnode.dicom.sender import send_files
 from cadnode.results import BUILDERS
 from tests.unit.test_results import ROOT, _findings
@@ -90,12 +90,7 @@ def orthanc(tmp_path: Path) -> Iterator[_Orthanc]:
         _wait_for_rest(server)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         fh.close()
         shutil.rmtree(tmp_path / "orthanc-storage", ignore_errors=True)
 

@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 from train.data import SampleDataset, make_tokenizer  # noqa: E402
 from train.experiment import run_train  # noqa: E402
 from train.loop import TrainConfig, masked_bce, train  # noqa: E402
 from train.synthetic import SyntheticConfig, generate  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and threads spin when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"input_size": [64, 32], "dim": 32, "heads": 2}
