@@ -33,6 +33,7 @@ from cadnode.text.tokenizer import ClinicalTokenizer
 
 log = logging.getLogger(__name__)
 
+
 class PermanentError(RuntimeError):
     """Retrying cannot help (no usable view, for example)."""
 
