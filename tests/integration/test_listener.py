@@ -14,7 +14,7 @@ from cadnode.demo import demo_cases
 from cadnode.dicom.listener import Listener
 from cadnode.jobs.db import Database, Event, Instance
 from cadnode.jobs.queue import record_instance
-from tests.helpers import require
+from tests.helpers import require, wait_until
 
 
 @pytest.fixture
@@ -75,7 +75,13 @@ def test_other_sop_classes_are_refused_and_the_node_keeps_serving(node) -> None:
     assert "no presentation context" in (r.stdout + r.stderr).lower()
     with db.session() as s:
         assert s.scalars(select(Instance)).all() == []
-        (event,) = s.scalars(select(Event).where(Event.kind == "refused")).all()
+
+    def refused() -> list[Event]:  # recorded when the association ends, just after storescu
+        with db.session() as s:
+            return list(s.scalars(select(Event).where(Event.kind == "refused")).all())
+
+    assert wait_until(lambda: refused() != [], 10)
+    (event,) = refused()
     assert "sent nothing we accept" in event.message
     assert "Secondary Capture Image Storage" in event.message
     assert echo(port)

@@ -24,7 +24,7 @@ from cadnode.jobs import queue
 from cadnode.jobs.db import Database, Event, Instance, Study, latest_job
 from cadnode.jobs.worker import Worker
 from cadnode.text.clinical import build_clinical_text
-from tests.helpers import require
+from tests.helpers import require, wait_until
 from tests.robustness.corpus import CASES, JPLY, NOT_SENT, SUCCESS, Builder, Case
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,6 +191,10 @@ def test_refused_sop_class_leaves_an_event(node: Node) -> None:
     b = Builder(node.files / "refused-event", node.demo, "refused-event")
     before = last_event_id(node.db)
     assert send(node, case, case.build(b)) == [NOT_SENT]
-    with node.db.session() as s:
-        messages = [ev.message for ev in s.scalars(select(Event).where(Event.id > before))]
-    assert any("CT Image Storage" in m or "1.2.840.10008.5.1.4.1.1.2" in m for m in messages)
+
+    def recorded() -> bool:  # written when the association ends, just after the sender returns
+        with node.db.session() as s:
+            messages = [ev.message for ev in s.scalars(select(Event).where(Event.id > before))]
+        return any("CT Image Storage" in m for m in messages)
+
+    assert wait_until(recorded, 10)

@@ -25,14 +25,21 @@ def engine():
     return load_engine(DEFAULT_MODEL_PACKAGE, intra_op_threads=2)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def test_demo_manifest() -> None:
+    """The packaged model is what the documented command (train/configs/demo-synthetic.json)
+    produces: its name, version and input size, trained on the synthetic benchmark."""
+    config = json.loads((REPO / "train" / "configs" / "demo-synthetic.json").read_text())
     m = read_manifest(DEFAULT_MODEL_PACKAGE)
-    assert m.name == "cadnode-effb0-cpu" and m.version == "0.1.0-untrained"
-    assert m.input_size == (1024, 512) and m.max_text_len == 64
+    assert m.name == config["train"]["model"] and m.version == config["export"]["version"]
+    assert list(m.input_size) == config["train"]["model_overrides"]["input_size"]
+    assert m.max_text_len == 64
     assert m.demo is True and m.notice == "demonstration model - not for clinical use"
     assert m.thresholds == {"cancer": 0.5, "calcification": 0.5}
     assert m.text_template_version == TEXT_TEMPLATE_VERSION
-    assert m.training == "untrained: random initialisation (seed 0)"
+    assert m.training.startswith("synthetic benchmark (train/synthetic.py")
     assert 10e6 < m.model_path.stat().st_size < 21e6
 
 
@@ -47,7 +54,8 @@ def test_demo_predict_shapes_and_ranges(engine) -> None:
     out = engine.predict(images, ids, mask)
     assert isinstance(out, ViewOutputs) and len(out) == 4
     assert out.cancer.shape == (4,) and out.calcification.shape == (4,)
-    assert out.heatmap.shape == (4, *engine.manifest.heatmap_size) == (4, 32, 16)
+    h, w = engine.manifest.input_size
+    assert out.heatmap.shape == (4, *engine.manifest.heatmap_size) == (4, h // 32, w // 32)
     for arr in (out.cancer, out.calcification, out.heatmap):
         assert arr.dtype == np.float32 and np.isfinite(arr).all()
         assert (arr >= 0).all() and (arr <= 1).all()
@@ -64,7 +72,8 @@ def test_predict_rejects_wrong_shapes(engine) -> None:
     with pytest.raises(ValueError, match="images must be"):
         engine.predict(np.zeros((1, 1, 64, 64), np.float32), ids, ids)
     with pytest.raises(ValueError, match="input_ids must be"):
-        engine.predict(np.zeros((1, 1, 1024, 512), np.float32), np.zeros((1, 32), np.int64), ids)
+        engine.predict(np.zeros((1, 1, *engine.manifest.input_size), np.float32),
+                       np.zeros((1, 32), np.int64), ids)
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -131,7 +140,8 @@ def test_runtime_does_not_import_torch() -> None:
             "from cadnode.runtime import load_engine\n"
             "import cadnode.runtime.scoring, cadnode.text.tokenizer\n"
             "e = load_engine()\n"
-            "e.predict(np.zeros((1, 1, 1024, 512), np.float32), np.zeros((1, 64), np.int64),"
+            "e.predict(np.zeros((1, 1, *e.manifest.input_size), np.float32),"
+            " np.zeros((1, 64), np.int64),"
             " np.ones((1, 64), np.int64))\n"
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('cadnode.model')"
             " or m.startswith('torch.'))\n"
