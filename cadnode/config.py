@@ -16,7 +16,7 @@ from typing import Any
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-BACKENDS = ("onnxruntime",)
+BACKENDS: tuple[str, ...] = ("onnxruntime",)  # the engines cadnode.runtime.load_engine knows
 #: The result objects the node writes (cadnode.results.BUILDERS has one builder for each).
 RESULT_KINDS = ("cad_sr", "tid1500", "sc", "gsps")
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cadnode.config import BACKENDS
 from cadnode.runtime.manifest import ModelManifest, read_manifest
 from cadnode.runtime.types import Engine, ViewOutputs
 
 #: The demonstration package shipped with the node (untrained unless a release says otherwise).
 DEFAULT_MODEL_PACKAGE: Path = Path(__file__).resolve().parent.parent / "models" / "demo"
 
-BACKENDS: tuple[str, ...] = ("onnxruntime",)
 
 
 def load_engine(package: str | Path = DEFAULT_MODEL_PACKAGE, backend: str = "onnxruntime",
