@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cadnode.uid import is_valid_uid
+
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
-UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 BACKENDS: tuple[str, ...] = ("onnxruntime",)  # the engines cadnode.runtime.load_engine knows
 #: The result objects the node writes (cadnode.results.BUILDERS has one builder for each).
 RESULT_KINDS = ("cad_sr", "tid1500", "sc", "gsps")
@@ -205,7 +206,7 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"CADNODE_MODEL: {s.model} is not a model package folder")
     if s.max_attempts < 1:
         raise SettingsError("CADNODE_MAX_ATTEMPTS: must be at least 1")
-    if s.uid_root and (not UID_ROOT_RE.match(s.uid_root) or len(s.uid_root) > 40):
+    if s.uid_root and (not is_valid_uid(s.uid_root) or len(s.uid_root) > 40):
         raise SettingsError(f"CADNODE_UID_ROOT: {s.uid_root!r} is not a UID root (<= 40 chars)")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"CADNODE_LOG_LEVEL: {s.log_level!r} is not DEBUG/INFO/WARNING/ERROR")

@@ -7,7 +7,6 @@ UID such as ``../../etc`` can never leave the spool.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.uid import UID
 
 from cadnode.dicom.views import ViewInfo
-
-UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+from cadnode.uid import is_valid_uid
 
 
 class SpoolError(ValueError):
@@ -46,14 +44,10 @@ class StoredInstance:
     view: ViewInfo
 
 
-def is_valid_uid(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and bool(UID_RE.match(value))
-
-
 def spool_path(root: Path, study_uid: str, sop_instance_uid: str) -> Path:
     """Where an instance lives: ``root/<study uid>/<sop instance uid>.dcm``."""
     for name, uid in (("Study Instance UID", study_uid), ("SOP Instance UID", sop_instance_uid)):
-        if not is_valid_uid(uid):
+        if not is_valid_uid(uid) or "." not in uid:  # a real UID has a root and a suffix
             raise SpoolError(f"{name} {uid!r} is not a valid UID")
     return root / study_uid / f"{sop_instance_uid}.dcm"
 

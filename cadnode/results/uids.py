@@ -14,23 +14,17 @@ decimal of a SHA-256 of the parts, truncated so that the whole UID fits in 64 ch
 from __future__ import annotations
 
 import hashlib
-import re
 import uuid
 
 from cadnode.results.findings import StudyFindings
+from cadnode.uid import is_valid_uid
 
 DEFAULT_UID_ROOT = "2.25"
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _NAMESPACE = uuid.UUID("6f0e2d7c-5b1a-4c3e-9d8f-1a2b3c4d5e6f")  # cadnode's fixed namespace
 _SEP = "\x1f"  # unit separator: ("a.b", "c") and ("a", "b.c") must not collide
 _MIN_DIGITS = 20  # below ~66 bits collisions between studies become plausible
 
-
-
-def is_valid_uid(uid: str) -> bool:
-    """PS3.5 9.1: digits and dots, no empty or leading-zero components, at most 64 chars."""
-    return len(uid) <= 64 and bool(_UID_RE.match(uid))
 
 
 def derive_uid(root: str, *parts: str) -> str:
