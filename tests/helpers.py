@@ -80,35 +80,12 @@ def wait_until(predicate, timeout: float, interval: float = 0.25) -> bool:  # ty
 
 def write_small_study(folder: Path, study_uid: str, rows: int = 384, cols: int = 192) -> list[Path]:
     """A 4-view MG study with small synthetic images: cheap to push many times."""
-    import numpy as np
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from tests.robustness.corpus import synthetic_mg
 
-    rng = np.random.default_rng(abs(hash(study_uid)) % 2**32)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for n, (side, view) in enumerate([("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]):
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
-        ds.SOPInstanceUID = f"{study_uid}.{n + 1}"
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = f"{study_uid}.0"
-        ds.PatientID, ds.PatientName, ds.Modality = "SYN", "SYNTHETIC^PATIENT", "MG"
-        ds.ImageLaterality, ds.ViewPosition = side, view
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        img = np.zeros((rows, cols), np.uint16)
-        x0 = 0 if side == "L" else cols // 3
-        img[rows // 8: -rows // 8, x0: x0 + 2 * cols // 3] = 1500
-        img += rng.integers(0, 200, img.shape, dtype=np.uint16)
-        ds.PixelData = img.tobytes()
+        ds = synthetic_mg(study_uid, f"{study_uid}.{n + 1}", side, view, rows=rows, cols=cols)
         path = folder / f"{n + 1}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
