@@ -43,11 +43,11 @@ test: test-deps $(VENV)/.test-stamp
 
 lint: $(VENV)/.test-stamp
 	$(BIN)/ruff check cadnode tests train
-	$(BIN)/mypy cadnode
+	$(BIN)/mypy cadnode train
 
+# Retrain the committed default package (cadnode/models/demo) by its documented command.
 model: $(VENV)/.test-stamp
-	$(BIN)/python -m cadnode.model.export --model cadnode-effb0-cpu --out cadnode/models/demo \
-	  --version 0.1.0-untrained --demo
+	$(BIN)/python -m train train --config train/configs/demo-synthetic.json --out runs/demo
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

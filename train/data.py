@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from cadnode.dicom.pixels import prepare_image
+from cadnode.dicom.pixels import PreparedImage, prepare_image
 from cadnode.text.clinical import build_clinical_text, template_vocabulary
 from cadnode.text.tokenizer import ClinicalTokenizer
 from train.datasets.base import Sample
@@ -89,8 +89,9 @@ def sample_text(sample: Sample, augment: TextAugment | None = None,
     return augment.text(build_clinical_text(augment.header(sample.header, rng), sample.view), rng)
 
 
-def load_image(sample: Sample, size: tuple[int, int]) -> np.ndarray:
-    """Prepared float32 (H, W) model input from a DICOM path, a PNG path, or a loader."""
+def prepare_sample(sample: Sample, size: tuple[int, int]) -> PreparedImage:
+    """The node's model input of a sample (from a DICOM path, a PNG path, or a loader), with the
+    mapping back to the source grid that heatmap scoring needs."""
     lat = sample.view.laterality
     source: Any = sample.image
     if isinstance(source, (str, Path)):
@@ -98,14 +99,42 @@ def load_image(sample: Sample, size: tuple[int, int]) -> np.ndarray:
         if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("I") if im.mode not in ("L", "I;16", "I") else im)
-            return prepare_image(sample.header, size, lat,
-                                 pixels=arr.astype(np.float32)).array
-        return prepare_image(pydicom.dcmread(path), size, lat).array
+            return prepare_image(sample.header, size, lat, pixels=arr.astype(np.float32))
+        return prepare_image(pydicom.dcmread(path), size, lat)
     loaded = source()
     if isinstance(loaded, pydicom.Dataset):
-        return prepare_image(loaded, size, lat).array
-    return prepare_image(sample.header, size, lat,
-                         pixels=np.asarray(loaded, dtype=np.float32)).array
+        return prepare_image(loaded, size, lat)
+    return prepare_image(sample.header, size, lat, pixels=np.asarray(loaded, dtype=np.float32))
+
+
+#: Lesion boxes a training item carries (rows beyond a sample's count are padding).
+MAX_LESIONS = 4
+
+
+def lesion_fractions(sample: Sample, prepared: PreparedImage) -> np.ndarray:
+    """(K, 4) float32 boxes (u0, v0, u1, v1) of the lesions that make a sample cancer-positive,
+    as fractions of the model input (edges), so any heatmap grid can be scored or trained."""
+    if sample.cancer != 1:
+        return np.zeros((0, 4), dtype=np.float32)
+    h, w = prepared.array.shape
+    out = []
+    for lesion in sample.lesions[:MAX_LESIONS]:
+        if not lesion.malignant:
+            continue
+        x0, y0, x1, y1 = lesion.box
+        (a, b), (c, d) = prepared.to_model(x0, y0), prepared.to_model(x1, y1)
+        box = (min(a, c) + 0.5) / w, (min(b, d) + 0.5) / h, (max(a, c) + 0.5) / w, \
+            (max(b, d) + 0.5) / h
+        out.append(np.clip(box, 0.0, 1.0))
+    return np.array(out, dtype=np.float32).reshape(-1, 4)
+
+
+@dataclass(frozen=True)
+class CachedItem:
+    """A sample's model input (float16) and its malignant lesion boxes (model fractions)."""
+
+    image: np.ndarray
+    lesions: np.ndarray
 
 
 def _label(value: int | None) -> tuple[float, float]:
@@ -116,13 +145,14 @@ class SampleDataset(TorchDataset):
     """Map-style dataset of view samples -> dict of tensors.
 
     ``cache`` (a dict shared between datasets over the same sample list, e.g. the three ablation
-    models) keeps prepared images as float16 so each image is decoded once per process.
+    models) keeps prepared images as float16 (and their lesion boxes) so each image is decoded
+    once per process.
     Augmentation randomness is keyed by (seed, epoch, index), so a resumed run draws the same.
     """
 
     def __init__(self, samples: Sequence[Sample], size: tuple[int, int],
                  tokenizer: ClinicalTokenizer, augment: TextAugment | None = None,
-                 seed: int = 0, cache: dict[int, np.ndarray] | None = None,
+                 seed: int = 0, cache: dict[int, CachedItem] | None = None,
                  keys: Sequence[int] | None = None) -> None:
         self.samples = list(samples)
         self.size = (int(size[0]), int(size[1]))
@@ -140,16 +170,18 @@ class SampleDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def image(self, index: int) -> np.ndarray:
+    def item(self, index: int) -> CachedItem:
         key = self.keys[index]
         if self.cache is not None and key in self.cache:
-            return self.cache[key].astype(np.float32)
+            return self.cache[key]
         # float16 always (cached or not), so a fresh process and a warm cache feed the model
         # identical values (exact resume); its ~5e-4 step is far below the image noise.
-        arr = load_image(self.samples[index], self.size).astype(np.float16)
+        prepared = prepare_sample(self.samples[index], self.size)
+        item = CachedItem(prepared.array.astype(np.float16),
+                          lesion_fractions(self.samples[index], prepared))
         if self.cache is not None:
-            self.cache[key] = arr
-        return arr.astype(np.float32)
+            self.cache[key] = item
+        return item
 
     def tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self.augment is None:
@@ -164,8 +196,13 @@ class SampleDataset(TorchDataset):
         ids, mask = self.tokens(index)
         cancer, cancer_known = _label(sample.cancer)
         calc, calc_known = _label(sample.calcification)
+        item = self.item(index)
+        boxes = np.full((MAX_LESIONS, 4), -1.0, dtype=np.float32)
+        boxes[: len(item.lesions)] = item.lesions
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(self.image(index)))[None],
+            "image": torch.from_numpy(item.image.astype(np.float32))[None],
+            "lesion_boxes": torch.from_numpy(boxes),
+            "lesion_count": torch.tensor(len(item.lesions), dtype=torch.int64),
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask),
             "targets": torch.tensor([cancer, calc], dtype=torch.float32),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cadnode.dicom.pixels import PreparedImage, peak_and_outline
 from cadnode.runtime.scoring import aggregate
 
 TASKS: tuple[str, ...] = ("cancer", "calcification")
@@ -130,7 +131,7 @@ def aggregate_levels(views: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[
         for t in TASKS:
             entry[f"{t}_label"] = _any_label(rows, t)
         exams.append(entry)
-    return {"view": list(views), "breast": breasts, "exam": exams}
+    return {"view": [dict(v) for v in views], "breast": breasts, "exam": exams}
 
 
 def _any_label(rows: Sequence[Mapping[str, Any]], task: str) -> int | None:
@@ -162,10 +163,10 @@ def evaluate_rows(views: Sequence[Mapping[str, Any]], n_boot: int = 1000,
     """Metrics per level (view, breast, exam) and task, plus subgroups at the view level."""
     levels = aggregate_levels(views)
     report: dict[str, Any] = {"levels": {}, "subgroups": {}}
-    for level, rows in levels.items():
+    for level, level_rows in levels.items():
         report["levels"][level] = {}
         for task in TASKS:
-            y, s = _arrays(rows, task)
+            y, s = _arrays(level_rows, task)
             if len(y):
                 report["levels"][level][task] = task_metrics(y, s, n_boot=n_boot, seed=seed)
     group_keys = sorted({k for r in views for k in r if k.startswith("group_")})
@@ -180,7 +181,45 @@ def evaluate_rows(views: Sequence[Mapping[str, Any]], n_boot: int = 1000,
                 entry[task] = {"n": int(len(y)), "positives": int(y.sum()) if len(y) else 0,
                                "auroc": auroc(y, s) if len(y) else float("nan")}
             report["subgroups"][name][value] = entry
+    loc = localisation_metrics(views, n_boot=n_boot, seed=seed)
+    if loc is not None:
+        report["localisation"] = loc
     return report
+
+
+def heatmap_hit(heat: np.ndarray, prepared: PreparedImage,
+                boxes: Sequence[tuple[float, float, float, float]]) -> tuple[bool, float]:
+    """Pointing game on the source grid: does the heatmap peak, mapped the way the node maps it
+    into its reports, fall in a lesion box grown by half a heatmap cell? Also the chance of that
+    for a peak at a random cell (the fraction of cells whose centre falls in a grown box)."""
+    h, w = heat.shape
+    r0, c0, r1, c1 = prepared.crop
+    gx, gy = 0.5 * (c1 - c0) / w, 0.5 * (r1 - r0) / h
+    grown = [(x0 - gx, y0 - gy, x1 + gx, y1 + gy) for x0, y0, x1, y1 in boxes]
+
+    def inside(x: float, y: float) -> bool:
+        return any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in grown)
+
+    (px, py), _ = peak_and_outline(heat, prepared)
+    H, W = prepared.array.shape
+    cells = [prepared.to_original((c + 0.5) * W / w - 0.5, (r + 0.5) * H / h - 0.5)
+             for r in range(h) for c in range(w)]
+    return inside(px, py), float(np.mean([inside(x, y) for x, y in cells]))
+
+
+def localisation_metrics(views: Sequence[Mapping[str, Any]], n_boot: int = 1000,
+                         seed: int = 0) -> dict[str, Any] | None:
+    """Pointing accuracy over views that carry ``heatmap_hit`` (positives with marked lesions)."""
+    rows = [r for r in views if r.get("heatmap_hit") is not None]
+    if not rows:
+        return None
+    hits = np.array([bool(r["heatmap_hit"]) for r in rows], dtype=np.float64)
+    chance = float(np.mean([float(r["heatmap_chance"]) for r in rows]))
+    rng = np.random.default_rng(seed)
+    boots = hits[rng.integers(0, len(hits), size=(n_boot, len(hits)))].mean(1)
+    lo, hi = (float(v) for v in np.percentile(boots, [2.5, 97.5]))
+    return {"n": len(rows), "pointing_accuracy": float(hits.mean()),
+            "pointing_accuracy_ci95": [lo, hi], "chance": chance}
 
 
 def _fmt(x: float) -> str:
@@ -200,6 +239,16 @@ def report_markdown(report: Mapping[str, Any], title: str = "Evaluation") -> str
             lines.append(f"| {task} | {m['n']} | {m['positives']} | {_fmt(m['auroc'])} "
                          f"[{_fmt(lo)}, {_fmt(hi)}] | {sens} | {_fmt(m['pf1'])} |")
         lines.append("")
+    loc = report.get("localisation")
+    if loc:
+        lo, hi = loc["pointing_accuracy_ci95"]
+        lines += ["## heatmap localisation (view level)", "",
+                  "Views with a positive cancer label and a marked malignant lesion: does the "
+                  "heatmap peak (as the node reports it) fall in the lesion's box, grown by half "
+                  "a heatmap cell?", "",
+                  "| n | pointing accuracy [95% CI] | chance (random cell) |", "|---|---|---|",
+                  f"| {loc['n']} | {_fmt(loc['pointing_accuracy'])} [{_fmt(lo)}, {_fmt(hi)}] | "
+                  f"{_fmt(loc['chance'])} |", ""]
     for name, groups in report.get("subgroups", {}).items():
         lines += [f"## by {name} (view level)", "",
                   f"| {name} | task | n | positives | AUROC |", "|---|---|---|---|---|"]

@@ -27,9 +27,17 @@ import numpy as np
 import torch
 
 from cadnode.model.factory import create_model, get_config
-from train.data import SampleDataset, TextAugment, make_tokenizer, patient_split
+from cadnode.model.fused import FusedVLM
+from train.data import (
+    CachedItem,
+    SampleDataset,
+    TextAugment,
+    make_tokenizer,
+    patient_split,
+    prepare_sample,
+)
 from train.datasets.base import Sample
-from train.evaluate import TASKS, write_report
+from train.evaluate import TASKS, heatmap_hit, write_report
 from train.loop import BEST, TrainConfig, dist_info, predict, train
 from train.synthetic import SyntheticConfig, generate
 
@@ -87,7 +95,7 @@ class Experiment:
         self.samples = load_samples(self.data)
         self.split = patient_split(self.samples, self.data.get("split", (0.7, 0.15, 0.15)),
                                    self.data.get("split_seed", 0))
-        self.cache: dict[int, np.ndarray] = {}
+        self.cache: dict[int, CachedItem] = {}
         self.summary = data_summary(self.data, self.samples, self.split)
 
     def train_config(self, **model_overrides: bool) -> TrainConfig:
@@ -103,7 +111,10 @@ class Experiment:
         return SampleDataset([self.samples[i] for i in idx], size, make_tokenizer(max_len),
                              augment=augment, seed=cfg.seed, cache=self.cache, keys=idx)
 
-    def rows(self, name: str, probs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    def rows(self, name: str, probs: dict[str, np.ndarray],
+             size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+        """One row per view; with heatmaps in ``probs`` (model input ``size``), positives with
+        marked malignant lesions also get the pointing-game result (``heatmap_hit``)."""
         rows = []
         for j, i in enumerate(self.split[name]):
             s = self.samples[i]
@@ -113,6 +124,10 @@ class Experiment:
             for t in TASKS:
                 row[t] = float(probs[t][j])
                 row[f"{t}_label"] = getattr(s, t)
+            boxes = [lesion.box for lesion in s.lesions if lesion.malignant]
+            if "heatmap" in probs and size is not None and s.cancer == 1 and boxes:
+                hit, chance = heatmap_hit(probs["heatmap"][j], prepare_sample(s, size), boxes)
+                row["heatmap_hit"], row["heatmap_chance"] = hit, round(chance, 4)
             rows.append(row)
         return rows
 
@@ -154,7 +169,7 @@ def export_run(run: str | Path, out: str | Path, version: str = "0.1.0", demo: b
     return export_package(model, out, version=version, demo=demo, training=training)
 
 
-def load_run_model(run: str | Path, checkpoint: str = BEST) -> tuple[torch.nn.Module,
+def load_run_model(run: str | Path, checkpoint: str = BEST) -> tuple[FusedVLM,
                                                                    dict[str, Any]]:
     blob = torch.load(Path(run) / checkpoint, map_location="cpu", weights_only=False)
     cfg = TrainConfig.from_dict(blob["config"])
@@ -173,8 +188,9 @@ def evaluate_run(run: str | Path, experiment: Experiment | None = None, split: s
     split = split or ev.get("split", "test")
     model, blob = load_run_model(run, checkpoint)
     cfg = TrainConfig.from_dict(blob["config"])
-    probs = predict(model, exp.dataset(split, cfg))
-    report = write_report(exp.rows(split, probs), run / f"eval_{split}",
+    dataset = exp.dataset(split, cfg)
+    probs = predict(model, dataset, heatmaps=model.cfg.use_image)
+    report = write_report(exp.rows(split, probs, dataset.size), run / f"eval_{split}",
                           title=f"{run.name} on {split}", n_boot=int(ev.get("n_boot", 1000)),
                           seed=int(ev.get("seed", 0)))
     report["checkpoint_epoch"] = blob.get("epoch")
@@ -216,7 +232,8 @@ def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
         seconds[name] = round(res["train_seconds"], 1)
     total = round(time.time() - t0, 1)
     verdict = ablation_verdict(reports)
-    table = {"levels": {}, "train_seconds": seconds, "total_seconds": total,
+    levels: dict[str, Any] = {}
+    table = {"levels": levels, "train_seconds": seconds, "total_seconds": total,
              "verdict": verdict, "data": exp.summary, "config": config,
              "passed": all(v["pass"] for v in verdict.values())}
     lines = ["| model | cancer AUROC [95% CI] | calcification AUROC [95% CI] | "
@@ -224,7 +241,7 @@ def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
              "|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         view = rep["levels"]["view"]
-        table["levels"][name] = {lvl: {t: {k: m[k] for k in ("auroc", "auroc_ci95", "pf1",
+        levels[name] = {lvl: {t: {k: m[k] for k in ("auroc", "auroc_ci95", "pf1",
                                                              "sensitivity_at_specificity")}
                                        for t, m in rep["levels"][lvl].items()}
                                  for lvl in rep["levels"]}

@@ -3,8 +3,14 @@
 Resuming gives the same weights as an uninterrupted run because nothing random depends on how
 far the process got: the order of epoch ``e`` comes from a generator seeded with ``(seed, e)``,
 text augmentation from ``(seed, e, index)``, and the checkpoint (written at the end of each
-epoch) holds model, optimiser, scheduler, scaler, torch RNG state (dropout), early-stopping state
-and history.
+epoch, and every ``checkpoint_every`` steps inside one) holds model, optimiser, scheduler, scaler,
+torch RNG state (dropout), early-stopping state, history and how many batches of the current
+epoch are done (a resumed epoch skips them). Checkpoints are written to a temporary name and
+renamed, so a kill while saving leaves the previous one whole.
+
+Besides the two classification losses, image models learn their heatmap: a multiple-instance
+loss on every view (the smooth maximum of the heatmap is a cancer logit) and, on positive views
+whose dataset marks the lesion (synthetic, VinDr boxes, CBIS-DDSM masks), a per-cell loss.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes a strided shard of the same epoch order
 (padded so that all ranks step equally often), the model is wrapped in DistributedDataParallel
@@ -23,9 +29,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -58,6 +65,10 @@ class TrainConfig:
     amp: str = "auto"  # auto (CUDA only) | off | bf16 | fp16
     field_dropout: float = 0.05
     report_sentence: float = 0.1
+    heatmap_weight: float = 0.5  # multiple-instance loss on the heatmap; 0 leaves it untrained
+    lesion_weight: float = 1.0  # per-cell loss where a positive view has marked lesion boxes
+    sync_batchnorm: bool = True  # multi-GPU: batch statistics over all ranks (CUDA only)
+    checkpoint_every: int | None = None  # also save last.pt every N steps inside an epoch
     max_steps_per_epoch: int | None = None
     num_workers: int = 0
     progress: bool = True
@@ -128,6 +139,61 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
     return total
 
 
+#: Sharpness of the log-sum-exp pooling in :func:`heatmap_mil_loss` (large -> max, 0 -> mean).
+MIL_SHARPNESS = 4.0
+
+
+def lse_pool(logits: torch.Tensor, sharpness: float = MIL_SHARPNESS) -> torch.Tensor:
+    """Smooth maximum of each map: (B, 1, h, w) -> (B,), equal to the value on a flat map."""
+    flat = logits.flatten(1).float()
+    return (torch.logsumexp(sharpness * flat, 1) - math.log(flat.shape[1])) / sharpness
+
+
+def heatmap_mil_loss(heat_logit: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
+                     pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """Multiple-instance loss that teaches the heatmap where the cancer is from view labels only.
+
+    A view is a bag of heatmap cells: it is positive when some cell is, so the pooled (smooth
+    maximum) cell logit is trained as a cancer logit. Gradient then flows mostly into the cells
+    that already stand out, which the image has to earn; negatives push every cell down. No
+    lesion outlines are needed, so every dataset adapter can train it.
+    """
+    pooled = lse_pool(heat_logit)
+    return F.binary_cross_entropy_with_logits(pooled, targets[:, 0], weight=known[:, 0],
+                                              pos_weight=pos_weight, reduction="sum"
+                                              ) / known[:, 0].sum().clamp(min=1.0)
+
+
+def lesion_targets(boxes: torch.Tensor, counts: torch.Tensor, grid: tuple[int, int]
+                   ) -> torch.Tensor:
+    """(B, h, w) 1/0: cells whose centre lies in a lesion box grown by half a cell (the same
+    rule :func:`train.evaluate.heatmap_hit` scores); ``boxes`` (B, K, 4) are model fractions."""
+    h, w = grid
+    v = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    u = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    u0, v0, u1, v1 = (boxes[..., i, None, None] for i in range(4))  # (B, K, 1, 1)
+    inside = ((u[None, None, None, :] >= u0 - 0.5 / w) & (u[None, None, None, :] <= u1 + 0.5 / w)
+              & (v[None, None, :, None] >= v0 - 0.5 / h) & (v[None, None, :, None] <= v1 + 0.5 / h))
+    real = torch.arange(boxes.shape[1])[None, :] < counts[:, None]  # (B, K)
+    return (inside & real[:, :, None, None]).any(1).float()
+
+
+def lesion_heatmap_loss(heat_logit: torch.Tensor, boxes: torch.Tensor,
+                        counts: torch.Tensor) -> torch.Tensor:
+    """Per-cell BCE on views whose cancer lesions are marked: cells on a lesion up, the rest of
+    that view down, the two halves weighted equally (lesion cells are few)."""
+    has = counts > 0
+    if not bool(has.any()):
+        return heat_logit.new_zeros(())
+    logits = heat_logit[has, 0].float()
+    target = lesion_targets(boxes[has].cpu(), counts[has].cpu(),
+                            (logits.shape[1], logits.shape[2])).to(logits.device)
+    per_cell = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    pos = (per_cell * target).sum() / target.sum().clamp(min=1.0)
+    neg = (per_cell * (1 - target)).sum() / (1 - target).sum().clamp(min=1.0)
+    return 0.5 * (pos + neg)
+
+
 def _batches(loader: DataLoader, show: bool, desc: str, total: int) -> Iterator[Any]:
     try:
         from tqdm.auto import tqdm
@@ -146,19 +212,24 @@ def _batches(loader: DataLoader, show: bool, desc: str, total: int) -> Iterator[
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: SampleDataset, batch_size: int = 64,
-            device: torch.device | None = None, show: bool = False) -> dict[str, np.ndarray]:
-    """Probabilities per view, in dataset order: {"cancer": (N,), "calcification": (N,)}."""
+            device: torch.device | None = None, show: bool = False,
+            heatmaps: bool = False) -> dict[str, np.ndarray]:
+    """Probabilities per view, in dataset order: {"cancer": (N,), "calcification": (N,)}, and
+    with ``heatmaps`` also "heatmap": (N, h, w) probabilities on the model's grid."""
     device = device or torch.device("cpu")
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap(model)
     was_training = core.training
     core.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    out: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
+    keys = (*TASKS, "heatmap") if heatmaps else TASKS
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for batch in _batches(loader, show, "predict", len(loader)):
         res = core(batch["image"].to(device), batch["input_ids"].to(device),
                    batch["attention_mask"].to(device))
         for t in TASKS:
             out[t].append(torch.sigmoid(res[f"{t}_logit"].float()).cpu().numpy())
+        if heatmaps:
+            out["heatmap"].append(res["heatmap"][:, 0].float().cpu().numpy())
     core.train(was_training)
     return {t: np.concatenate(v) if v else np.zeros(0) for t, v in out.items()}
 
@@ -175,9 +246,32 @@ def validation_auroc(probs: dict[str, np.ndarray], dataset: SampleDataset) -> di
     return result
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap(model)
     return {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+
+
+def _save_atomic(blob: dict[str, Any], path: Path) -> None:
+    """Write then rename, so a run killed while saving keeps its previous checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def save_last(out: Path, model: FusedVLM, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
+              state: dict[str, Any], cfg: TrainConfig, summary: str) -> None:
+    """The resume point: weights, optimiser, schedule, scaler, dropout RNG and loop state."""
+    _save_atomic({"model": _state(model), "optimizer": opt.state_dict(),
+                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                  "torch_rng": torch.get_rng_state(), "state": state, "config": asdict(cfg),
+                  "model_config": model.cfg.to_dict(), "training_summary": summary},
+                 out / LAST)
 
 
 def build_model(cfg: TrainConfig) -> FusedVLM:
@@ -187,11 +281,12 @@ def build_model(cfg: TrainConfig) -> FusedVLM:
 
 def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | None,
           out_dir: str | Path, resume: bool = False, stop_after_epoch: int | None = None,
-          summary: str = "") -> dict[str, Any]:
+          summary: str = "", stop_after_step: int | None = None) -> dict[str, Any]:
     """Train (or resume) into ``out_dir``; returns the final state summary.
 
     ``stop_after_epoch`` ends the process-level run early after that epoch's checkpoint, as an
-    interruption would (tests use it to prove that resume is exact).
+    interruption would (tests use it to prove that resume is exact); ``stop_after_step`` does the
+    same at a mid-epoch checkpoint (``checkpoint_every``).
     """
     out = Path(out_dir)
     rank, world = dist_info()
@@ -202,6 +297,9 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg).to(device)
+    if world > 1 and device.type == "cuda" and cfg.sync_batchnorm:
+        # SyncBatchNorm has no CPU kernel; under gloo each rank keeps its own batch statistics
+        model = cast(FusedVLM, timm.layers.convert_sync_batchnorm(model))
     weights = sample_weights(train_set.samples) if cfg.imbalance == "sampler" else None
     pw = pos_weights(train_set.samples).to(device) if cfg.imbalance == "pos_weight" else None
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / cfg.batch_size)
@@ -209,7 +307,8 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = max(1, steps_per_epoch * cfg.epochs)
     warmup = max(1, int(cfg.warmup_frac * total_steps))
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -236,12 +335,15 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
         state = ckpt["state"]
     else:
         torch.manual_seed(cfg.seed + 1)  # dropout stream, independent of init
+    # text-only models derive their flat heatmap from the cancer logit: nothing to teach
+    mil = cfg.heatmap_weight > 0 and model.image is not None
+    dense = cfg.lesion_weight > 0 and model.image is not None
     ddp: nn.Module = model
     if world > 1:
-        # the heatmap head (and the feature map it reads) has no loss yet: unused parameters
+        # without the MIL term, batches with no marked lesion leave the heatmap head unused
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
+            find_unused_parameters=model.image is not None and not mil)
 
     show = cfg.progress and is_main
     start_epoch = int(state["epoch"])
@@ -250,21 +352,30 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
             break
         t0 = time.time()
         train_set.set_epoch(epoch)
+        done = int(state.get("epoch_step", 0))  # batches of this epoch before a mid-epoch stop
         order = epoch_order(len(train_set), cfg.seed, epoch, weights, rank, world)
+        order = order[done * cfg.batch_size:]
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=order,
                             num_workers=cfg.num_workers,
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         ddp.train()
-        losses = []
+        losses: list[float] = list(state.get("epoch_losses", []))
         for i, batch in enumerate(_batches(loader, show, f"epoch {epoch + 1}/{cfg.epochs}",
-                                           steps_per_epoch)):
+                                           steps_per_epoch - done), start=done):
             if i >= steps_per_epoch:
                 break
             with autocast():
                 res = ddp(batch["image"].to(device), batch["input_ids"].to(device),
                           batch["attention_mask"].to(device))
                 logits = torch.stack([res["cancer_logit"], res["calcification_logit"]], 1)
-            loss = masked_bce(logits, batch["targets"].to(device), batch["known"].to(device), pw)
+            targets, known = batch["targets"].to(device), batch["known"].to(device)
+            loss = masked_bce(logits, targets, known, pw)
+            if mil:
+                loss = loss + cfg.heatmap_weight * heatmap_mil_loss(
+                    res["heatmap_logit"], targets, known, None if pw is None else pw[0])
+            if dense:
+                loss = loss + cfg.lesion_weight * lesion_heatmap_loss(
+                    res["heatmap_logit"], batch["lesion_boxes"], batch["lesion_count"])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -275,6 +386,14 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
             sched.step()
             state["step"] += 1
             losses.append(float(loss.detach()))
+            if (cfg.checkpoint_every and (i + 1) % cfg.checkpoint_every == 0
+                    and i + 1 < steps_per_epoch):
+                state["epoch_step"], state["epoch_losses"] = i + 1, losses
+                if is_main:
+                    save_last(out, model, opt, sched, scaler, state, cfg, summary)
+                if stop_after_step is not None and state["step"] >= stop_after_step:
+                    return {"state": state, "model": model, "out": out}
+        state["epoch_step"], state["epoch_losses"] = 0, []
         entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
                                  "seconds": round(time.time() - t0, 1)}
         improved = True
@@ -301,11 +420,8 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
             meta = {"config": asdict(cfg), "model_config": model.cfg.to_dict(),
                     "training_summary": summary}
             if improved:
-                torch.save({"model": _state(model), **meta, "epoch": epoch + 1}, out / BEST)
-            torch.save({"model": _state(model), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "state": state, **meta},
-                       out / LAST)
+                _save_atomic({"model": _state(model), **meta, "epoch": epoch + 1}, out / BEST)
+            save_last(out, model, opt, sched, scaler, state, cfg, summary)
             (out / "history.json").write_text(json.dumps(state, indent=2) + "\n",
                                               encoding="utf-8")
         if world > 1:

@@ -38,7 +38,10 @@ Per-view header fields that carry no label information (distractors, as in real 
 thickness, ``ExposureInuAs``, anode/filter by manufacturer, ``ViewPosition``,
 ``ImageLaterality``, ``PatientOrientation``, For Presentation.
 
-Image (stream ``(seed, exam, 1 + view index)``), ``shape`` (H, W) default 384 x 192, chest
+Geometry (stream ``(seed, exam, 200 + view index)``: breast outline, pectoral muscle, where the
+mass blobs and calcification dots lie) is drawn apart from the texture (stream
+``(seed, exam, 1 + view index)``), so every sample knows its lesion boxes (``Sample.lesions``,
+used to score the heatmap) without rendering. Image ``shape`` (H, W) default 384 x 192, chest
 wall on the left for L and on the right for R (standard display): a half-ellipse breast with a
 thickness fall-off towards the skin line, fibroglandular texture (thresholded band-pass noise
 whose fraction and brightness grow with density), a pectoral muscle triangle in MLO views, a
@@ -52,6 +55,7 @@ import csv
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +63,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from cadnode.dicom.views import ViewInfo
-from train.datasets.base import Sample
+from train.datasets.base import Lesion, Sample
 
 MANUFACTURERS: tuple[tuple[str, str, str, str], ...] = (
     # (Manufacturer, ManufacturerModelName, AnodeTargetMaterial, FilterMaterial)
@@ -170,16 +174,88 @@ def _add_local(img: np.ndarray, y: float, x: float, reach: float,
     img[r0:r1, c0:c1] += fn(yy * yy + xx * xx)
 
 
-def render_view(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> np.ndarray:
-    """uint16 (H, W) 12-bit image of one view of ``spec``."""
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Where things are in one view, drawn before any pixel (so lesions are known unrendered)."""
+
+    cy: float  # breast half-ellipse centre row, vertical and horizontal radii
+    ry: float
+    rx: float
+    pectoral: tuple[float, float] | None  # MLO: (width at the top, height at the chest wall)
+    mass: tuple[tuple[float, float, float, float], ...]  # blobs: (row, col, sigma, amplitude)
+    dots: tuple[tuple[float, float, float, float], ...]  # (row, col, radius, gain)
+
+
+def draw_geometry(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> ViewGeometry:
+    """Breast outline and finding positions of one view (stream ``(seed, exam, 200 + view)``).
+
+    Coordinates are on the chest-wall-left canvas that :func:`render_view` draws before it
+    mirrors right breasts; :func:`view_lesions` gives them on the final image.
+    """
     side, view = VIEWS[view_index]
+    rng = np.random.default_rng([cfg.seed, spec.index, 200 + view_index])
+    h, w = cfg.shape
+    cy = h * (0.5 + rng.uniform(-0.04, 0.04))
+    ry, rx = h * rng.uniform(0.36, 0.46), w * rng.uniform(0.7, 0.9)
+    pectoral = (w * rng.uniform(0.25, 0.4), h * rng.uniform(0.35, 0.5)) if view == "MLO" else None
+    mass: list[tuple[float, float, float, float]] = []
+    if spec.mass[side]:
+        my, mx = _point_inside(rng, cy, ry, rx)
+        sigma = rng.uniform(5.0, 8.0)
+        amp = rng.uniform(0.25, 0.35)
+        for _ in range(3):  # lobulated: a few overlapping blobs
+            oy, ox = rng.normal(0, sigma * 0.4, 2)
+            mass.append((my + oy, mx + ox, sigma * rng.uniform(0.7, 1.0), amp))
+    dots: list[tuple[float, float, float, float]] = []
+    if spec.cluster[side]:
+        ccy, ccx = _point_inside(rng, cy, ry, rx)
+        for _ in range(int(rng.integers(6, 13))):
+            py, px = ccy + rng.normal(0, 5.0), ccx + rng.normal(0, 5.0)
+            dots.append((py, px, rng.uniform(1.5, 2.5), rng.uniform(0.35, 0.5)))
+    return ViewGeometry(cy, ry, rx, pectoral, tuple(mass), tuple(dots))
+
+
+def view_lesions(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> list[Lesion]:
+    """Boxes of the drawn mass (blob centres +- 2 sigma) and cluster (dot extents), on the final
+    image grid. A mass is ``malignant`` when the noise-free cancer rule makes it so (age >= 60);
+    the cluster never is (it decides the calcification label, not the cancer label)."""
+    side = VIEWS[view_index][0]
+    geo = draw_geometry(cfg, spec, view_index)
+    w = cfg.shape[1]
+    out: list[Lesion] = []
+    parts = (("mass", [(r, c, 2.0 * s) for r, c, s, _ in geo.mass],
+              bool(cancer_rule(spec.mass[side], spec.age, cfg.cancer_min_age))),
+             ("calcification", [(r, c, rad) for r, c, rad, _ in geo.dots], False))
+    for kind, blobs, malignant in parts:
+        if not blobs:
+            continue
+        x0 = min(c - e for _, c, e in blobs)
+        x1 = max(c + e for _, c, e in blobs)
+        y0 = min(r - e for r, _, e in blobs)
+        y1 = max(r + e for r, _, e in blobs)
+        if side == "R":  # the canvas is mirrored for right breasts
+            x0, x1 = w - 1 - x1, w - 1 - x0
+        out.append(Lesion(kind, (x0, y0, x1, y1), malignant))
+    return out
+
+
+def _gaussian(d2: np.ndarray, sigma: float, amp: float) -> np.ndarray:
+    return amp * np.exp(-d2 / (2 * sigma * sigma))
+
+
+def _disc(d2: np.ndarray, radius: float, gain: float) -> np.ndarray:
+    return np.where(d2 <= radius * radius, gain, 0.0)
+
+
+def render_view(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> np.ndarray:
+    """uint16 (H, W) 12-bit image of one view (texture stream ``(seed, exam, 1 + view)``)."""
+    side, _ = VIEWS[view_index]
+    geo = draw_geometry(cfg, spec, view_index)
     rng = np.random.default_rng([cfg.seed, spec.index, 1 + view_index])
     h, w = cfg.shape
     rows = np.arange(h, dtype=np.float64)[:, None]
     cols = np.arange(w, dtype=np.float64)[None, :]
-    cy = h * (0.5 + rng.uniform(-0.04, 0.04))
-    ry, rx = h * rng.uniform(0.36, 0.46), w * rng.uniform(0.7, 0.9)
-    r2 = ((rows - cy) / ry) ** 2 + (cols / rx) ** 2
+    r2 = ((rows - geo.cy) / geo.ry) ** 2 + (cols / geo.rx) ** 2
     inside = r2 < 1.0
     profile = np.sqrt(np.clip(1.0 - r2, 0.0, 1.0))
     img = 0.35 + 0.2 * np.sqrt(profile)
@@ -189,27 +265,13 @@ def render_view(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> np.nda
     threshold = (1.2, 0.6, 0.0, -0.6)[d]
     gland = 1.0 / (1.0 + np.exp(-(tex - threshold) * 2.5))
     img += (0.08 + 0.04 * d) * gland * np.sqrt(profile)
-    if view == "MLO":  # pectoral muscle: bright triangle in the upper chest-wall corner
-        a, b = w * rng.uniform(0.25, 0.4), h * rng.uniform(0.35, 0.5)
+    if geo.pectoral is not None:  # pectoral muscle: bright triangle in the upper chest-wall corner
+        a, b = geo.pectoral
         img += 0.15 * ((cols < a * (1.0 - rows / b)) & inside)
-
-    if spec.mass[side]:
-        my, mx = _point_inside(rng, cy, ry, rx)
-        sigma = rng.uniform(5.0, 8.0)
-        amp = rng.uniform(0.25, 0.35)
-        for _ in range(3):  # lobulated: a few overlapping blobs
-            oy, ox = rng.normal(0, sigma * 0.4, 2)
-            s = sigma * rng.uniform(0.7, 1.0)
-            _add_local(img, my + oy, mx + ox, 4.0 * s,
-                       lambda d2, s=s: amp / 2 * np.exp(-d2 / (2 * s * s)))
-    if spec.cluster[side]:
-        ccy, ccx = _point_inside(rng, cy, ry, rx)
-        for _ in range(int(rng.integers(6, 13))):
-            py, px = ccy + rng.normal(0, 5.0), ccx + rng.normal(0, 5.0)
-            rad = rng.uniform(1.5, 2.5)
-            gain = rng.uniform(0.35, 0.5)
-            _add_local(img, py, px, rad + 1.0,
-                       lambda d2, r=rad, g=gain: np.where(d2 <= r * r, g, 0.0))
+    for my, mx, s, amp in geo.mass:
+        _add_local(img, my, mx, 4.0 * s, partial(_gaussian, sigma=s, amp=amp / 2))
+    for py, px, rad, gain in geo.dots:
+        _add_local(img, py, px, rad + 1.0, partial(_disc, radius=rad, gain=gain))
 
     img = np.where(inside, img, 0.02) + rng.normal(0.0, 0.008, cfg.shape)
     pix = np.clip(img * 3000.0 + 60.0, 0, 4095).astype(np.uint16)
@@ -276,7 +338,7 @@ def generate(cfg: SyntheticConfig) -> Iterator[Sample]:
                 view=ViewInfo(side, view, True, "ViewPosition+ImageLaterality"),
                 cancer=spec.cancer[side], calcification=spec.calcification[side],
                 patient_id=str(header.PatientID), exam_id=str(header.StudyInstanceUID),
-                density=spec.density,
+                density=spec.density, lesions=view_lesions(cfg, spec, view_index),
                 groups={"manufacturer": MANUFACTURERS[spec.manufacturer][0].split()[0].strip(","),
                         "age_band": age_band(spec.age)})
 

@@ -74,6 +74,16 @@ class PreparedImage:
             xc = cw - 1 - xc
         return c0 + xc, r0 + yc
 
+    def to_model(self, x: float, y: float) -> tuple[float, float]:
+        """Original-grid point (column, row) -> model grid (the inverse of :meth:`to_original`)."""
+        h, w = self.array.shape
+        r0, c0, r1, c1 = self.crop
+        cw, ch = c1 - c0, r1 - r0
+        xc, yc = x - c0, y - r0
+        if self.flipped:
+            xc = cw - 1 - xc
+        return (xc + 0.5) * w / cw - 0.5, (yc + 0.5) * h / ch - 0.5
+
 
 def _ts_name(ds: Dataset) -> str:
     try:
@@ -424,3 +434,25 @@ def heatmap_to_original(
     bot = hm[y1][:, x0] * (1 - wx) + hm[y1][:, x1] * wx
     out = top * (1 - wy) + bot * wy
     return np.where(valid, out, 0.0).astype(np.float32)
+
+
+def peak_and_outline(
+    heat: np.ndarray, prepared: PreparedImage
+) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """The heatmap peak and the box of cells above half of it, on the original pixel grid."""
+    h, w = heat.shape
+    H, W = prepared.array.shape
+    sy, sx = H / h, W / w
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    centre = prepared.to_original((c + 0.5) * sx - 0.5, (r + 0.5) * sy - 0.5)
+    rows, cols = np.nonzero(heat >= heat[r, c] * 0.5)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    corners = [(c0, r0), (c1, r0), (c1, r1), (c0, r1)]
+    outline = [prepared.to_original(x * sx - 0.5, y * sy - 0.5) for x, y in corners]
+    rows_o, cols_o = prepared.original_shape
+
+    def clip(p: tuple[float, float]) -> tuple[float, float]:
+        return (min(max(p[0], 0.0), cols_o - 1.0), min(max(p[1], 0.0), rows_o - 1.0))
+
+    outline = [clip(p) for p in outline]
+    return clip(centre), outline + [outline[0]]

@@ -17,7 +17,13 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from cadnode.config import Settings
-from cadnode.dicom.pixels import PixelDecodeError, PreparedImage, heatmap_to_original, prepare_image
+from cadnode.dicom.pixels import (
+    PixelDecodeError,
+    PreparedImage,
+    heatmap_to_original,
+    peak_and_outline,
+    prepare_image,
+)
 from cadnode.dicom.spool import write_durably
 from cadnode.dicom.views import ViewInfo, detect_view, select_views
 from cadnode.jobs.db import Database, Instance
@@ -51,28 +57,6 @@ def load_model(settings: Settings) -> tuple[Engine, ClinicalTokenizer]:
     package = Path(settings.model) if settings.model else DEFAULT_MODEL_PACKAGE
     engine = load_engine(package, settings.backend)
     return engine, ClinicalTokenizer.from_file(package / "tokenizer.json")
-
-
-def peak_and_outline(
-    heat: np.ndarray, prepared: PreparedImage
-) -> tuple[tuple[float, float], list[tuple[float, float]]]:
-    """The heatmap peak and the box of cells above half of it, on the original pixel grid."""
-    h, w = heat.shape
-    H, W = prepared.array.shape
-    sy, sx = H / h, W / w
-    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    centre = prepared.to_original((c + 0.5) * sx - 0.5, (r + 0.5) * sy - 0.5)
-    rows, cols = np.nonzero(heat >= heat[r, c] * 0.5)
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    corners = [(c0, r0), (c1, r0), (c1, r1), (c0, r1)]
-    outline = [prepared.to_original(x * sx - 0.5, y * sy - 0.5) for x, y in corners]
-    rows_o, cols_o = prepared.original_shape
-
-    def clip(p: tuple[float, float]) -> tuple[float, float]:
-        return (min(max(p[0], 0.0), cols_o - 1.0), min(max(p[1], 0.0), rows_o - 1.0))
-
-    outline = [clip(p) for p in outline]
-    return clip(centre), outline + [outline[0]]
 
 
 class _Stopwatch:

@@ -26,7 +26,7 @@ from train.datasets import (
     rsna,
     vindr,
 )
-from train.datasets.base import Sample
+from train.datasets.base import Lesion, Sample  # noqa: E402
 
 MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
@@ -209,6 +209,10 @@ def test_vindr_labels_from_birads_and_findings(tmp_path: Path) -> None:
     assert path_of(png).suffix == ".png" and png.cancer is None  # BI-RADS 0: incomplete
     assert png.groups["split"] == "test" and png.header.ViewPosition == "MLO"
     assert [s.exam_id for s in vindr.load(tmp_path, split="test")] == ["s2"]
+    # finding boxes become lesions; BI-RADS 4 findings are the malignant ones
+    assert lcc.lesions == [Lesion("calcification", (1.0, 2.0, 10.0, 12.0), True)]
+    assert samples[("s1", "L-MLO")].lesions == [Lesion("mass", (1.0, 2.0, 10.0, 12.0), True)]
+    assert samples[("s1", "R-CC")].lesions == []  # "No Finding" has no box
     # The documented rule at its edges: 3 (probably benign) is 0, 4 is 1, 0 is unknown.
     assert [vindr.cancer_from_birads(b) for b in (None, 0, 1, 2, 3, 4, 5, 6)] == [
         None, None, 0, 0, 0, 1, 1, 1]
@@ -218,6 +222,10 @@ def test_vindr_without_findings_and_malformed(tmp_path: Path) -> None:
     vindr_tree(tmp_path, [["s1", "se1", "a4", "R", "MLO", 64, 32, "BI-RADS 1", "DENSITY C",
                            "['Mass'", "", "", "", "", "", "training"]])
     with pytest.raises(DatasetError, match=r"finding_annotations\.csv, line 5: .*not a list"):
+        vindr.load(tmp_path)
+    vindr_tree(tmp_path, [["s1", "se1", "a4", "R", "MLO", 64, 32, "BI-RADS 1", "DENSITY C",
+                           "['Mass']", "BI-RADS 3", 5, 5, "", 9, "training"]])
+    with pytest.raises(DatasetError, match=r"line 5: xmin, ymin, xmax and ymax must all"):
         vindr.load(tmp_path)
     (tmp_path / "finding_annotations.csv").unlink()
     assert {s.calcification for s in vindr.load(tmp_path)} == {None}
@@ -527,3 +535,37 @@ def test_dicom_files_written_here_are_real_mg_images(tmp_path: Path) -> None:
     assert back.SOPInstanceUID == ds.SOPInstanceUID
     write_png(tmp_path / "x.png")
     assert np.asarray(Image.open(tmp_path / "x.png")).shape == (64, 32)
+
+
+def test_cbis_ddsm_roi_masks_become_lesions(tmp_path: Path) -> None:
+    """``lesions=True``: each abnormality's ROI mask (found beside a same-folder crop, which the
+    CSV may name instead) gives its box on the full image; pathology decides malignant."""
+    cbis_tree(tmp_path)
+    roi = "Mass-Training_P_00001_LEFT_CC_1"
+    folder = tmp_path / roi / "07-20-2016-DDSM-74994"
+    mask = np.zeros((64, 32), dtype=np.uint16)
+    mask[40:50, 5:12] = 255
+    ds = write_dicom(folder / "1.000000-ROI mask images-2" / "1-2.dcm", PatientID=roi)
+    ds.PixelData = mask.tobytes()
+    ds.save_as(folder / "1.000000-ROI mask images-2" / "1-2.dcm", enforce_file_format=True)
+    crop = write_dicom(folder / "1.000000-cropped images-3" / "1-1.dcm", PatientID=roi)
+    crop.Rows, crop.Columns = 16, 8  # the cropped lesion: not the full image's size
+    crop.PixelData = np.ones((16, 8), dtype=np.uint16).tobytes()
+    crop.save_as(folder / "1.000000-cropped images-3" / "1-1.dcm", enforce_file_format=True)
+    for name in ("mass_case_description_train_set.csv", "calc_case_description_train_set.csv"):
+        rows = list(csv.reader((tmp_path / name).read_text().splitlines()))
+        for r in rows[1:]:
+            r[-1] = f"{roi}/1.3/1.4/000001.dcm"  # every row's mask: the one above
+        write_csv(tmp_path / name, rows[0], rows[1:])
+    (tmp_path / "Mass-Test_P_00003_RIGHT_CC").rename(tmp_path / "gone")  # keep P_00001 only
+    samples = by_key(cbis_ddsm.load(tmp_path, lesions=True, on_error="skip"))
+    lcc = samples[("P_00001", "L-CC")]
+    box = (5.0, 40.0, 11.0, 49.0)
+    assert sorted((les.kind, les.box, les.malignant) for les in lcc.lesions) == [
+        ("calcification", box, False), ("mass", box, False), ("mass", box, True)]
+    assert all(not s.lesions for s in cbis_ddsm.load(tmp_path, on_error="skip"))  # opt-in
+    mask[:] = 0
+    ds.PixelData = mask.tobytes()
+    ds.save_as(folder / "1.000000-ROI mask images-2" / "1-2.dcm", enforce_file_format=True)
+    with pytest.raises(DatasetError, match="ROI mask .* is empty"):
+        cbis_ddsm.load(tmp_path, lesions=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -239,16 +238,14 @@ def test_heatmap_to_original_lands_on_blob(side: str) -> None:
     assert full.sum() == pytest.approx(inner_r.sum() * inner_c.sum(), rel=0.02)
 
 
-def test_real_rle_orientation_and_speed() -> None:
-    """Headers are right on the real films: after preparation, the chest wall is on the left."""
+def test_real_rle_orientation() -> None:
+    """Headers are right on the real films: after preparation, the chest wall is on the left.
+    (Its speed is measured in tests/bench/bench_pipeline.py, not asserted here.)"""
     for path in _real_rle_paths():
         ds = pydicom.dcmread(path)
         info = detect_view(ds)
         pixels = decode_pixels(ds)
-        start = time.perf_counter()
         prep = prepare_image(ds, (1024, 640), info.laterality, pixels=pixels)
-        elapsed = time.perf_counter() - start
-        assert elapsed < 1.0, elapsed
         assert prep.flipped is (info.laterality == "R")
         assert prep.array[:, :320].mean() > 1.5 * prep.array[:, 320:].mean(), path
         # Without a laterality the image itself decides, and agrees.

@@ -23,8 +23,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cadnode.dicom.pixels import heatmap_to_original, prepare_image
-from cadnode.jobs.worker import peak_and_outline
+from cadnode.dicom.pixels import heatmap_to_original, peak_and_outline, prepare_image
 from cadnode.results import BUILDERS
 from cadnode.results.cad_sr import build_cad_sr
 from cadnode.results.findings import StudyFindings, ViewFinding

