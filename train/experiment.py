@@ -202,6 +202,11 @@ def _cell(m: dict[str, Any]) -> str:
     return f"{m['auroc']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _pointing(report: dict[str, Any]) -> str:
+    loc = report.get("localisation")
+    return "n/a" if not loc else f"{loc['pointing_accuracy']:.3f} ({loc['chance']:.3f})"
+
+
 def ablation_verdict(reports: dict[str, dict[str, Any]], level: str = "view"
                      ) -> dict[str, dict[str, Any]]:
     """Per task: is fused above both unimodal models, with a CI clear of the better one?"""
@@ -235,10 +240,12 @@ def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
     levels: dict[str, Any] = {}
     table = {"levels": levels, "train_seconds": seconds, "total_seconds": total,
              "verdict": verdict, "data": exp.summary, "config": config,
+             "localisation": {n: r.get("localisation") for n, r in reports.items()},
              "passed": all(v["pass"] for v in verdict.values())}
     lines = ["| model | cancer AUROC [95% CI] | calcification AUROC [95% CI] | "
-             "cancer sens@spec0.9 | calc. sens@spec0.9 | cancer pF1 | train s |",
-             "|---|---|---|---|---|---|---|"]
+             "cancer sens@spec0.9 | calc. sens@spec0.9 | cancer pF1 | heatmap pointing "
+             "(chance) | train s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         view = rep["levels"]["view"]
         levels[name] = {lvl: {t: {k: m[k] for k in ("auroc", "auroc_ci95", "pf1",
@@ -248,7 +255,7 @@ def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
         lines.append(f"| {name} | {_cell(view['cancer'])} | {_cell(view['calcification'])} | "
                      f"{view['cancer']['sensitivity_at_specificity']['0.9']:.3f} | "
                      f"{view['calcification']['sensitivity_at_specificity']['0.9']:.3f} | "
-                     f"{view['cancer']['pf1']:.3f} | {seconds[name]:.0f} |")
+                     f"{view['cancer']['pf1']:.3f} | {_pointing(rep)} | {seconds[name]:.0f} |")
     breast = ["", "Breast level (max over the breast's views, `cadnode.runtime.scoring`):", "",
               "| model | cancer AUROC [95% CI] | calcification AUROC [95% CI] |", "|---|---|---|"]
     for name, rep in reports.items():
