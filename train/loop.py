@@ -154,9 +154,9 @@ def heatmap_mil_loss(heat_logit: torch.Tensor, targets: torch.Tensor, known: tor
     """Multiple-instance loss that teaches the heatmap where the cancer is from view labels only.
 
     A view is a bag of heatmap cells: it is positive when some cell is, so the pooled (smooth
-    maximum) cell logit is trained as a cancer logit. Gradient then flows mostly into the cells
-    that already stand out, which the image has to earn; negatives push every cell down. No
-    lesion outlines are needed, so every dataset adapter can train it.
+    maximum) cell logit is trained as a cancer logit. Gradient flows mostly into the cells that
+    already stand out: positives raise them, negatives lower them (the highest most). No lesion
+    outlines are needed, so every dataset adapter can train it.
     """
     pooled = lse_pool(heat_logit)
     return F.binary_cross_entropy_with_logits(pooled, targets[:, 0], weight=known[:, 0],
