@@ -201,9 +201,7 @@ def heatmap_hit(heat: np.ndarray, prepared: PreparedImage,
         return any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in grown)
 
     (px, py), _ = peak_and_outline(heat, prepared)
-    H, W = prepared.array.shape
-    cells = [prepared.to_original((c + 0.5) * W / w - 0.5, (r + 0.5) * H / h - 0.5)
-             for r in range(h) for c in range(w)]
+    cells = [prepared.cell_centre(r, c, (h, w)) for r in range(h) for c in range(w)]
     return inside(px, py), float(np.mean([inside(x, y) for x, y in cells]))
 
 

@@ -74,6 +74,12 @@ class PreparedImage:
             xc = cw - 1 - xc
         return c0 + xc, r0 + yc
 
+    def cell_centre(self, row: int, col: int, grid: tuple[int, int]) -> tuple[float, float]:
+        """Centre of cell (row, col) of a coarse ``grid`` (h, w) over the model input, on the
+        original grid (column, row): where a heatmap cell lies in the source image."""
+        h, w = self.array.shape
+        return self.to_original((col + 0.5) * w / grid[1] - 0.5, (row + 0.5) * h / grid[0] - 0.5)
+
     def to_model(self, x: float, y: float) -> tuple[float, float]:
         """Original-grid point (column, row) -> model grid (the inverse of :meth:`to_original`)."""
         h, w = self.array.shape
@@ -444,7 +450,7 @@ def peak_and_outline(
     H, W = prepared.array.shape
     sy, sx = H / h, W / w
     r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    centre = prepared.to_original((c + 0.5) * sx - 0.5, (r + 0.5) * sy - 0.5)
+    centre = prepared.cell_centre(int(r), int(c), (h, w))
     rows, cols = np.nonzero(heat >= heat[r, c] * 0.5)
     r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     corners = [(c0, r0), (c1, r0), (c1, r1), (c0, r1)]

@@ -115,12 +115,9 @@ def test_heatmap_pointing_game_on_the_source_grid() -> None:
     box = (80.0, 150.0, 90.0, 160.0)  # (x0, y0, x1, y1) on the stored image
     heat = np.zeros((8, 4), dtype=np.float32)
     # find the model cell whose centre maps into the box, the way the node maps peaks
-    H, W = prepared.array.shape
-    target = next((r, c) for r in range(8) for c in range(4)
-                  if box[0] - 10 <= prepared.to_original((c + .5) * W / 4 - .5,
-                                                         (r + .5) * H / 8 - .5)[0] <= box[2] + 10
-                  and box[1] - 10 <= prepared.to_original((c + .5) * W / 4 - .5,
-                                                          (r + .5) * H / 8 - .5)[1] <= box[3] + 10)
+    centres = {(r, c): prepared.cell_centre(r, c, (8, 4)) for r in range(8) for c in range(4)}
+    target = next(cell for cell, (x, y) in centres.items()
+                  if box[0] - 10 <= x <= box[2] + 10 and box[1] - 10 <= y <= box[3] + 10)
     heat[target] = 1.0
     hit, chance = heatmap_hit(heat, prepared, [box])
     assert hit and 0.0 < chance < 0.2
