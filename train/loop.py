@@ -264,14 +264,18 @@ def _save_atomic(blob: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _weights(model: FusedVLM, cfg: TrainConfig, summary: str) -> dict[str, Any]:
+    """What every checkpoint holds: weights and what is needed to rebuild and describe them."""
+    return {"model": _state(model), "config": asdict(cfg), "model_config": model.cfg.to_dict(),
+            "training_summary": summary}
+
+
 def save_last(out: Path, model: FusedVLM, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
               state: dict[str, Any], cfg: TrainConfig, summary: str) -> None:
     """The resume point: weights, optimiser, schedule, scaler, dropout RNG and loop state."""
-    _save_atomic({"model": _state(model), "optimizer": opt.state_dict(),
+    _save_atomic({**_weights(model, cfg, summary), "optimizer": opt.state_dict(),
                   "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                  "torch_rng": torch.get_rng_state(), "state": state, "config": asdict(cfg),
-                  "model_config": model.cfg.to_dict(), "training_summary": summary},
-                 out / LAST)
+                  "torch_rng": torch.get_rng_state(), "state": state}, out / LAST)
 
 
 def build_model(cfg: TrainConfig) -> FusedVLM:
@@ -417,10 +421,8 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
             state["stopped_early"] = True
         if is_main:
             print(json.dumps(entry), file=sys.stderr, flush=True)
-            meta = {"config": asdict(cfg), "model_config": model.cfg.to_dict(),
-                    "training_summary": summary}
             if improved:
-                _save_atomic({"model": _state(model), **meta, "epoch": epoch + 1}, out / BEST)
+                _save_atomic({**_weights(model, cfg, summary), "epoch": epoch + 1}, out / BEST)
             save_last(out, model, opt, sched, scaler, state, cfg, summary)
             (out / "history.json").write_text(json.dumps(state, indent=2) + "\n",
                                               encoding="utf-8")

@@ -72,6 +72,7 @@ class _View:
     calcification: int = 0
     types: set[str] = field(default_factory=set)
     lesions: list[Lesion] = field(default_factory=list)
+    shape: tuple[int, int] | None = None  # (rows, columns), read once when lesions are wanted
 
 
 def case_files(root: Path) -> list[Path]:
@@ -116,23 +117,22 @@ def _mask_pixels(path: Path) -> np.ndarray:
     return decode_pixels(pydicom.dcmread(path))
 
 
-def _image_shape(path: Path) -> tuple[int, int]:
+def _image_shape(path: Path, row: Row) -> tuple[int, int]:
     if image_kind(path) == "png":
         with Image.open(path) as im:
             return im.height, im.width
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = read_header(path, row)
     return int(ds.Rows), int(ds.Columns)
 
 
-def roi_box(row: Row, root: Path, image: Path) -> tuple[float, float, float, float]:
+def roi_box(row: Row, root: Path, shape: tuple[int, int]) -> tuple[float, float, float, float]:
     """Bounding box (x0, y0, x1, y1) of the row's ROI mask on the full mammogram's grid.
 
     The CSV's mask path is looked up like the image path; in a TCIA folder (which also holds the
     cropped lesion, and the CSV is known to swap the two) the mask is the file with the full
-    image's size.
+    image's ``shape`` (rows, columns).
     """
     rel = row.require("ROI mask file path").strip().replace("\\", "/")
-    shape = _image_shape(image)
     candidates: list[Path] = []
     for base in (root, root / "CBIS-DDSM"):
         path = base / rel
@@ -141,12 +141,12 @@ def roi_box(row: Row, root: Path, image: Path) -> tuple[float, float, float, flo
         if folder.is_dir():
             candidates += sorted(f for f in folder.rglob("*")
                                  if f.is_file() and image_kind(f) != "other")
-    masks = [c for c in dict.fromkeys(candidates) if _image_shape(c) == shape]
-    if not masks:
+    mask = next((c for c in dict.fromkeys(candidates) if _image_shape(c, row) == shape), None)
+    if mask is None:
         raise row.error(f"ROI mask not found or not the image's size {shape}: {rel!r}")
-    rows, cols = np.nonzero(_mask_pixels(masks[0]))
+    rows, cols = np.nonzero(_mask_pixels(mask))
     if rows.size == 0:
-        raise row.error(f"ROI mask {masks[0]} is empty")
+        raise row.error(f"ROI mask {mask} is empty")
     return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
 
 
@@ -193,7 +193,9 @@ def load(root: Path, *, files: Iterable[Path | str] | None = None, lesions: bool
                     entry = _View(row, image, side, view, density, _split_of(path))
                     views[key] = entry
                 if lesions:
-                    entry.lesions.append(Lesion(kind, roi_box(row, root, entry.image),
+                    if entry.shape is None:
+                        entry.shape = _image_shape(entry.image, row)
+                    entry.lesions.append(Lesion(kind, roi_box(row, root, entry.shape),
                                                 pathology == "MALIGNANT"))
             except DatasetError as exc:
                 problems.add(exc)
