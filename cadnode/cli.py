@@ -22,15 +22,18 @@ def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
         logs = settings.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logs / "cadnode.log"))
+    # Third-party libraries (pynetdicom's PDUs, highdicom's template chatter, APScheduler's
+    # runs) log at WARNING and above; cadnode's own loggers at the configured level.
     logging.basicConfig(
-        level=getattr(logging, (settings.log_level if settings else level).upper()),
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         handlers=handlers,
         force=True,
     )
-    # pynetdicom logs every PDU at INFO; keep its chatter to warnings.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("cadnode").setLevel((settings.log_level if settings else level).upper())
+    # A poll that finds the previous one still running is skipped by design (coalescing);
+    # APScheduler warns about each skip, which tells an admin nothing.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def open_database(settings: Settings) -> Any:
@@ -102,6 +105,21 @@ def _fmt_scores(job: dict[str, Any] | None) -> str:
     )
 
 
+def _state_note(job: dict[str, Any]) -> str:
+    """Why a study is failed or done-partial, in a few words."""
+    if job.get("error"):
+        return f" ({job['error'][:40]})"
+    scores = job.get("scores") or {}
+    notes = []
+    missing = (scores.get("selection") or {}).get("missing") or {}
+    if missing:
+        notes.append("missing " + ",".join(missing))
+    failed = scores.get("failed_views") or {}
+    if failed:
+        notes.append("unreadable " + ",".join(failed))
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = ["STUDY", "STATE", "VIEWS", "SCORES", "SENT", "RECEIVED", "FINISHED"]
     lines = [header]
@@ -111,7 +129,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         total = sum(d.values())
         lines.append([
             "…" + r["study_uid"][-20:] if len(r["study_uid"]) > 21 else r["study_uid"],
-            r["state"] + (f" ({job['error'][:40]})" if job.get("error") else ""),
+            r["state"] + _state_note(job),
             ",".join(r["views"]) or "-",
             _fmt_scores(job),
             (f"{d.get('sent', 0)}/{total}" + (f" ({d['dead']} dead)" if d.get("dead") else ""))

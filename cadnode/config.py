@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cadnode.dicom.selection import ImplantPolicy
+from cadnode.results.enum import ResultKind
 from cadnode.uid import is_valid_uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 BACKENDS: tuple[str, ...] = ("onnxruntime",)  # the engines cadnode.runtime.load_engine knows
-#: The result objects the node writes (cadnode.results.BUILDERS has one builder for each).
-RESULT_KINDS = ("cad_sr", "tid1500", "sc", "gsps")
 
 
 class SettingsError(ValueError):
@@ -33,12 +33,12 @@ class Destination:
     ae_title: str
     host: str
     port: int
-    kinds: tuple[str, ...] = ()  # result kinds this destination takes; empty: all
+    kinds: tuple[ResultKind, ...] = ()  # result kinds this destination takes; empty: all
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
-    def takes(self, kind: str) -> bool:
+    def takes(self, kind: ResultKind | str) -> bool:
         return not self.kinds or kind in self.kinds
 
 
@@ -57,6 +57,7 @@ class Settings:
     poll_seconds: float = 1.0
     lease_seconds: float = 600.0
     max_attempts: int = 3
+    implant_views: str = ImplantPolicy.FALLBACK.value  # which view is read when ID views exist
     uid_root: str = ""  # empty: the results package's default root
     log_level: str = "INFO"
     # who may connect
@@ -74,6 +75,10 @@ class Settings:
     delivery_max_attempts: int = 20  # then the delivery is dead-lettered until an admin retries
     retry_base_seconds: float = 5.0
     retry_cap_seconds: float = 300.0
+
+    @property
+    def implant_policy(self) -> ImplantPolicy:
+        return ImplantPolicy(self.implant_views)
 
     @property
     def spool_dir(self) -> Path:
@@ -98,11 +103,13 @@ def parse_destinations(text: str, name: str = "CADNODE_DESTINATIONS") -> tuple[D
         if not m:
             raise SettingsError(f"{name}: {item!r} is not AE@host:port[/kind+kind]")
         ae, host, port = m.group(1), m.group(2).strip("[]"), int(m.group(3))
-        kinds = tuple(m.group(4).split("+")) if m.group(4) else ()
-        unknown = [k for k in kinds if k not in RESULT_KINDS]
+        names = tuple(m.group(4).split("+")) if m.group(4) else ()
+        known = [k.value for k in ResultKind]
+        unknown = [k for k in names if k not in known]
         if unknown:
             raise SettingsError(f"{name}: unknown result kind(s) {', '.join(unknown)} in "
-                                f"{item!r}; known: {'+'.join(RESULT_KINDS)}")
+                                f"{item!r}; known: {'+'.join(known)}")
+        kinds = tuple(ResultKind(k) for k in names)
         _check_ae(ae, name)
         _check_port(port, name)
         out.append(Destination(ae, host, port, kinds))
@@ -206,6 +213,10 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"CADNODE_MODEL: {s.model} is not a model package folder")
     if s.max_attempts < 1:
         raise SettingsError("CADNODE_MAX_ATTEMPTS: must be at least 1")
+    policies = [p.value for p in ImplantPolicy]
+    if s.implant_views not in policies:
+        raise SettingsError(f"CADNODE_IMPLANT_VIEWS: {s.implant_views!r} is not one of "
+                            f"{', '.join(policies)}")
     if s.uid_root and (not is_valid_uid(s.uid_root) or len(s.uid_root) > 40):
         raise SettingsError(f"CADNODE_UID_ROOT: {s.uid_root!r} is not a UID root (<= 40 chars)")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -19,9 +19,11 @@ from typing import Any
 
 import pydicom
 from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import _STORAGE_CLASSES as _STORAGE_BY_NAME
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cadnode.config import Settings
+from cadnode.dicom.selection import acquisition_datetime
 from cadnode.dicom.spool import (
     InstanceConflict,
     SpoolError,
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 ACCEPTED_SOP_CLASSES = (MG_FOR_PRESENTATION, MG_FOR_PROCESSING)
+_STORAGE_CLASSES = frozenset(_STORAGE_BY_NAME.values())  # every storage SOP class UID
 
 # pynetdicom, as acceptor, takes the first syntax of *its* list that the requestor offers: put the
 # compressed ones and Explicit VR first so that senders never have to decompress or convert.
@@ -139,7 +142,7 @@ class Listener:
         tempfile.tempdir = str(self.incoming)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._handle_store),
-            (evt.EVT_C_ECHO, lambda e: SUCCESS),
+            (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_RELEASED, self._handle_ended),
             (evt.EVT_ABORTED, self._handle_ended),
@@ -157,17 +160,21 @@ class Listener:
 
         The sender gives up locally on a refused presentation context, so this is the only trace
         a PACS admin gets. Senders such as storescu propose dozens of classes they never use,
-        so an association that did send us something says nothing here.
+        and PACS such as Orthanc propose query/retrieve classes beside Verification for a plain
+        C-ECHO, so only an association that asked nothing at all and was refused a storage
+        class is reported.
         """
         assoc = event.assoc
-        if getattr(assoc, "cadnode_stores", 0) or not assoc.is_acceptor:
+        if getattr(assoc, "cadnode_requests", 0) or not assoc.is_acceptor:
             return
         refused = sorted({pydicom.uid.UID(str(cx.abstract_syntax)).name
-                          for cx in assoc.rejected_contexts})
+                          for cx in assoc.rejected_contexts
+                          if str(cx.abstract_syntax) in _STORAGE_CLASSES})
         if refused:
             rq = assoc.requestor
             self._report(f"association from {str(rq.ae_title).strip()}@{rq.address} sent "
-                         f"nothing we accept; SOP class(es) refused: {', '.join(refused)}")
+                         f"nothing we accept; storage SOP class(es) refused: "
+                         f"{', '.join(refused)}")
 
     def _handle_rejected(self, event: Any) -> None:
         """Say who was turned away and why; pynetdicom has already answered A-ASSOCIATE-RJ."""
@@ -200,9 +207,17 @@ class Listener:
         self._report(f"C-STORE refused (0x{status:04X}): {message}", study_uid)
         return status
 
+    @staticmethod
+    def _count_request(event: Any) -> None:
+        event.assoc.cadnode_requests = getattr(event.assoc, "cadnode_requests", 0) + 1
+
+    def _handle_echo(self, event: Any) -> int:
+        self._count_request(event)
+        return SUCCESS
+
     def _handle_store(self, event: Any) -> int:
         tmp = Path(event.dataset_path)
-        event.assoc.cadnode_stores = getattr(event.assoc, "cadnode_stores", 0) + 1
+        self._count_request(event)
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         size = tmp.stat().st_size
         if size > self.policy.max_instance_bytes:
@@ -245,6 +260,7 @@ class Listener:
                 accession=str(ds.get("AccessionNumber", "")),
                 calling_ae=calling_ae,
                 view=detect_view(ds),
+                acquired=acquisition_datetime(ds),
             )
             self.on_stored(stored)
         except InstanceConflict as exc:

@@ -29,6 +29,8 @@ from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
+from cadnode.dicom.views import chest_wall_on_right, orientation_directions
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "PixelDecodeError",
@@ -50,7 +52,14 @@ _ERODE = 2  # erosion steps on the mask grid before taking the largest component
 
 
 class PixelDecodeError(Exception):
-    """The pixel data cannot (or must not) be decoded; the message names the transfer syntax."""
+    """The pixel data cannot (or must not) be decoded; the message names the transfer syntax.
+
+    ``summary`` is one line for a report reader; the message may carry every decoder's error.
+    """
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or message.splitlines()[0][:200]
 
 
 @dataclass(frozen=True)
@@ -210,7 +219,8 @@ def decode_pixels(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
             log.info("decoded with GDCM's reader after pydicom failed: %s", exc)
         except Exception as exc2:  # noqa: BLE001
             raise PixelDecodeError(
-                f"cannot decode pixel data in {ts_name}: {exc}; GDCM: {exc2}"
+                f"cannot decode pixel data in {ts_name}: {exc}; GDCM: {exc2}",
+                f"the pixel data could not be decoded ({ts_name})",
             ) from exc2
     if arr.ndim == 3:  # colour secondary capture: luminance
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
@@ -298,15 +308,9 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _chest_wall_on_right(ds: Dataset, mask: np.ndarray, laterality: str | None) -> bool:
-    try:
-        po = [str(v).strip().upper() for v in ds.get("PatientOrientation") or []]
-    except Exception:  # noqa: BLE001
-        po = []
-    if len(po) == 2 and po[0] and set(po[0]) <= set("APLRHF"):
-        if "A" in po[0] and "P" not in po[0]:
-            return False
-        if "P" in po[0] and "A" not in po[0]:
-            return True
+    from_header = chest_wall_on_right(orientation_directions(ds))
+    if from_header is not None:
+        return from_header
     if laterality in ("L", "R"):
         return laterality == "R"
     half = mask.shape[1] // 2

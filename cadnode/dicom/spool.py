@@ -42,6 +42,7 @@ class StoredInstance:
     accession: str
     calling_ae: str
     view: ViewInfo
+    acquired: str = ""  # cadnode.dicom.selection.acquisition_datetime of the header
 
 
 def spool_path(root: Path, study_uid: str, sop_instance_uid: str) -> Path:

@@ -21,18 +21,27 @@ Malformed values never raise; they are skipped as if absent.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from pydicom.dataset import Dataset
 
-__all__ = ["ViewInfo", "detect_view", "select_views", "STANDARD_VIEW_KEYS"]
+from cadnode.dicom.enum import (
+    SCREENING_VIEWS,
+    STANDARD_VIEW_KEYS,
+    Intent,
+    View,
+    ViewModifier,
+)
 
-K = TypeVar("K")
-
-#: The four screening views that the model reads, in the order results list them.
-STANDARD_VIEW_KEYS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
+__all__ = [
+    "STANDARD_VIEW_KEYS",
+    "ViewInfo",
+    "detect_view",
+    "orientation_directions",
+    "presentation_intent",
+    "view_modifiers",
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,12 @@ class ViewInfo:
     view: str | None  # "CC" | "MLO" | "ML" | "LM" | "XCCL" | ... | None
     for_presentation: bool  # False for "For Processing" images
     source: str  # which attribute decided, e.g. "ViewPosition+ImageLaterality"
+    modifiers: tuple[ViewModifier, ...] = ()  # spot, magnification, implant displaced...
+
+    @property
+    def screening(self) -> bool:
+        """A CC or MLO without modifiers: what a screening read uses."""
+        return self.view in SCREENING_VIEWS and not self.modifiers
 
     @property
     def key(self) -> str | None:
@@ -53,29 +68,7 @@ class ViewInfo:
 
 
 # ViewPosition defined terms for mammography (PS3.3 C.8.11.7 / CID 4014 abbreviations).
-_VIEW_TERMS: frozenset[str] = frozenset(
-    {
-        "CC",
-        "MLO",
-        "ML",
-        "LM",
-        "LMO",
-        "XCC",
-        "XCCL",
-        "XCCM",
-        "FB",
-        "SIO",
-        "ISO",
-        "CV",
-        "AT",
-        "RL",
-        "RM",
-        "RS",
-        "RI",
-        "TAN",
-        "SPECIMEN",
-    }
-)
+_VIEW_TERMS: frozenset[str] = frozenset(v.value for v in View)
 
 # CID 4014 "View for Mammography": SNOMED-CT (SCT) and legacy SNOMED-RT (SRT) code values.
 # Checked against pydicom's SNOMED mapping (pydicom.sr._snomed_dict).
@@ -171,11 +164,30 @@ def _side(value: Any) -> str | None:
     return None
 
 
-def _view_term(value: Any) -> str | None:
+_VIEW_POSITION = re.compile(
+    rf"^(?:(?P<pre>MAG|M|SPOT)[ _-]?)?(?P<view>{_VIEW_ALT})"
+    r"(?:[ _-]?(?P<post>ID|IMP|SPOT|MAG))?$"
+)
+_POSITION_MODIFIERS: dict[str, ViewModifier] = {
+    "ID": ViewModifier.IMPLANT_DISPLACED,
+    "IMP": ViewModifier.IMPLANT_DISPLACED,
+    "SPOT": ViewModifier.SPOT_COMPRESSION,
+    "MAG": ViewModifier.MAGNIFICATION,
+    "M": ViewModifier.MAGNIFICATION,
+}
+
+
+def _view_position(value: Any) -> tuple[str | None, tuple[ViewModifier, ...]]:
+    """(view, modifiers) of a ViewPosition: "CC", or vendor forms such as "CCID" / "MLO ID"
+    (implant displaced), "MCC" / "CC MAG" (magnified), "CC SPOT"."""
     vals = _strings(value)
-    if len(vals) == 1 and vals[0] in _VIEW_TERMS:
-        return vals[0]
-    return None
+    if len(vals) != 1:
+        return None, ()
+    m = _VIEW_POSITION.match(vals[0])
+    if m is None:
+        return None, ()
+    mods = tuple(_POSITION_MODIFIERS[g] for g in (m.group("pre"), m.group("post")) if g)
+    return m.group("view"), mods
 
 
 def _first_item(seq: Any) -> Any:
@@ -212,23 +224,41 @@ def _frame_laterality(ds: Dataset) -> str | None:
     return None
 
 
+def orientation_directions(ds: Dataset) -> tuple[str, str] | None:
+    """PatientOrientation as its two direction strings (e.g. ("A", "R")), or None.
+
+    Real modalities store the direction of increasing column index (left to right across the
+    image) and of increasing row index; scanned film (CBIS-DDSM) stores a view code there
+    instead, which is not a direction and gives None.
+    """
+    vals = _strings(_get(ds, "PatientOrientation"))
+    if len(vals) == 2 and all(re.fullmatch(r"[APLRHF]+", v) for v in vals):
+        return vals[0], vals[1]
+    return None
+
+
+def chest_wall_on_right(directions: tuple[str, str] | None) -> bool | None:
+    """Where the chest wall is, from the row direction: rows running towards anterior ("A")
+    start at the chest wall, so it is on the left; towards posterior ("P"), on the right."""
+    if directions is None:
+        return None
+    row = directions[0]
+    if "A" in row and "P" not in row:
+        return False
+    if "P" in row and "A" not in row:
+        return True
+    return None
+
+
 def _orientation(ds: Dataset) -> tuple[str | None, str | None]:
     """(side, view) from PatientOrientation.
 
-    CBIS-DDSM stores the view there ("CC", "MLO"). Real modalities store two direction
-    strings; the first is the direction of increasing column index (left to right across the
-    image). In the standard display the chest wall of a left breast is on the image's left, so the
-    rows run towards anterior ("A"); for a right breast they run towards posterior ("P").
+    CBIS-DDSM stores the view there ("CC", "MLO"). For direction strings: in the standard display
+    the chest wall of a left breast is on the image's left, of a right breast on its right.
     """
     vals = _strings(_get(ds, "PatientOrientation"))
     view = next((v for v in vals if v in _VIEW_TERMS), None)
-    side = None
-    if len(vals) == 2 and all(re.fullmatch(r"[APLRHF]+", v) for v in vals):
-        row = vals[0]
-        if "A" in row and "P" not in row:
-            side = "L"
-        elif "P" in row and "A" not in row:
-            side = "R"
+    side = {False: "L", True: "R", None: None}[chest_wall_on_right(orientation_directions(ds))]
     return side, view
 
 
@@ -266,15 +296,111 @@ def _text(value: Any) -> str:
     return str(value) if isinstance(value, (str, int, float)) else ""
 
 
-def _for_presentation(ds: Dataset) -> bool:
-    """For Processing images are raw detector data the model must not read."""
+def presentation_intent(ds: Dataset) -> Intent | None:
+    """For Presentation or For Processing: the SOP class decides (it is the IOD), else
+    ``PresentationIntentType``; None when the header says neither."""
     sop = _text(_get(ds, "SOPClassUID")).strip()
     if sop in _MG_PRESENTATION_CLASSES:
-        return _MG_PRESENTATION_CLASSES[sop]
+        return Intent.PRESENTATION if _MG_PRESENTATION_CLASSES[sop] else Intent.PROCESSING
     intent = " ".join(_strings(_get(ds, "PresentationIntentType")))
     if "PROCESSING" in intent:
-        return False
-    return True
+        return Intent.PROCESSING
+    if "PRESENTATION" in intent:
+        return Intent.PRESENTATION
+    return None
+
+
+# CID 4015 View Modifier for Mammography: SNOMED-CT and legacy SNOMED-RT codes (checked against
+# pydicom's SNOMED mapping, pydicom.sr._snomed_dict).
+_MODIFIER_CODES: dict[str, ViewModifier] = {
+    "399055006": ViewModifier.SPOT_COMPRESSION, "R-102D7": ViewModifier.SPOT_COMPRESSION,
+    "399163009": ViewModifier.MAGNIFICATION, "R-102D6": ViewModifier.MAGNIFICATION,
+    "399209000": ViewModifier.IMPLANT_DISPLACED, "R-102D5": ViewModifier.IMPLANT_DISPLACED,
+    "399197002": ViewModifier.ROLLED, "R-102D3": ViewModifier.ROLLED,
+    "399226006": ViewModifier.ROLLED, "R-102D4": ViewModifier.ROLLED,
+    "414493004": ViewModifier.ROLLED, "R-102CA": ViewModifier.ROLLED,
+    "415670009": ViewModifier.ROLLED, "R-102C9": ViewModifier.ROLLED,
+    "399110001": ViewModifier.TANGENTIAL, "R-102C2": ViewModifier.TANGENTIAL,
+    "399161006": ViewModifier.CLEAVAGE, "R-102D2": ViewModifier.CLEAVAGE,
+    "399011000": ViewModifier.AXILLARY, "R-102D1": ViewModifier.AXILLARY,
+    "442580003": ViewModifier.AXILLARY, "R-40AB2": ViewModifier.AXILLARY,
+    "442581004": ViewModifier.NIPPLE_IN_PROFILE, "R-40AB3": ViewModifier.NIPPLE_IN_PROFILE,
+    "442593008": ViewModifier.INFRAMAMMARY_FOLD, "R-40ABE": ViewModifier.INFRAMAMMARY_FOLD,
+}
+#: CodeMeaning keywords -> modifier, matched in this order; the meaning a sender wrote wins over
+#: the code (legacy codes are often mis-mapped by vendors).
+_MODIFIER_KEYWORDS: tuple[tuple[str, ViewModifier], ...] = (
+    ("magnif", ViewModifier.MAGNIFICATION),
+    ("spot", ViewModifier.SPOT_COMPRESSION),
+    ("rolled", ViewModifier.ROLLED),
+    ("implant displaced", ViewModifier.IMPLANT_DISPLACED),
+    ("tangential", ViewModifier.TANGENTIAL),
+    ("cleavage", ViewModifier.CLEAVAGE),
+    ("axillary", ViewModifier.AXILLARY),
+    ("nipple", ViewModifier.NIPPLE_IN_PROFILE),
+    ("infra", ViewModifier.INFRAMAMMARY_FOLD),
+)
+# Words of a SeriesDescription that name a modifier ("L CC SPOT", "RMLO MAG", "LCC ID").
+_MODIFIER_WORDS: dict[str, ViewModifier] = {
+    "SPOT": ViewModifier.SPOT_COMPRESSION,
+    "MAG": ViewModifier.MAGNIFICATION, "MAGN": ViewModifier.MAGNIFICATION,
+    "MAGNIFICATION": ViewModifier.MAGNIFICATION, "MAGNIFIED": ViewModifier.MAGNIFICATION,
+    "ID": ViewModifier.IMPLANT_DISPLACED, "EKLUND": ViewModifier.IMPLANT_DISPLACED,
+}
+
+
+def _modifier_item(item: Any) -> ViewModifier:
+    meaning = _text(_get(item, "CodeMeaning")).lower()
+    for key, modifier in _MODIFIER_KEYWORDS:
+        if key in meaning:
+            return modifier
+    code = _text(_get(item, "CodeValue")).strip().upper()
+    return _MODIFIER_CODES.get(code, ViewModifier.OTHER)
+
+
+def _description_modifiers(ds: Dataset) -> list[ViewModifier]:
+    text = _text(_get(ds, "SeriesDescription")).upper()
+    words = [w for w in re.split(r"[^A-Z0-9]+", text) if w]
+    found = [_MODIFIER_WORDS[w] for w in words if w in _MODIFIER_WORDS]
+    for w in words:  # compact forms: "LCCID", "RMLOID"
+        m = re.fullmatch(rf"[LR]?({_VIEW_ALT})ID", w)
+        if m:
+            found.append(ViewModifier.IMPLANT_DISPLACED)
+    if "IMPLANT DISPLACED" in " ".join(words):
+        found.append(ViewModifier.IMPLANT_DISPLACED)
+    return found
+
+
+def view_modifiers(ds: Dataset) -> tuple[ViewModifier, ...] | None:
+    """The view's modifiers, sorted and without repeats; None when the header cannot say.
+
+    Read from ``ViewModifierCodeSequence`` (inside ``ViewCodeSequence``, and at the top level
+    where older modalities put it), vendor ``ViewPosition`` forms ("CCID", "MCC") and
+    ``SeriesDescription`` words ("SPOT", "MAG", "ID"). A ``ViewCodeSequence`` without
+    modifiers means none (the modifier sequence is Type 2 there); no view code sequence and no
+    other sign means unknown.
+    """
+    found: list[ViewModifier] = []
+    known = False
+    try:
+        view_codes = _get(ds, "ViewCodeSequence")
+        sequences = []
+        if view_codes is not None and len(view_codes) > 0:
+            known = True
+            sequences.append(_get(view_codes[0], "ViewModifierCodeSequence"))
+        top = _get(ds, "ViewModifierCodeSequence")
+        if top is not None:
+            known = True
+            sequences.append(top)
+        for seq in sequences:
+            found.extend(_modifier_item(item) for item in seq or [])
+    except Exception:  # noqa: BLE001 - a malformed sequence is as good as absent
+        pass
+    found.extend(_view_position(_get(ds, "ViewPosition"))[1])
+    found.extend(_description_modifiers(ds))
+    if not found and not known:
+        return None
+    return tuple(sorted(set(found)))
 
 
 def detect_view(ds: Dataset) -> ViewInfo:
@@ -284,8 +410,8 @@ def detect_view(ds: Dataset) -> ViewInfo:
     side: str | None = None
     side_src = "none"
 
-    for kw, fn in (("ViewPosition", _view_term), ("ViewCodeSequence", None)):
-        v = fn(_get(ds, kw)) if fn is not None else _view_from_codes(ds)
+    for kw in ("ViewPosition", "ViewCodeSequence"):
+        v = _view_position(_get(ds, kw))[0] if kw == "ViewPosition" else _view_from_codes(ds)
         if v is not None:
             view, view_src = v, kw
             break
@@ -325,24 +451,7 @@ def detect_view(ds: Dataset) -> ViewInfo:
     return ViewInfo(
         laterality=side,
         view=view,
-        for_presentation=_for_presentation(ds),
+        for_presentation=presentation_intent(ds) is not Intent.PROCESSING,
         source=f"{view_src}+{side_src}",
+        modifiers=view_modifiers(ds) or (),
     )
-
-
-def select_views(candidates: Iterable[tuple[K, ViewInfo]]) -> dict[str, K]:
-    """One image per standard view key ("L-CC", "L-MLO", "R-CC", "R-MLO").
-
-    A For Presentation image beats a For Processing one; among equals the one given last wins
-    (callers pass images in arrival order, so a re-sent or re-taken image replaces the earlier
-    one). Images of unknown side or view, and other views (ML, XCCL...), are ignored.
-    """
-    chosen: dict[str, tuple[K, bool]] = {}
-    for ref, info in candidates:
-        key = info.key
-        if key not in STANDARD_VIEW_KEYS:
-            continue
-        prev = chosen.get(key)
-        if prev is None or info.for_presentation or not prev[1]:
-            chosen[key] = (ref, info.for_presentation)
-    return {k: chosen[k][0] for k in STANDARD_VIEW_KEYS if k in chosen}

@@ -22,11 +22,21 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-SCHEMA_VERSION = 1
+from cadnode.jobs.enum import DeliveryState, JobState, StudyState
+
+SCHEMA_VERSION = 2
+#: Columns added after version 1: (table, column, SQL type); ``create_schema`` adds them to a
+#: database an earlier version created.
+_ADDED_COLUMNS = (
+    ("instances", "modifiers", "VARCHAR(128)"),
+    ("instances", "acquired", "VARCHAR(26)"),
+)
 
 
 class Base(DeclarativeBase):
@@ -43,8 +53,7 @@ class Study(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     first_received: Mapped[float] = mapped_column(Float)
     last_received: Mapped[float] = mapped_column(Float, index=True)
-    # receiving -> queued -> done | failed; a new instance after that reopens it (receiving)
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING, index=True)
 
 
 class Instance(Base):
@@ -61,6 +70,8 @@ class Instance(Base):
     laterality: Mapped[str | None] = mapped_column(String(1), nullable=True)
     view: Mapped[str | None] = mapped_column(String(16), nullable=True)
     for_presentation: Mapped[bool] = mapped_column(Boolean, default=True)
+    modifiers: Mapped[str] = mapped_column(String(128), default="")  # "+"-joined ViewModifier
+    acquired: Mapped[str] = mapped_column(String(26), default="")  # acquisition_datetime()
     received_at: Mapped[float] = mapped_column(Float)
 
 
@@ -69,9 +80,8 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    # queued -> running -> done | failed (running -> queued when a lease expires)
-    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
-    reason: Mapped[str] = mapped_column(String(32), default="")  # complete | stable
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED, index=True)
+    reason: Mapped[str] = mapped_column(String(32), default="")  # JobReason
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -94,11 +104,10 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(128))
-    kind: Mapped[str] = mapped_column(String(16))  # cad_sr | sc
+    kind: Mapped[str] = mapped_column(String(16))  # ResultKind
     path: Mapped[str] = mapped_column(Text)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    # pending -> sent (a failed try stays pending with a later next_attempt)
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt: Mapped[float] = mapped_column(Float, index=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -142,10 +151,24 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
+        """Create missing tables; bring a database of an earlier schema version up to date."""
         Base.metadata.create_all(self.engine)
+        self._add_columns()
         with self.session() as s:
-            if s.get(Meta, "schema_version") is None:
+            version = s.get(Meta, "schema_version")
+            if version is None:
                 s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(version.value) < SCHEMA_VERSION:
+                version.value = str(SCHEMA_VERSION)
+
+    def _add_columns(self) -> None:
+        existing = {t: {c["name"] for c in inspect(self.engine).get_columns(t)}
+                    for t in {table for table, _, _ in _ADDED_COLUMNS}}
+        for table, column, sql_type in _ADDED_COLUMNS:
+            if column not in existing[table]:
+                with self.session() as s:
+                    s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type} "
+                                   "NOT NULL DEFAULT ''"))
 
     @contextmanager
     def session(self) -> Iterator[Session]:

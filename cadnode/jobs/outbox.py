@@ -35,12 +35,16 @@ def deliver_due(
                 mark_delivery(db, d.id, str(exc), retry=retry)
             continue
         by_path = {str(r.path): r for r in results}
+        delivered: list[str] = []
         for d in items:
             r = by_path.get(d.path)
             if r is not None and r.ok:
                 mark_delivery(db, d.id, None, retry=retry)
+                delivered.append(d.kind)
                 sent += 1
             else:
                 why = "not sent" if r is None else r.error or f"status 0x{r.status:04X}"
                 mark_delivery(db, d.id, why, retry=retry)
+        if delivered:
+            log.info("delivered %s to %s", ", ".join(delivered), dest_text)
     return sent

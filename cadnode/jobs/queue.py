@@ -8,19 +8,30 @@ an expired lease puts the job back in the queue (or fails it after too many atte
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, select, update
 
+from cadnode.dicom.enum import ViewModifier
+from cadnode.dicom.selection import Candidate, ImplantPolicy, select_views
 from cadnode.dicom.spool import InstanceConflict, StoredInstance
-from cadnode.dicom.views import STANDARD_VIEW_KEYS, ViewInfo
+from cadnode.dicom.views import ViewInfo
 from cadnode.jobs.db import Database, Delivery, Instance, Job, Study, add_event, latest_job
+from cadnode.jobs.enum import (
+    FINISHED_STUDY_STATES,
+    DeliveryState,
+    JobReason,
+    JobState,
+    StudyState,
+)
+from cadnode.results.findings import ObjectVersion
 
-STANDARD_VIEWS = frozenset(STANDARD_VIEW_KEYS)
+log = logging.getLogger(__name__)
 
 
 def record_instance(db: Database, stored: StoredInstance, now: float | None = None) -> bool:
@@ -37,11 +48,13 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
                 calling_ae=stored.calling_ae,
                 first_received=now,
                 last_received=now,
-                state="receiving",
+                state=StudyState.RECEIVING,
             )
             s.add(study)
             s.flush()
             add_event(s, "study", f"new study from {stored.calling_ae}", stored.study_uid)
+            log.info("study %s: first image received from %s", stored.study_uid,
+                     stored.calling_ae)
         existing = s.scalars(
             select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
         ).first()
@@ -69,12 +82,14 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
                 laterality=v.laterality,
                 view=v.view,
                 for_presentation=v.for_presentation,
+                modifiers="+".join(m.value for m in v.modifiers),
+                acquired=stored.acquired,
                 received_at=now,
             )
         )
         study.last_received = now
-        if study.state in ("done", "failed"):
-            study.state = "receiving"
+        if study.state in FINISHED_STUDY_STATES:
+            study.state = StudyState.RECEIVING
             add_event(s, "study", "new instance after processing: study reopened",
                       stored.study_uid)
         return True
@@ -85,31 +100,42 @@ def view_key(laterality: str | None, view: str | None) -> str | None:
     return ViewInfo(laterality, view, True, "database").key
 
 
+def instance_candidate(row: Instance) -> Candidate[int]:
+    """What the view selection needs of an instance row (its header is not read again)."""
+    modifiers = tuple(ViewModifier(m) for m in row.modifiers.split("+") if m)
+    info = ViewInfo(row.laterality, row.view, row.for_presentation, "database", modifiers)
+    return Candidate(row.id, info, row.acquired, row.id, row.sop_instance_uid)
+
+
 def assemble_studies(
-    db: Database, complete_seconds: float, stable_seconds: float, now: float | None = None
+    db: Database, complete_seconds: float, stable_seconds: float, now: float | None = None,
+    policy: ImplantPolicy = ImplantPolicy.FALLBACK,
 ) -> list[str]:
-    """Queue a job for each study that is complete and quiet, or quiet for long enough."""
+    """Queue a job for each study whose four standard views can be read (by the same rules
+    the worker applies) and that is quiet, or that has been quiet for long enough."""
     now = time.time() if now is None else now
     queued: list[str] = []
     with db.session() as s:
-        studies = s.scalars(select(Study).where(Study.state == "receiving")).all()
+        studies = s.scalars(select(Study).where(Study.state == StudyState.RECEIVING)).all()
         for study in studies:
             quiet = now - study.last_received
             if quiet < min(complete_seconds, stable_seconds):
                 continue
-            rows = s.execute(
-                select(Instance.laterality, Instance.view).where(Instance.study_id == study.id)
-            ).all()
-            keys = {view_key(lat, view) for lat, view in rows}
-            if STANDARD_VIEWS <= keys and quiet >= complete_seconds:
-                reason = "complete"
+            rows = s.scalars(select(Instance).where(Instance.study_id == study.id)).all()
+            selection = select_views((instance_candidate(r) for r in rows), policy)
+            if selection.complete and quiet >= complete_seconds:
+                reason = JobReason.COMPLETE
             elif quiet >= stable_seconds:
-                reason = "stable"
+                reason = JobReason.STABLE
             else:
                 continue
-            s.add(Job(study_id=study.id, state="queued", reason=reason, created_at=now))
-            study.state = "queued"
-            add_event(s, "queued", f"{len(rows)} instance(s), {reason}", study.study_uid)
+            s.add(Job(study_id=study.id, state=JobState.QUEUED, reason=reason, created_at=now))
+            study.state = StudyState.QUEUED
+            missing = f"; missing {', '.join(selection.missing)}" if selection.missing else ""
+            add_event(s, "queued", f"{len(rows)} instance(s), {reason}{missing}",
+                      study.study_uid)
+            log.info("study %s queued: %d instance(s), %s%s", study.study_uid, len(rows),
+                     reason, missing)
             queued.append(study.study_uid)
     return queued
 
@@ -128,7 +154,7 @@ def claim_next_job(
     """Take the oldest queued job under a lease, or return None."""
     now = time.time() if now is None else now
     with db.session() as s:
-        pick = select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(1)
+        pick = select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
         if not db.is_sqlite:
             pick = pick.with_for_update(skip_locked=True)
         job_id = s.scalar(pick)
@@ -136,9 +162,9 @@ def claim_next_job(
             return None
         claimed = cast(CursorResult[Any], s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == "queued")
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
             .values(
-                state="running",
+                state=JobState.RUNNING,
                 lease_owner=owner,
                 lease_until=now + lease_seconds,
                 started_at=now,
@@ -151,13 +177,15 @@ def claim_next_job(
         assert job is not None
         study = s.get(Study, job.study_id)
         assert study is not None
-        study.state = "running"
+        study.state = StudyState.RUNNING
         add_event(s, "running", f"job {job.id} attempt {job.attempts} on {owner}",
                   study.study_uid)
+        log.info("study %s running: job %d attempt %d on %s", study.study_uid, job.id,
+                 job.attempts, owner)
         return ClaimedJob(job.id, job.study_id, study.study_uid, job.attempts)
 
 
-def _finish(s: Any, job: Job, state: str, now: float) -> Study:
+def _finish(s: Any, job: Job, state: JobState, now: float) -> Study:
     job.state = state
     job.finished_at = now
     job.lease_owner = None
@@ -165,8 +193,8 @@ def _finish(s: Any, job: Job, state: str, now: float) -> Study:
     study = s.get(Study, job.study_id)
     assert study is not None
     # A new instance may have reopened the study meanwhile; then leave it receiving.
-    if study.state == "running":
-        study.state = state
+    if study.state == StudyState.RUNNING:
+        study.state = StudyState(state.value)
     return study
 
 
@@ -176,6 +204,40 @@ class ResultFile:
     path: str
     sop_instance_uid: str
     destinations: tuple[str, ...]
+    version: ObjectVersion | None = None  # recorded so that the next run can replace it
+
+    def version_doc(self) -> dict[str, Any] | None:
+        return _version_doc(self.version)
+
+
+def _version_doc(v: ObjectVersion | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    return {"sop_instance_uid": v.sop_instance_uid, "series_uid": v.series_uid,
+            "sop_class_uid": v.sop_class_uid, "instance_number": v.instance_number,
+            "predecessor": _version_doc(
+                None if v.predecessor is None else replace(v.predecessor, predecessor=None))}
+
+
+def _version_of(doc: dict[str, Any] | None) -> ObjectVersion | None:
+    if not doc:
+        return None
+    return ObjectVersion(doc["sop_instance_uid"], doc["series_uid"], doc["sop_class_uid"],
+                         int(doc["instance_number"]), _version_of(doc.get("predecessor")))
+
+
+def previous_objects(db: Database, study_id: int, job_id: int) -> dict[str, ObjectVersion]:
+    """The result objects of the study's latest earlier job that wrote any (kind -> version):
+    what a new run's objects replace."""
+    with db.session() as s:
+        docs = s.scalars(select(Job.scores_json).where(
+            Job.study_id == study_id, Job.id != job_id, Job.scores_json.is_not(None))
+            .order_by(Job.id.desc())).all()
+    for doc in docs:
+        objects = json.loads(doc).get("objects") if doc else None
+        if objects:
+            return {kind: v for kind, d in objects.items() if (v := _version_of(d)) is not None}
+    return {}
 
 
 def complete_job(
@@ -185,9 +247,11 @@ def complete_job(
     views: list[str],
     model_version: str,
     results: list[ResultFile],
+    partial: bool = False,
     now: float | None = None,
-) -> None:
-    """Record the scores and put every result into the outbox, in one transaction."""
+) -> JobState:
+    """Record the scores and put every result into the outbox, in one transaction; a job
+    whose exam lacked a standard view, or had one that could not be read, is done-partial."""
     now = time.time() if now is None else now
     with db.session() as s:
         job = s.get(Job, job_id)
@@ -196,7 +260,8 @@ def complete_job(
         job.views = ",".join(views)
         job.model_version = model_version
         job.error = None
-        study = _finish(s, job, "done", now)
+        state = JobState.DONE_PARTIAL if partial else JobState.DONE
+        study = _finish(s, job, state, now)
         for r in results:
             for dest in r.destinations:
                 s.add(
@@ -209,14 +274,15 @@ def complete_job(
                         next_attempt=now,
                     )
                 )
-        add_event(s, "done", f"job {job_id}: {json.dumps(scores.get('exam', {}))}",
-                  study.study_uid)
+        add_event(s, state.value, f"job {job_id}: {json.dumps(scores.get('exam', {}))}",
+                  study.study_uid, "warning" if partial else "info")
+        return state
 
 
 def fail_job(
     db: Database, job_id: int, error: str, max_attempts: int, permanent: bool = False,
     now: float | None = None,
-) -> str:
+) -> JobState:
     """Record an error; requeue unless the job is out of attempts or the error is permanent."""
     now = time.time() if now is None else now
     with db.session() as s:
@@ -224,18 +290,19 @@ def fail_job(
         assert job is not None
         job.error = error
         if permanent or job.attempts >= max_attempts:
-            study = _finish(s, job, "failed", now)
+            study = _finish(s, job, JobState.FAILED, now)
             add_event(s, "failed", f"job {job_id}: {error}", study.study_uid, "error")
-            return "failed"
-        job.state = "queued"
+            log.error("study %s failed: job %d: %s", study.study_uid, job_id, error)
+            return JobState.FAILED
+        job.state = JobState.QUEUED
         job.lease_owner = None
         job.lease_until = None
         waiting = s.get(Study, job.study_id)
         assert waiting is not None
-        waiting.state = "queued"
+        waiting.state = StudyState.QUEUED
         add_event(s, "retry", f"job {job_id} attempt {job.attempts}: {error}", waiting.study_uid,
                   "warning")
-        return "queued"
+        return JobState.QUEUED
 
 
 def expire_leases(db: Database, max_attempts: int, now: float | None = None) -> int:
@@ -243,7 +310,7 @@ def expire_leases(db: Database, max_attempts: int, now: float | None = None) -> 
     now = time.time() if now is None else now
     with db.session() as s:
         stale = s.scalars(
-            select(Job.id).where(Job.state == "running", Job.lease_until < now)
+            select(Job.id).where(Job.state == JobState.RUNNING, Job.lease_until < now)
         ).all()
     for job_id in stale:
         fail_job(db, job_id, "lease expired (worker stopped?)", max_attempts, now=now)
@@ -256,7 +323,7 @@ def due_deliveries(db: Database, now: float | None = None, limit: int = 100) -> 
         return list(
             s.scalars(
                 select(Delivery)
-                .where(Delivery.state == "pending", Delivery.next_attempt <= now)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt <= now)
                 .order_by(Delivery.id)
                 .limit(limit)
             ).all()
@@ -295,12 +362,12 @@ def mark_delivery(
             select(Study.study_uid).join(Job, Job.study_id == Study.id).where(Job.id == d.job_id)
         )
         if error is None:
-            d.state = "sent"
+            d.state = DeliveryState.SENT
             d.sent_at = now
             d.last_error = None
             add_event(s, "delivered", f"{d.kind} to {d.destination}", study_uid)
         elif d.attempts >= retry.max_attempts:
-            d.state = "dead"
+            d.state = DeliveryState.DEAD
             d.last_error = error
             add_event(s, "dead_letter", f"{d.kind} to {d.destination} after {d.attempts} "
                       f"tries: {error}", study_uid, "error")
@@ -319,13 +386,13 @@ def retry_dead_deliveries(
     """Put dead-lettered deliveries (of one study, or all) back in the outbox."""
     now = time.time() if now is None else now
     with db.session() as s:
-        q = select(Delivery).where(Delivery.state == "dead")
+        q = select(Delivery).where(Delivery.state == DeliveryState.DEAD)
         if study_uid:
             q = q.join(Job, Job.id == Delivery.job_id).join(Study, Study.id == Job.study_id).where(
                 Study.study_uid == study_uid)
         dead = s.scalars(q).all()
         for d in dead:
-            d.state, d.attempts, d.next_attempt = "pending", 0, now
+            d.state, d.attempts, d.next_attempt = DeliveryState.PENDING, 0, now
         if dead:
             add_event(s, "retry_requested", f"{len(dead)} dead delivery(ies) back in the outbox",
                       study_uid)

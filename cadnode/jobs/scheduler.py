@@ -24,6 +24,7 @@ def create_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
     sched.add_job(
         assemble_studies, "interval", seconds=every, id="assemble",
         args=[db, settings.complete_seconds, settings.stable_seconds],
+        kwargs={"policy": settings.implant_policy},
     )
     sched.add_job(
         expire_leases, "interval", seconds=max(every, 10.0), id="leases",

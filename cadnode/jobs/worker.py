@@ -24,15 +24,23 @@ from cadnode.dicom.pixels import (
     peak_and_outline,
     prepare_image,
 )
+from cadnode.dicom.selection import Decision, Selection, candidate, select_views
 from cadnode.dicom.spool import write_durably
-from cadnode.dicom.views import ViewInfo, detect_view, select_views
+from cadnode.dicom.views import ViewInfo
 from cadnode.jobs.db import Database, Instance
-from cadnode.jobs.queue import ClaimedJob, ResultFile, claim_next_job, complete_job, fail_job
+from cadnode.jobs.queue import (
+    ClaimedJob,
+    ResultFile,
+    claim_next_job,
+    complete_job,
+    fail_job,
+    previous_objects,
+)
 from cadnode.results import BUILDERS
 from cadnode.results.common import NotApplicable
-from cadnode.results.findings import StudyFindings, ViewFinding
+from cadnode.results.findings import NotAnalysed, ObjectVersion, StudyFindings, ViewFinding
 from cadnode.results.uids import DEFAULT_UID_ROOT
-from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, load_engine
+from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, ViewOutputs, load_engine
 from cadnode.runtime.scoring import aggregate
 from cadnode.text.clinical import build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
@@ -47,10 +55,13 @@ class PermanentError(RuntimeError):
 @dataclass
 class _View:
     key: str
+    path: str
     header: Dataset
     info: ViewInfo
+    selected_because: str
     prepared: PreparedImage | None = None
-    error: str | None = None
+    error: str | None = None  # one line, for the result objects
+    detail: str | None = None  # the whole exception, for the log and the job record
 
 
 def load_model(settings: Settings) -> tuple[Engine, ClinicalTokenizer]:
@@ -107,41 +118,21 @@ class Worker:
 
     def process(self, job: ClaimedJob) -> None:
         clock = _Stopwatch()
-        with self.db.session() as s:
-            paths = s.scalars(select(Instance.path).where(Instance.study_id == job.study_id)).all()
-        by_path: dict[str, Dataset] = {}
-        for p in paths:
-            try:
-                by_path[p] = pydicom.dcmread(p, stop_before_pixels=True)
-            except Exception as exc:  # a spool file that vanished or rotted
-                log.warning("cannot read %s: %s", p, exc)
-        infos = {p: detect_view(ds) for p, ds in by_path.items()}
-        chosen = select_views(infos.items())
-        if not chosen:
-            raise PermanentError("no standard view (L/R CC/MLO) could be identified")
-        views = [_View(key, by_path[path], infos[path]) for key, path in chosen.items()]
+        selection, headers, unreadable = self._select(job)
+        views = [_View(key, path, headers[path], selection.decision(path).candidate.info,
+                       selection.decision(path).reason)
+                 for key, path in selection.chosen.items()]
+        if not views:
+            raise PermanentError("no standard view (L/R CC/MLO) can be read: " + "; ".join(
+                f"{k}: {why}" for k, why in selection.missing.items()))
         clock.lap("select")
-        size = tuple(self.engine.manifest.input_size)
-        for v in views:
-            path = chosen[v.key]
-            try:
-                ds = pydicom.dcmread(path)
-                v.prepared = prepare_image(ds, size, v.info.laterality)  # type: ignore[arg-type]
-            except PixelDecodeError as exc:
-                v.error = str(exc)
-            except Exception as exc:
-                v.error = f"{type(exc).__name__}: {exc}"
+        self._prepare(job, views)
         clock.lap("pixels")
         ok = [v for v in views if v.prepared is not None]
         if not ok:
             raise PermanentError("no selected view could be decoded: " + "; ".join(
-                f"{v.key}: {v.error}" for v in views))
-        images = np.stack([v.prepared.array for v in ok])[:, None].astype(np.float32)  # type: ignore[union-attr]
-        encoded = [self.tokenizer.encode(build_clinical_text(v.header, v.info)) for v in ok]
-        ids = np.stack([e[0] for e in encoded]).astype(np.int64)
-        mask = np.stack([e[1] for e in encoded]).astype(np.int64)
-        clock.lap("text")
-        out = self.engine.predict(images, ids, mask)
+                f"{v.key}: {v.detail}" for v in views))
+        out = self._predict(ok)
         clock.lap("model")
         findings_by_key: dict[str, ViewFinding] = {}
         view_scores: dict[str, dict[str, float]] = {}
@@ -158,6 +149,8 @@ class Worker:
                 findings_by_key[v.key] = self._finding(v, None, None, [], None)
         breasts, exam = aggregate(view_scores)
         m = self.engine.manifest
+        not_analysed = [_not_analysed(d, headers.get(d.candidate.ref))
+                        for d in selection.not_analysed] + unreadable
         findings = StudyFindings(
             study_uid=job.study_uid,
             views=[findings_by_key[k] for k in sorted(findings_by_key)],
@@ -167,18 +160,78 @@ class Worker:
             model_version=m.version,
             demo_model=m.demo,
             thresholds=dict(m.thresholds),
+            not_analysed=not_analysed,
+            missing=dict(selection.missing),
+            previous=previous_objects(self.db, job.study_id, job.id),
         )
-        sources = [v.header for v in views]
-        results = self._write_results(findings, sources)
+        results = self._write_results(findings, [v.header for v in views])
         clock.lap("results")
         scores_doc = {
             "views": view_scores,
             "breasts": breasts,
             "exam": exam,
             "failed_views": {v.key: v.error for v in views if v.error},
+            "errors": {v.key: v.detail for v in views if v.detail},
+            "selection": {
+                "read": {v.key: {"sop_instance_uid": str(v.header.SOPInstanceUID),
+                                 "reason": v.selected_because} for v in views},
+                "not_analysed": [{"sop_instance_uid": n.sop_instance_uid, "label": n.label,
+                                  "reason": n.reason} for n in not_analysed],
+                "missing": dict(selection.missing),
+            },
+            "objects": {r.kind: r.version_doc() for r in results},
             "seconds": clock.laps,
         }
-        complete_job(self.db, job.id, scores_doc, sorted(chosen), m.version, results)
+        state = complete_job(self.db, job.id, scores_doc, sorted(selection.chosen), m.version,
+                             results, partial=findings.incomplete)
+        log.info("study %s %s: read %s%s%s; exam cancer %.1f %%; %.1f s", job.study_uid,
+                 state.value, ",".join(sorted(selection.chosen)),
+                 f"; missing {','.join(selection.missing)}" if selection.missing else "",
+                 f"; {len(not_analysed)} image(s) not analysed" if not_analysed else "",
+                 100 * exam.get("cancer", 0.0), clock.laps.get("total", 0.0))
+
+    def _select(self, job: ClaimedJob) -> tuple[Selection[str], dict[str, Dataset],
+                                                list[NotAnalysed]]:
+        """Every received image of the study through the view selection, in arrival order."""
+        with self.db.session() as s:
+            rows = s.execute(select(Instance.path, Instance.sop_instance_uid,
+                                    Instance.sop_class_uid, Instance.series_uid)
+                             .where(Instance.study_id == job.study_id)
+                             .order_by(Instance.id)).all()
+        headers: dict[str, Dataset] = {}
+        unreadable: list[NotAnalysed] = []
+        for path, sop_uid, sop_class, series_uid in rows:
+            try:
+                headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception as exc:  # a spool file that vanished or rotted
+                log.warning("study %s: cannot read %s: %s", job.study_uid, path, exc)
+                unreadable.append(NotAnalysed(sop_uid, sop_class, series_uid, "unknown view",
+                                              None, "the received file could not be read"))
+        candidates = [candidate(p, ds, n) for n, (p, ds) in enumerate(headers.items())]
+        return select_views(candidates, self.settings.implant_policy), headers, unreadable
+
+    def _prepare(self, job: ClaimedJob, views: list[_View]) -> None:
+        """Decode and prepare each chosen view; a failure is one line in the report, the
+        whole exception in the log and the job record."""
+        size = tuple(self.engine.manifest.input_size)
+        for v in views:
+            try:
+                ds = pydicom.dcmread(v.path)
+                v.prepared = prepare_image(ds, size, v.info.laterality)  # type: ignore[arg-type]
+            except PixelDecodeError as exc:
+                v.error, v.detail = exc.summary, str(exc)
+            except Exception as exc:
+                v.error = f"the image could not be read ({type(exc).__name__})"
+                v.detail = f"{type(exc).__name__}: {exc}"
+            if v.detail is not None:
+                log.warning("study %s: %s not analysed: %s", job.study_uid, v.key, v.detail)
+
+    def _predict(self, ok: list[_View]) -> ViewOutputs:
+        images = np.stack([v.prepared.array for v in ok])[:, None].astype(np.float32)  # type: ignore[union-attr]
+        encoded = [self.tokenizer.encode(build_clinical_text(v.header, v.info)) for v in ok]
+        ids = np.stack([e[0] for e in encoded]).astype(np.int64)
+        mask = np.stack([e[1] for e in encoded]).astype(np.int64)
+        return self.engine.predict(images, ids, mask)
 
     @staticmethod
     def _finding(
@@ -205,9 +258,12 @@ class Worker:
             heatmap=heatmap,
             display=None if v.prepared is None else v.prepared.display,
             error=v.error,
+            selected_because=v.selected_because,
         )
 
     def _write_results(self, findings: StudyFindings, sources: list[Dataset]) -> list[ResultFile]:
+        """Write each object under its own SOP Instance UID, so that a new version never
+        overwrites a file the outbox may still be sending."""
         uid_root = self.settings.uid_root or DEFAULT_UID_ROOT
         out_dir = self.settings.results_dir / findings.study_uid
         results = []
@@ -217,11 +273,25 @@ class Worker:
             except NotApplicable as exc:
                 self.db.log("result_skipped", f"{kind}: {exc}", findings.study_uid)
                 continue
-            path = out_dir / f"{kind}.dcm"
+            path = out_dir / f"{kind.value}.{ds.SOPInstanceUID}.dcm"
             write_durably(_encode(ds), path)
             dests = tuple(str(d) for d in self.settings.destinations if d.takes(kind))
-            results.append(ResultFile(kind, str(path), str(ds.SOPInstanceUID), dests))
+            prev = findings.previous.get(kind)
+            version = ObjectVersion(
+                str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
+                int(ds.InstanceNumber),
+                prev if prev is not None and prev.sop_instance_uid != ds.SOPInstanceUID
+                else (prev.predecessor if prev is not None else None))
+            results.append(ResultFile(kind, str(path), str(ds.SOPInstanceUID), dests, version))
         return results
+
+
+def _not_analysed(d: Decision[str], header: Dataset | None) -> NotAnalysed:
+    c = d.candidate
+    hdr = header if header is not None else Dataset()
+    return NotAnalysed(c.uid, str(hdr.get("SOPClassUID", "")),
+                       str(hdr.get("SeriesInstanceUID", "")), c.label, c.info.laterality,
+                       d.reason)
 
 
 def _int(value: object) -> int:

@@ -28,7 +28,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from cadnode import __version__
-from cadnode.results.findings import StudyFindings, ViewFinding
+from cadnode.results.findings import ObjectVersion, StudyFindings, ViewFinding
 
 __all__ = [
     "BREAST_NAME",
@@ -37,7 +37,13 @@ __all__ = [
     "PERCENT",
     "SIDE",
     "VIEW",
+    "CALCIFICATION_NO_LOCATION",
+    "NO_REGION",
     "cancer_label",
+    "completeness_lines",
+    "missing_line",
+    "read_line",
+    "score_phrase",
     "clean_code",
     "contributing_equipment",
     "copy_patient_study",
@@ -45,6 +51,7 @@ __all__ = [
     "hierarchical_references",
     "percent",
     "plain",
+    "predecessor_documents",
     "reference_stub",
     "referenced_series",
 ]
@@ -221,6 +228,12 @@ def hierarchical_references(refs: dict[str, dict[str, list[tuple[str, str]]]]) -
     return studies
 
 
+def predecessor_documents(previous: ObjectVersion, study_uid: str) -> list[Dataset]:
+    """Predecessor Documents Sequence (PS3.3 C.17.2): the SR version this one replaces."""
+    return hierarchical_references({study_uid: {previous.series_uid: [
+        (previous.sop_class_uid, previous.sop_instance_uid)]}})
+
+
 def contributing_equipment(findings: StudyFindings) -> Dataset:
     """Contributing Equipment item naming the model that produced the scores."""
     item = hd.ContributingEquipment(
@@ -265,6 +278,43 @@ def clean_code(code: Code) -> Code:
     if meaning == code.meaning:
         return code
     return Code(code.value, code.scheme_designator, meaning, code.scheme_version)
+
+
+#: What every object says of the calcification score, which the model gives per image only.
+CALCIFICATION_NO_LOCATION = "no location: the model's calcification score is image-level"
+NO_REGION = "no region marked: cancer suspicion below the operating threshold"
+
+
+def score_phrase(name: str, p: float, threshold: float | None) -> str:
+    """"cancer suspicion 12.34 % (operating threshold 50.00 %: below)" - each score with the
+    operating point it is read against."""
+    if threshold is None:
+        return f"{name} {percent(p):.2f} % (no operating threshold)"
+    side = "AT OR ABOVE" if p >= threshold else "below"
+    return f"{name} {percent(p):.2f} % (operating threshold {percent(threshold):.2f} %: {side})"
+
+
+def read_line(v: ViewFinding) -> str:
+    """Which image was read for a view, and why (the selection's reason)."""
+    why = f" ({v.selected_because})" if v.selected_because else ""
+    return f"{v.view_key} {'chosen' if v.failed else 'read'}: image {v.sop_instance_uid}{why}"
+
+
+def missing_line(key: str, why: str) -> str:
+    return f"{key} missing: {why}"
+
+
+def completeness_lines(findings: StudyFindings) -> list[str]:
+    """The statements every object makes about what was and was not read."""
+    lines = []
+    if findings.missing:
+        lines.append("INCOMPLETE EXAM: standard view(s) missing: " + ", ".join(findings.missing))
+    failed = [v.view_key for v in findings.views if v.failed]
+    if failed:
+        lines.append("INCOMPLETE EXAM: view(s) received but not readable: " + ", ".join(failed))
+    lines += [missing_line(k, why) for k, why in findings.missing.items()]
+    lines += [n.text for n in findings.not_analysed]
+    return lines
 
 
 def cancer_label(v: ViewFinding) -> str:

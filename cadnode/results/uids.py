@@ -1,9 +1,15 @@
-"""Deterministic UIDs for result objects.
+"""Deterministic UIDs for result objects: the same content gets the same UID, new content a new one.
 
-A result's Series and SOP Instance UIDs are a pure function of (UID root, study UID, model
-version, object kind), so re-processing a study with the same model produces the same UIDs and
-the PACS replaces the earlier objects instead of accumulating duplicates. A new model version
-gives new UIDs, so results of different models never overwrite each other.
+- Series Instance UID: a pure function of (UID root, study UID, model version, object kind), so
+  every version of, say, the CAD SR of a study lands in one series.
+- SOP Instance UID: a function of the same parts plus :meth:`StudyFindings.content_key`, the
+  digest of what the object says (the images read and passed over, missing views, rounded
+  scores, failures, thresholds, model and cadnode version). Re-processing the same images with
+  the same model gives the same UID, so re-delivery is idempotent; a late image, another model
+  or a changed result gives a new UID, as PS3.3 C.12.1.1.1 requires (a PACS keeps the first copy
+  of a UID it has seen, so reusing one would leave the stale object in place).
+- A new version records the one it replaces (``StudyFindings.previous``): its Instance Number
+  is one higher and the SRs name it in the Predecessor Documents Sequence.
 
 Default root: ``2.25`` (ISO/IEC 9834-8 / PS3.5 B.2, "UUID-derived UID"). Under that root the
 component is the decimal integer of a name-based UUID (``uuid.uuid5``) of the parts, which is
@@ -15,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import dataclass
 
-from cadnode.results.findings import StudyFindings
+from cadnode.results.findings import ObjectVersion, StudyFindings
 from cadnode.uid import is_valid_uid
 
 DEFAULT_UID_ROOT = "2.25"
@@ -47,21 +54,42 @@ def derive_uid(root: str, *parts: str) -> str:
 
 
 def result_series_uid(root: str, study_uid: str, model_version: str, kind: str) -> str:
-    """Series Instance UID of result object ``kind`` ("cad-sr", "sc", ...) for a study."""
+    """Series Instance UID of result object ``kind`` for a study and model version."""
     return derive_uid(root, "series", study_uid, model_version, kind)
 
 
 def result_instance_uid(
-    root: str, study_uid: str, model_version: str, kind: str, index: int = 1
+    root: str, study_uid: str, model_version: str, kind: str, content_key: str
 ) -> str:
-    """SOP Instance UID of result object ``kind`` (``index`` for several objects of a kind)."""
-    return derive_uid(root, "instance", study_uid, model_version, kind, str(index))
+    """SOP Instance UID of result object ``kind`` with the content ``content_key``."""
+    return derive_uid(root, "instance", study_uid, model_version, kind, content_key)
 
 
-def result_uids(root: str, findings: StudyFindings, kind: str) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID) of the single result object ``kind``."""
-    return (result_series_uid(root, findings.study_uid, findings.model_version, kind),
-            result_instance_uid(root, findings.study_uid, findings.model_version, kind))
+@dataclass(frozen=True)
+class ObjectIdentity:
+    """Where a result object files, and which earlier version it replaces."""
+
+    series_uid: str
+    sop_instance_uid: str
+    instance_number: int
+    predecessor: ObjectVersion | None  # None for a first version
+
+
+def result_identity(root: str, findings: StudyFindings, kind: str) -> ObjectIdentity:
+    """UIDs, Instance Number and predecessor of result object ``kind`` for ``findings``.
+
+    The same content as the previous version keeps that version's identity whole (number and
+    predecessor too), so that a re-built object is byte-for-byte the object already sent.
+    """
+    series = result_series_uid(root, findings.study_uid, findings.model_version, kind)
+    sop = result_instance_uid(root, findings.study_uid, findings.model_version, kind,
+                              findings.content_key())
+    prev = findings.previous.get(kind)
+    if prev is None:
+        return ObjectIdentity(series, sop, 1, None)
+    if prev.sop_instance_uid == sop:
+        return ObjectIdentity(series, sop, prev.instance_number, prev.predecessor)
+    return ObjectIdentity(series, sop, prev.instance_number + 1, prev)
 
 
 def tracking_uid(root: str, study_uid: str, model_version: str, label: str) -> str:

@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterable
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # pragma: no cover - typing only; text stays importable without views.py
+from cadnode.dicom.enum import View, ViewModifier
+from cadnode.dicom.views import presentation_intent, view_modifiers
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
     import pydicom
 
     from cadnode.dicom.views import ViewInfo
@@ -92,34 +95,27 @@ _MODEL_ALIASES: dict[str, str] = {"3dimensions": "dimensions", "3d": "tomo",
                                   "tomosynthesis": "tomo"}
 
 #: ViewInfo.view codes that are spoken as themselves (lower-case); others -> "other".
-VIEW_CODES: tuple[str, ...] = ("cc", "mlo", "ml", "lm", "lmo", "xccl", "xccm", "fb", "sio", "at",
-                               "cv")
-#: View modifier CodeMeaning keywords -> words (CID 4015), matched in this order.
-MODIFIER_KEYWORDS: tuple[tuple[str, str], ...] = (
-    ("magnif", "magnification"),
-    ("spot", "spot"),
-    ("rolled", "rolled"),
-    ("implant displaced", "displaced"),
-    ("tangential", "tangential"),
-    ("cleavage", "cleavage"),
-    ("axillary", "axillary"),
-    ("nipple", "nipple"),
-    ("infra", "inframammary"),
-)
+VIEW_CODES: tuple[str, ...] = tuple(v.value.lower() for v in (
+    View.CC, View.MLO, View.ML, View.LM, View.LMO, View.XCCL, View.XCCM, View.FB, View.SIO,
+    View.AT, View.CV))
+#: View modifiers (cadnode.dicom.views.view_modifiers) -> the words the text speaks.
+MODIFIER_WORDS: dict[ViewModifier, str] = {
+    ViewModifier.MAGNIFICATION: "magnification",
+    ViewModifier.SPOT_COMPRESSION: "spot",
+    ViewModifier.ROLLED: "rolled",
+    ViewModifier.IMPLANT_DISPLACED: "displaced",
+    ViewModifier.TANGENTIAL: "tangential",
+    ViewModifier.CLEAVAGE: "cleavage",
+    ViewModifier.AXILLARY: "axillary",
+    ViewModifier.NIPPLE_IN_PROFILE: "nipple",
+    ViewModifier.INFRAMAMMARY_FOLD: "inframammary",
+    ViewModifier.OTHER: OTHER,
+}
 #: Target / filter materials (CS defined terms) -> words; others -> "other".
 MATERIAL_WORDS: dict[str, str] = {
     "MOLYBDENUM": "molybdenum", "RHODIUM": "rhodium", "TUNGSTEN": "tungsten",
     "ALUMINUM": "aluminum", "ALUMINIUM": "aluminum", "SILVER": "silver", "COPPER": "copper",
     "TITANIUM": "titanium", "NIOBIUM": "niobium", "LEAD": "lead", "TIN": "tin",
-}
-
-_FOR_PRESENTATION_SOP = {
-    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray - For Presentation
-    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray - For Presentation
-}
-_FOR_PROCESSING_SOP = {
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray - For Processing
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray - For Processing
 }
 
 #: Fixed words of the template itself.
@@ -230,36 +226,13 @@ def _projection(view: Any) -> str:
 
 
 def _modifiers(ds: Any) -> str:
-    """Modifiers from ViewModifierCodeSequence (inside ViewCodeSequence, or top level).
-
-    No ViewCodeSequence and no top-level modifiers -> unknown; a ViewCodeSequence without
-    modifiers (the sequence is type 2 there: empty means none) -> none.
-    """
-    sequences: list[Any] = []
-    view_codes = _get(ds, "ViewCodeSequence")
-    known = False
-    try:
-        if view_codes is not None and len(view_codes) > 0:
-            known = True
-            mods = _get(view_codes[0], "ViewModifierCodeSequence")
-            if mods is not None:
-                sequences.append(mods)
-        top = _get(ds, "ViewModifierCodeSequence")
-        if top is not None:
-            known = True
-            sequences.append(top)
-        words: list[str] = []
-        for seq in sequences:
-            for item in seq:
-                meaning = str(_get(item, "CodeMeaning") or "").lower()
-                word = next((w for key, w in MODIFIER_KEYWORDS if key in meaning), OTHER)
-                if word not in words:
-                    words.append(word)
-    except Exception:
+    """The view modifiers as words; ``unknown`` when the header cannot say, ``none`` when it
+    says there are none (see :func:`cadnode.dicom.views.view_modifiers`)."""
+    modifiers = view_modifiers(ds)
+    if modifiers is None:
         return UNKNOWN
-    if not known:
-        return UNKNOWN
-    return " ".join(sorted(words)) if words else NONE
+    words = sorted({MODIFIER_WORDS[m] for m in modifiers})
+    return " ".join(words) if words else NONE
 
 
 def _exposure_mas(ds: Any) -> float | None:
@@ -290,17 +263,8 @@ def _materials(ds: Any, keyword: str) -> str:
 
 
 def _intent(ds: Any) -> str:
-    intent = str(_get(ds, "PresentationIntentType") or "").strip().upper()
-    if intent == "FOR PRESENTATION":
-        return "presentation"
-    if intent == "FOR PROCESSING":
-        return "processing"
-    sop = str(_get(ds, "SOPClassUID") or "").strip()
-    if sop in _FOR_PRESENTATION_SOP:
-        return "presentation"
-    if sop in _FOR_PROCESSING_SOP:
-        return "processing"
-    return UNKNOWN
+    intent = presentation_intent(ds)
+    return UNKNOWN if intent is None else intent.value
 
 
 def _safe(fn: Callable[..., str], *args: Any) -> str:
@@ -345,5 +309,5 @@ def template_vocabulary() -> list[str]:
     words = set(_TEMPLATE_WORDS)
     words |= _split_words(AGE_WORDS + THICKNESS_WORDS + FORCE_WORDS + KVP_WORDS + EXPOSURE_WORDS)
     words |= set(MANUFACTURER_TOKENS.values()) | set(MODEL_WORDS) | set(VIEW_CODES)
-    words |= {word for _, word in MODIFIER_KEYWORDS} | set(MATERIAL_WORDS.values())
+    words |= set(MODIFIER_WORDS.values()) | set(MATERIAL_WORDS.values())
     return sorted(words)

@@ -25,14 +25,14 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from cadnode.config import RESULT_KINDS
 from cadnode.demo import DemoPACS, free_port
 from cadnode.dicom.sender import DeliveryError, send_files
 from cadnode.jobs.db import Database, Delivery, Instance, Job
+from cadnode.results.enum import ResultKind
 from tests.helpers import NodeProcess, wait_until, write_small_study
 
 UID = "1.2.826.0.1.3680043.10.1407.9"
-PER_STUDY = len(RESULT_KINDS)  # result objects each study sends
+PER_STUDY = len(ResultKind)  # result objects each study sends
 NODE_ENV = {
     "CADNODE_COMPLETE_SECONDS": "1",
     "CADNODE_POLL_SECONDS": "0.3",

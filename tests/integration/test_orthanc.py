@@ -9,94 +9,28 @@ CI.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
 
-from cadnode.demo import free_port, stop_process
 from cadnode.dicom.sender import send_files
 from cadnode.results import BUILDERS
+from tests.integration.orthanc import Orthanc, run_orthanc
 from tests.unit.test_results import ROOT, _findings
 
-ORTHANC = "/usr/sbin/Orthanc"
 MODALITY = {"cad_sr": "SR", "tid1500": "SR", "sc": "OT", "gsps": "PR"}
 
 
-class _Orthanc:
-    def __init__(self, http_port: int, dicom_port: int, proc: subprocess.Popen[bytes],
-                 log: Path) -> None:
-        self.http_port, self.dicom_port, self.proc, self.log = http_port, dicom_port, proc, log
-
-    def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback only
-            return json.loads(resp.read().decode("utf-8"))
-
-
-def _wait_for_rest(orthanc: _Orthanc, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if orthanc.proc.poll() is not None:
-            raise RuntimeError("Orthanc exited:\n" + orthanc.log.read_text(errors="replace"))
-        try:
-            orthanc.get("/system")
-            return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(0.2)
-    raise TimeoutError("Orthanc REST API did not come up:\n" + orthanc.log.read_text(
-        errors="replace"))
-
-
 @pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[_Orthanc]:
-    """A fresh Orthanc on loopback, stopped (and its storage dropped) afterwards."""
-    if not os.path.exists(ORTHANC):
-        if os.environ.get("CI"):
-            pytest.fail(f"{ORTHANC} not installed (Debian package orthanc)")
-        pytest.skip(f"{ORTHANC} not installed (Debian package orthanc)")
-    http_port, dicom_port = free_port(), free_port()
-    while dicom_port == http_port:
-        dicom_port = free_port()
-    config = {
-        "Name": "cadnode-test",
-        "StorageDirectory": str(tmp_path / "orthanc-storage"),
-        "IndexDirectory": str(tmp_path / "orthanc-index"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [],
-    }
-    cfg = tmp_path / "orthanc.json"
-    cfg.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    log = tmp_path / "orthanc.log"
-    fh = open(log, "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=fh, stderr=subprocess.STDOUT,
-                            cwd=tmp_path)
-    server = _Orthanc(http_port, dicom_port, proc, log)
-    try:
-        _wait_for_rest(server)
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    with run_orthanc(tmp_path) as server:
         yield server
-    finally:
-        stop_process(proc)
-        fh.close()
-        shutil.rmtree(tmp_path / "orthanc-storage", ignore_errors=True)
 
 
 def test_orthanc_files_all_four_results_in_the_source_study(
-    orthanc: _Orthanc, demo_study: list[Path], tmp_path: Path
+    orthanc: Orthanc, demo_study: list[Path], tmp_path: Path
 ) -> None:
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in demo_study]
     study_uid = str(headers[0].StudyInstanceUID)

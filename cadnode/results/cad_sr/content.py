@@ -19,13 +19,18 @@ from pydicom.sr.coding import Code
 
 from cadnode.results.common import (
     BREAST_NAME,
+    CALCIFICATION_NO_LOCATION,
     DEMO_TEXT,
+    NO_REGION,
     PERCENT,
     SIDE,
     VIEW,
     clean_code,
+    completeness_lines,
     percent,
     plain,
+    read_line,
+    score_phrase,
 )
 from cadnode.results.findings import StudyFindings, ViewFinding
 
@@ -190,7 +195,7 @@ def _single_image_finding(
     node.add(_num(_DCM.CertaintyOfFinding, percent(score), PERCENT, "HAS PROPERTIES"))
     if cancer:
         node.add(_num(_DCM.ProbabilityOfCancer, percent(score), PERCENT, "HAS PROPERTIES"))
-    if with_geometry:
+    if with_geometry and score >= threshold:  # regions below the operating point are not shown
         _geometry(node, v, entry)
     return node
 
@@ -227,14 +232,25 @@ def _describe_scores(label: str, scores: dict[str, float], thresholds: dict[str,
     parts = []
     for key, name in (("cancer", "cancer suspicion"), ("calcification", "calcification")):
         if key in scores:
-            t = thresholds.get(key)
-            flag = "" if t is None else (" (above threshold)" if scores[key] >= t else "")
-            parts.append(f"{name} {percent(scores[key]):.2f} %{flag}")
-    return f"{label}: " + (", ".join(parts) if parts else "no score")
+            parts.append(score_phrase(name, scores[key], thresholds.get(key)))
+    if "calcification" in scores:
+        parts.append(f"calcification {CALCIFICATION_NO_LOCATION}")
+    return f"{label}: " + ("; ".join(parts) if parts else "no score")
 
 
 def _failed_text(v: ViewFinding) -> str:
     return f"{v.view_key} not analysed: {v.error or 'no score'}"
+
+
+def _view_text(v: ViewFinding, thresholds: dict[str, float]) -> str:
+    """One line per view: the image read, its scores against the thresholds, the mark."""
+    if v.failed:
+        return f"{read_line(v)}; {_failed_text(v)}"
+    text = f"{read_line(v)}; " + _describe_scores(
+        v.view_key, {"cancer": float(v.cancer or 0.0)}
+        | ({"calcification": v.calcification} if v.calcification is not None else {}),
+        thresholds)
+    return text + ("" if v.marked(thresholds) else f"; {NO_REGION}")
 
 
 def _impressions(
@@ -249,7 +265,7 @@ def _impressions(
     )
     if not ok:
         summary = _DCM.NoAlgorithmsSucceededWithoutFindings
-    elif failed:
+    elif failed or findings.missing:  # an exam without all four views was not fully analysed
         summary = (
             _DCM.NotAllAlgorithmsSucceededWithFindings if any_above
             else _DCM.NotAllAlgorithmsSucceededWithoutFindings
@@ -261,11 +277,11 @@ def _impressions(
         )
     root = _code(_DCM.CADProcessingAndFindingsSummary, summary, "CONTAINS")
     exam_text = _describe_scores("Exam", findings.exam, findings.thresholds)
-    if failed:
-        exam_text += "; " + "; ".join(_failed_text(v) for v in failed)
     if findings.demo_model:
         exam_text = f"{DEMO_TEXT.upper()}. {exam_text}"
     root.add(_text(_DCM.ImpressionDescription, exam_text, "HAS PROPERTIES"))
+    for line in completeness_lines(findings):
+        root.add(_text(_DCM.ImpressionDescription, line[:1024], "HAS PROPERTIES"))
 
     for side in ("R", "L"):
         side_views = [v for v in findings.views if v.laterality == side]
@@ -279,10 +295,10 @@ def _impressions(
         box = _container(_DCM.IndividualImpressionRecommendation, "INFERRED FROM")
         box.add(_intent(above))
         text = _describe_scores(BREAST_NAME[side], scores, findings.thresholds)
-        side_failed = [v for v in side_views if v not in ok]
-        if side_failed:
-            text += "; " + "; ".join(_failed_text(v) for v in side_failed)
         box.add(_text(_DCM.ImpressionDescription, text, "CONTAINS"))
+        for v in side_views:
+            box.add(_text(_DCM.ImpressionDescription, _view_text(v, findings.thresholds)[:1024],
+                          "CONTAINS"))
         if side_ok:
             cancer_score = scores.get("cancer", max(v.cancer or 0.0 for v in side_ok))
             box.add(_composite(

@@ -15,13 +15,15 @@ from cadnode.results.common import (
     copy_patient_study,
     file_meta,
     hierarchical_references,
+    predecessor_documents,
     referenced_series,
 )
+from cadnode.results.enum import ResultKind
 from cadnode.results.findings import StudyFindings
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_uids
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_identity
 
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
-KIND = "cad-sr"
+KIND = ResultKind.CAD_SR
 SERIES_NUMBER = 9001
 
 
@@ -32,7 +34,8 @@ def build_cad_sr(
     if not sources:
         raise ValueError("build_cad_sr needs at least one source header (patient/study)")
     first = sources[0]
-    series_uid, sop_uid = result_uids(uid_root, findings, KIND)
+    identity = result_identity(uid_root, findings, KIND)
+    series_uid, sop_uid = identity.series_uid, identity.sop_instance_uid
     now = datetime.datetime.now()
 
     ds = Dataset()
@@ -56,12 +59,15 @@ def build_cad_sr(
     ds.SoftwareVersions = [__version__, f"{findings.model_name} {findings.model_version}"[:64]]
     ds.ContributingEquipmentSequence = [contributing_equipment(findings)]
     # SR Document General
-    ds.InstanceNumber = 1
+    ds.InstanceNumber = identity.instance_number
     ds.ContentDate = ds.InstanceCreationDate
     ds.ContentTime = ds.InstanceCreationTime
     ds.CompletionFlag = "COMPLETE"
     ds.VerificationFlag = "UNVERIFIED"
     ds.PerformedProcedureCodeSequence = []
+    if identity.predecessor is not None:
+        ds.PredecessorDocumentsSequence = predecessor_documents(identity.predecessor,
+                                                                findings.study_uid)
     ds.CurrentRequestedProcedureEvidenceSequence = hierarchical_references(
         referenced_series(sources, findings.views, findings.study_uid)
     )

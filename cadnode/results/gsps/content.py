@@ -3,8 +3,10 @@
 Per analysed view, on its own source image (PIXEL units, the image's pixel grid, 0..Columns /
 0..Rows, the same coordinates as the SRs):
 
-- layer ``CAD_FINDINGS``: the finding outline (closed POLYLINE) and its centre (POINT);
-- layer ``CAD_TEXT``: the scores as text anchored at the centre ("R-CC cancer 55.0 % !"),
+- layer ``CAD_FINDINGS``: the finding outline (closed POLYLINE) and its centre (POINT), only
+  where the cancer score reaches its operating threshold;
+- layer ``CAD_TEXT``: the scores with their thresholds as text, anchored at the centre when a
+  region is drawn ("R-CC cancer 55.0 % (threshold 50 %) !"; below it, "no region marked"),
   and, for demonstration models, "DEMONSTRATION MODEL - NOT FOR CLINICAL USE" at the top of
   the displayed area (DISPLAY units).
 
@@ -20,7 +22,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
-from cadnode.results.common import cancer_label
+from cadnode.results.common import NO_REGION, cancer_label
 from cadnode.results.findings import StudyFindings, ViewFinding
 from cadnode.results.uids import tracking_uid
 
@@ -46,16 +48,22 @@ def _clip(points: Sequence[tuple[float, float]], v: ViewFinding) -> np.ndarray:
 
 
 def score_text(v: ViewFinding, thresholds: dict[str, float]) -> str:
-    """One line per view; "!" marks a score at or above its operating point."""
+    """One line per view, each score with its operating threshold; "!" marks a score at or
+    above it. Below the cancer threshold no region is drawn, and the text says so."""
     if v.failed:
         return f"{v.view_key} not analysed: {v.error or 'no score'}"
     cancer = float(v.cancer or 0.0)
-    text = f"{v.view_key} cancer {cancer * 100:.1f} %"
-    text += " !" if cancer >= thresholds.get("cancer", 0.5) else ""
+    t_cancer = thresholds.get("cancer", 0.5)
+    text = f"{v.view_key} cancer {cancer * 100:.1f} % (threshold {t_cancer * 100:.0f} %)"
+    text += " !" if cancer >= t_cancer else ""
     if v.calcification is not None:
         calc = float(v.calcification)
-        text += f", calcification {calc * 100:.1f} %"
-        text += " !" if calc >= thresholds.get("calcification", 0.5) else ""
+        t_calc = thresholds.get("calcification", 0.5)
+        text += (f", calcification {calc * 100:.1f} % (threshold {t_calc * 100:.0f} %, "
+                 "no location)")
+        text += " !" if calc >= t_calc else ""
+    if not v.marked(thresholds):
+        text += f"; {NO_REGION}"
     return text
 
 
@@ -72,7 +80,8 @@ def view_annotations(
     label = cancer_label(v)
     uid = tracking_uid(uid_root, findings.study_uid, findings.model_version, label)
     graphics: list[hd.pr.GraphicObject] = []
-    if not v.failed and len(v.outline) >= 3:
+    marked = v.marked(findings.thresholds)
+    if marked and len(v.outline) >= 3:
         pts = list(v.outline)
         if tuple(pts[0]) != tuple(pts[-1]):
             pts.append(pts[0])
@@ -80,7 +89,7 @@ def view_annotations(
             graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=_clip(pts, v),
             units=_PIXEL, tracking_id=label, tracking_uid=uid,
         ))
-    if not v.failed and v.center is not None:
+    if marked and v.center is not None:
         graphics.append(hd.pr.GraphicObject(
             graphic_type=hd.pr.GraphicTypeValues.POINT, graphic_data=_clip([v.center], v),
             units=_PIXEL, tracking_id=label, tracking_uid=uid,
@@ -90,7 +99,7 @@ def view_annotations(
         bounding_box=_text_box(v),
         anchor_point=(
             tuple(float(x) for x in _clip([v.center], v)[0])  # type: ignore[arg-type]
-            if not v.failed and v.center is not None else None
+            if marked and v.center is not None else None
         ),
         text_justification=hd.pr.TextJustificationValues.LEFT,
     )]

@@ -17,6 +17,7 @@ from cadnode.results.common import (
     file_meta,
     reference_stub,
 )
+from cadnode.results.enum import ResultKind
 from cadnode.results.findings import StudyFindings
 from cadnode.results.gsps.content import (
     LAYERS,
@@ -24,9 +25,9 @@ from cadnode.results.gsps.content import (
     view_annotations,
     voi_transformation,
 )
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_uids
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_identity
 
-KIND = "gsps"
+KIND = ResultKind.GSPS
 SERIES_NUMBER = 9004
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 CONTENT_LABEL = "CADNODE"
@@ -67,7 +68,8 @@ def build_gsps(
         same_size.append(copy)
     vois = [t for t in (voi_transformation(im) for im in images) if t is not None]
     monochrome1 = all(str(im.PhotometricInterpretation) == "MONOCHROME1" for im in images)
-    series_uid, sop_uid = result_uids(uid_root, findings, KIND)
+    identity = result_identity(uid_root, findings, KIND)
+    series_uid, sop_uid = identity.series_uid, identity.sop_instance_uid
     description = f"CAD marks {findings.model_name} {findings.model_version}"
     if findings.demo_model:
         description = "NOT FOR CLINICAL USE (demo model) - " + description
@@ -76,7 +78,7 @@ def build_gsps(
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=identity.instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER,
         software_versions=__version__,

@@ -7,13 +7,16 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cadnode.results.common import completeness_lines
 from cadnode.results.findings import StudyFindings, ViewFinding
 
 HANGING = ("R-CC", "L-CC", "R-MLO", "L-MLO")
 PANEL_W, PANEL_H = 640, 1024
-HEADER_H = 96
+HEADER_H = 124
 BANNER_H = 56
 FOOTER_H = 48
+NOTE_H = 34  # one line of the notes band (what is missing or was not analysed)
+MAX_NOTES = 12
 BANNER_TEXT = "NOT FOR DIAGNOSTIC USE - DEMONSTRATION MODEL"
 FAILED_GREY = 110
 MISSING_GREY = 30
@@ -59,21 +62,29 @@ def _view_panel(v: ViewFinding, thresholds: dict[str, float]) -> tuple[Image.Ima
     panel.paste(img, (x0, y0))
     draw = ImageDraw.Draw(panel)
     sx, sy = fw / max(v.columns, 1), fh / max(v.rows, 1)  # original grid -> panel
-    if len(v.outline) >= 3:
+    marked = v.marked(thresholds)
+    if marked and len(v.outline) >= 3:
         pts = [(x0 + x * sx, y0 + y * sy) for x, y in v.outline]
         draw.line(pts + [pts[0]], fill=(0, 255, 0), width=3)
-    if v.center is not None:
+    if marked and v.center is not None:
         cx, cy = x0 + v.center[0] * sx, y0 + v.center[1] * sy
         draw.line([(cx - 12, cy), (cx + 12, cy)], fill=(0, 255, 0), width=3)
         draw.line([(cx, cy - 12), (cx, cy + 12)], fill=(0, 255, 0), width=3)
-    cancer = float(v.cancer or 0.0)
-    flag = " !" if cancer >= thresholds.get("cancer", 0.5) else ""
-    caption = f"{v.view_key}  cancer {cancer * 100:.1f}%{flag}"
+    if not marked:
+        draw.text((16, PANEL_H - 40), "no region above threshold", fill=(200, 200, 200),
+                  font=_font(24))
+    caption = f"{v.view_key} ...{v.sop_instance_uid[-8:]}\n" + _score_caption(
+        "cancer", float(v.cancer or 0.0), thresholds)
     if v.calcification is not None:
-        calc = float(v.calcification)
-        cflag = " !" if calc >= thresholds.get("calcification", 0.5) else ""
-        caption += f"\ncalcification {calc * 100:.1f}%{cflag}"
+        caption += "\n" + _score_caption("calc", float(v.calcification), thresholds,
+                                         "calcification") + " (no location)"
     return panel, caption
+
+
+def _score_caption(name: str, p: float, thresholds: dict[str, float], key: str = "") -> str:
+    """"cancer 12.3% (thr 50%)", with "!" at or above the operating threshold."""
+    t = thresholds.get(key or name, 0.5)
+    return f"{name} {p * 100:.1f}% (thr {t * 100:.0f}%)" + (" !" if p >= t else "")
 
 
 def _message_panel(key: str, message: str, grey: int) -> tuple[Image.Image, str]:
@@ -90,7 +101,9 @@ def render_montage(findings: StudyFindings) -> np.ndarray:
     by_key = {v.view_key: v for v in findings.views}
     keys = list(HANGING) + sorted(k for k in by_key if k not in HANGING)
     banner = BANNER_H if findings.demo_model else 0
-    width, height = PANEL_W * len(keys), banner + HEADER_H + PANEL_H + FOOTER_H
+    notes = _notes(findings)
+    width = PANEL_W * len(keys)
+    height = banner + HEADER_H + PANEL_H + FOOTER_H + NOTE_H * len(notes)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     small, big = _font(28), _font(34)
@@ -100,7 +113,8 @@ def render_montage(findings: StudyFindings) -> np.ndarray:
     for i, key in enumerate(keys):
         v = by_key.get(key)
         if v is None:
-            panel, caption = _message_panel(key, f"{key}: no image in study", MISSING_GREY)
+            why = findings.missing.get(key, "no image in study")
+            panel, caption = _message_panel(key, f"{key} MISSING: {why}", MISSING_GREY)
         elif v.failed:
             panel, caption = _message_panel(
                 key, f"{key} not analysed: {v.error or 'no score'}", FAILED_GREY
@@ -110,10 +124,25 @@ def render_montage(findings: StudyFindings) -> np.ndarray:
         x = i * PANEL_W
         canvas.paste(panel, (x, banner + HEADER_H))
         draw.multiline_text((x + 16, banner + 10), caption, fill=(255, 255, 0), font=small)
-        draw.line([(x, banner), (x, height - FOOTER_H)], fill=(80, 80, 80), width=2)
+        draw.line([(x, banner), (x, banner + HEADER_H + PANEL_H)], fill=(80, 80, 80), width=2)
     exam = findings.exam
     footer = f"{findings.model_name} {findings.model_version}"
     if "cancer" in exam:
-        footer = f"Exam cancer {exam['cancer'] * 100:.1f}%  |  " + footer
-    draw.text((16, height - 40), footer, fill=(255, 255, 255), font=small)
+        footer = (_score_caption("Exam cancer", exam["cancer"], findings.thresholds, "cancer")
+                  + "  |  " + footer)
+    y = banner + HEADER_H + PANEL_H + 8
+    draw.text((16, y), footer, fill=(255, 255, 255), font=small)
+    for i, line in enumerate(notes):
+        colour = (255, 80, 80) if line.startswith("INCOMPLETE") else (230, 230, 230)
+        draw.text((16, y + FOOTER_H - 8 + i * NOTE_H), line, fill=colour, font=_font(24))
     return np.asarray(canvas, dtype=np.uint8)
+
+
+def _notes(findings: StudyFindings) -> list[str]:
+    """The notes band: incompleteness first, then every image passed over, and why."""
+    lines = completeness_lines(findings)
+    if len(lines) > MAX_NOTES:
+        lines = lines[: MAX_NOTES - 1] + [f"... and {len(lines) - MAX_NOTES + 1} more "
+                                          "(see the CAD SR)"]
+    width = max(40, PANEL_W * 4 // 13)  # characters that fit the montage at 24 px
+    return [line if len(line) <= width else line[: width - 3] + "..." for line in lines]

@@ -18,11 +18,12 @@ from cadnode.results.common import (
     referenced_series,
     result_character_set,
 )
+from cadnode.results.enum import ResultKind
 from cadnode.results.findings import StudyFindings
 from cadnode.results.sc.content import BANNER_TEXT, render_montage
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_uids
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_identity
 
-KIND = "sc"
+KIND = ResultKind.SC
 SERIES_NUMBER = 9002
 
 
@@ -33,7 +34,8 @@ def build_secondary_capture(
     if not sources:
         raise ValueError("build_secondary_capture needs at least one source header")
     first = sources[0]
-    series_uid, sop_uid = result_uids(uid_root, findings, KIND)
+    identity = result_identity(uid_root, findings, KIND)
+    series_uid, sop_uid = identity.series_uid, identity.sop_instance_uid
     pixels = render_montage(findings)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
@@ -44,7 +46,7 @@ def build_secondary_capture(
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=identity.instance_number,
         manufacturer=MANUFACTURER,
         patient_orientation=("R", "F"),  # replaced below: a montage has no single orientation
         transfer_syntax_uid=ExplicitVRLittleEndian,

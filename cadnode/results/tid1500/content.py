@@ -3,13 +3,18 @@
 Groups (TID 1501 / TID 1410), each with its own tracking identifier (a readable label plus a
 UID derived like the object UIDs, so re-processing keeps them):
 
-- per analysed view: a Planar ROI group (TID 1410) "Selected region" whose Image Region is the
-  closed outline (SCOORD POLYLINE on the source image's pixel grid) with "Probability of
-  cancer" in %; and an image-level group "Calcification Cluster" with "Certainty of Finding"
-  in % (the model's calcification output has no location);
+- per analysed view: "Selected region" with "Probability of cancer" in % - a Planar ROI group
+  (TID 1410) whose Image Region is the closed outline (SCOORD POLYLINE on the source image's
+  pixel grid) when the score reaches the cancer operating threshold, else an image-level group
+  that says no region is marked; and an image-level group "Calcification Cluster" with
+  "Certainty of Finding" in %, which says that the model gives it no location. Each carries a
+  TEXT row naming the image read (and why) and the score against its threshold;
 - per breast and for the exam: the same two scores, image-level groups over the views used;
 - per failed view: an image-level group with the qualitative evaluation "Summary of
-  Detections = Failed" and a TEXT qualitative evaluation naming the error; no measurements.
+  Detections = Failed" and a TEXT qualitative evaluation with the one-line reason;
+- "Exam completeness" (when anything was missing or passed over): Summary of Analyses =
+  Partially Succeeded (or Succeeded when only extra images were passed over) and one TEXT row
+  per missing view and per received image that was not analysed, with why.
 
 Every group carries the finding site (breast, with laterality) and the algorithm
 identification (TID 4019: model name, version, and "demonstration model - not for clinical
@@ -25,7 +30,18 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from cadnode.results.common import DEMO_TEXT, MANUFACTURER, PERCENT, cancer_label, percent
+from cadnode.results.common import (
+    CALCIFICATION_NO_LOCATION,
+    DEMO_TEXT,
+    MANUFACTURER,
+    NO_REGION,
+    PERCENT,
+    cancer_label,
+    completeness_lines,
+    percent,
+    read_line,
+    score_phrase,
+)
 from cadnode.results.findings import StudyFindings, ViewFinding
 from cadnode.results.uids import derive_uid, tracking_uid
 
@@ -112,16 +128,28 @@ def _image_group(
         finding_sites=_site(side),
         measurements=measurements,
         qualitative_evaluations=evaluations,
-        source_images=_sources(views),
+        source_images=_sources(views) or None,
+    )
+
+
+def _text_item(value: str) -> hd.sr.TextContentItem:
+    """A TEXT qualitative evaluation row (TID 1501), for statements without a code."""
+    return hd.sr.TextContentItem(
+        name=QUALITATIVE_TEXT, value=value[:1024],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
 
 
 def _view_groups(uid_root: str, findings: StudyFindings, v: ViewFinding) -> list[Group]:
-    """The cancer region (ROI) and calcification (image-level) groups of one analysed view."""
+    """The cancer region (ROI) and calcification (image-level) groups of one analysed view;
+    the region only where the score reaches the operating threshold."""
     groups: list[Group] = []
     label = cancer_label(v)
     cancer = [_score(CANCER_SCORE, float(v.cancer or 0.0))]
-    if len(v.outline) >= 3:
+    t = findings.thresholds
+    statement = (f"{read_line(v)}; "
+                 + score_phrase("cancer suspicion", float(v.cancer or 0.0), t.get("cancer")))
+    if v.marked(t) and len(v.outline) >= 3:
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=_outline(v),
@@ -135,15 +163,20 @@ def _view_groups(uid_root: str, findings: StudyFindings, v: ViewFinding) -> list
             finding_sites=_site(v.laterality),
             measurements=cancer,
         ))
-    else:  # analysed but not localised: the score still belongs to the image
+        groups[-1][0].ContentSequence.append(_text_item(statement))
+    else:  # below the threshold (or not localised): the score still belongs to the image
         groups.append(_image_group(
             uid_root, findings, label, CANCER_FINDING, v.laterality, [v], cancer
         ))
+        groups[-1][0].ContentSequence.append(_text_item(f"{statement}; {NO_REGION}"))
     if v.calcification is not None:
         groups.append(_image_group(
             uid_root, findings, f"{v.view_key} calcification", CALC_FINDING, v.laterality, [v],
             [_score(CALC_SCORE, float(v.calcification))],
         ))
+        groups[-1][0].ContentSequence.append(_text_item(
+            score_phrase("calcification", float(v.calcification), t.get("calcification"))
+            + f"; {CALCIFICATION_NO_LOCATION}"))
     return groups
 
 
@@ -156,11 +189,25 @@ def _failed_group(
         evaluations=[hd.sr.QualitativeEvaluation(codes.DCM.SummaryOfDetections,
                                                  codes.DCM.Failed)],
     )
-    group[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=QUALITATIVE_TEXT,
-        value=f"{v.view_key} not analysed: {v.error or 'no score'}"[:1024],
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    ))
+    group[0].ContentSequence.append(_text_item(
+        f"{v.view_key} not analysed: {v.error or 'no score'}"))
+    return group
+
+
+def _completeness_group(
+    uid_root: str, findings: StudyFindings
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """Exam level: what is missing and what was received but not analysed, and why."""
+    lines = completeness_lines(findings)
+    if not lines:
+        return None
+    status = codes.DCM.PartiallySucceeded if findings.incomplete else codes.DCM.Succeeded
+    group = _image_group(
+        uid_root, findings, "Exam completeness", None, "B", [],
+        evaluations=[hd.sr.QualitativeEvaluation(codes.DCM.SummaryOfAnalyses, status)],
+    )
+    for line in lines:
+        group[0].ContentSequence.append(_text_item(line))
     return group
 
 
@@ -199,6 +246,9 @@ def measurement_groups(findings: StudyFindings, uid_root: str) -> list[Group]:
             uid_root, findings, f"{side} breast", side, findings.breasts.get(side, {}), side_ok
         ))
     groups.extend(_scope_groups(uid_root, findings, "Exam", "B", findings.exam, ok))
+    completeness = _completeness_group(uid_root, findings)
+    if completeness is not None:
+        groups.append(completeness)
     return groups
 
 

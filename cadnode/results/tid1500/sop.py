@@ -14,13 +14,15 @@ from cadnode.results.common import (
     contributing_equipment,
     copy_patient_study,
     file_meta,
+    predecessor_documents,
     reference_stub,
 )
+from cadnode.results.enum import ResultKind
 from cadnode.results.findings import StudyFindings
 from cadnode.results.tid1500.content import measurement_report
-from cadnode.results.uids import DEFAULT_UID_ROOT, result_uids
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_identity
 
-KIND = "tid1500"
+KIND = ResultKind.TID1500
 SERIES_NUMBER = 9003
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -73,14 +75,15 @@ def build_tid1500_sr(
         findings, uid_root,
         [library_stub(s) for s in evidence if str(s.SOPInstanceUID) in analysed],
     )
-    series_uid, sop_uid = result_uids(uid_root, findings, KIND)
+    identity = result_identity(uid_root, findings, KIND)
+    series_uid, sop_uid = identity.series_uid, identity.sop_instance_uid
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=identity.instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,  # unverified machine output, a radiologist decides
@@ -95,5 +98,8 @@ def build_tid1500_sr(
     sr.ContributingEquipmentSequence = [
         contributing_equipment(findings)  # type: ignore[list-item]
     ]
+    if identity.predecessor is not None:
+        sr.PredecessorDocumentsSequence = predecessor_documents(identity.predecessor,
+                                                                findings.study_uid)
     sr.file_meta = file_meta(COMPREHENSIVE_3D_SR, sop_uid)
     return sr
