@@ -39,6 +39,7 @@ __all__ = [
     "Candidate",
     "Decision",
     "ImplantPolicy",
+    "Rule",
     "Selection",
     "acquisition_datetime",
     "candidate",
@@ -46,6 +47,19 @@ __all__ = [
 ]
 
 K = TypeVar("K")
+
+
+class Rule(StrEnum):
+    """Which rule decided an image (the numbered rules of the module docstring)."""
+
+    READ = "read"
+    UNKNOWN_VIEW = "unknown view"
+    FOR_PROCESSING = "For Processing"
+    OTHER_PROJECTION = "not a screening projection"
+    MODIFIED = "diagnostic (modified) view"
+    IMPLANT_DISPLACED = "implant-displaced view"
+    PRIOR = "prior exam"
+    SUPERSEDED = "another image of the view was read"
 
 
 class ImplantPolicy(StrEnum):
@@ -84,6 +98,7 @@ class Decision(Generic[K]):
     key: str | None  # the view key it was judged for; None when side or view is unknown
     analysed: bool
     reason: str  # one line, for the report and the job record
+    rule: Rule = Rule.READ
 
 
 @dataclass(frozen=True)
@@ -170,23 +185,27 @@ def _implant_only(info: ViewInfo) -> bool:
     return bool(info.modifiers) and set(info.modifiers) == {ViewModifier.IMPLANT_DISPLACED}
 
 
-def _excluded(c: Candidate[Any], current_day: str, policy: ImplantPolicy) -> str | None:
+def _excluded(c: Candidate[Any], current_day: str,
+              policy: ImplantPolicy) -> tuple[Rule, str] | None:
     """Why ``c`` cannot be read for any view (rules 1-5), or None."""
     info = c.info
     if info.key is None:
-        return "side or view could not be identified from the header"
+        return Rule.UNKNOWN_VIEW, "side or view could not be identified from the header"
     if not info.for_presentation:
-        return "For Processing image (raw detector data); the model reads For Presentation images"
+        return Rule.FOR_PROCESSING, ("For Processing image (raw detector data); the model "
+                                     "reads For Presentation images")
     if info.view not in SCREENING_VIEWS:
-        return f"{info.view} is not a screening projection (the model reads CC and MLO)"
+        return Rule.OTHER_PROJECTION, (f"{info.view} is not a screening projection (the model "
+                                       "reads CC and MLO)")
     if info.modifiers and not _implant_only(info):
         mods = ", ".join(m.value for m in info.modifiers if m is not ViewModifier.IMPLANT_DISPLACED)
-        return f"{mods} view: a diagnostic view, not a screening view"
+        return Rule.MODIFIED, f"{mods} view: a diagnostic view, not a screening view"
     if _implant_only(info) and policy is ImplantPolicy.STANDARD:
-        return "implant-displaced view (CADNODE_IMPLANT_VIEWS=standard: never read)"
+        return Rule.IMPLANT_DISPLACED, ("implant-displaced view (CADNODE_IMPLANT_VIEWS=standard: "
+                                        "never read)")
     if c.acquired and current_day and c.acquired[:8] < current_day:
-        return (f"prior exam: acquired {_day(c.acquired)}, the current exam on "
-                f"{_day(current_day)}")
+        return Rule.PRIOR, (f"prior exam: acquired {_day(c.acquired)}, the current exam on "
+                            f"{_day(current_day)}")
     return None
 
 
@@ -250,7 +269,7 @@ def select_views(
     for i, c in enumerate(items):
         why = _excluded(c, current_day, policy)
         if why is not None:
-            decisions[i] = Decision(c, c.info.key, False, why)
+            decisions[i] = Decision(c, c.info.key, False, why[1], why[0])
         else:
             eligible.setdefault(str(c.info.key), []).append((i, c))
     for key, group in eligible.items():
@@ -258,7 +277,9 @@ def select_views(
         decisions[best_i] = Decision(best, key, True, _read_reason(best, len(group) - 1))
         for i, c in group:
             if i != best_i:
-                decisions[i] = Decision(c, key, False, _passed_over(c, best, policy))
+                rule = (Rule.IMPLANT_DISPLACED if _implant_only(c.info) != _implant_only(best.info)
+                        else Rule.SUPERSEDED)
+                decisions[i] = Decision(c, key, False, _passed_over(c, best, policy), rule)
     ordered = [decisions[i] for i in range(len(items))]
     read = {d.key for d in ordered if d.analysed}
     missing = {k: _missing_reason(k, ordered) for k in STANDARD_VIEW_KEYS if k not in read}

@@ -62,7 +62,7 @@ class NotAnalysed:
 
     @property
     def text(self) -> str:
-        return f"{self.label} (...{self.sop_instance_uid[-12:]}) not analysed: {self.reason}"
+        return f"{self.label} image {self.sop_instance_uid} not analysed: {self.reason}"
 
 
 @dataclass(frozen=True)

@@ -469,6 +469,10 @@ def test_dicom_folder_labels_by_sop_and_by_breast(tmp_path: Path, caplog: Any) -
     write_dicom(tmp_path / "b" / "raw.dcm", sop_class=MG_PROCESSING, StudyInstanceUID=study,
                 ImageLaterality="R", ViewPosition="CC")
     write_dicom(tmp_path / "b" / "sr.dcm", image=False, StudyInstanceUID=study)
+    spot = _view_code("399162004", "cranio-caudal")  # an L-CC spot view: not a screening view
+    spot.ViewModifierCodeSequence = [_view_code("399055006", "Spot Compression")]
+    write_dicom(tmp_path / "b" / "spot.dcm", StudyInstanceUID=study, ImageLaterality="L",
+                ViewCodeSequence=[spot])
     write_dicom(tmp_path / "c" / "4.dcm", ImageLaterality="R", ViewPosition="CC")  # unlabeled
     (tmp_path / "README.txt").write_text("not DICOM")
     write_csv(tmp_path / "labels.csv",
@@ -480,6 +484,7 @@ def test_dicom_folder_labels_by_sop_and_by_breast(tmp_path: Path, caplog: Any) -
     with caplog.at_level(logging.WARNING, logger="train.datasets"):
         samples = by_key(dicom_folder.load(tmp_path))
     assert "1 not an image" in caplog.text and "1 For Processing" in caplog.text
+    assert "1 diagnostic (modified) view" in caplog.text  # the node's own view selection
     assert "1 no label row" in caplog.text
     assert set(samples) == {(study, "L-CC"), (study, "L-MLO"), (study, "R-CC")}
     first = samples[(study, "L-CC")]  # its SOP row wins over the breast row

@@ -152,3 +152,22 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 2.5 <= queue.backoff_seconds(1) <= 5
     assert 20 <= queue.backoff_seconds(4) <= 40
     assert queue.backoff_seconds(50) <= 300
+
+
+def test_a_schema_1_database_gets_the_columns_added_since(db: Database) -> None:
+    """A job database written by an earlier cadnode keeps working after the upgrade."""
+    from sqlalchemy import inspect
+
+    from cadnode.jobs.db import SCHEMA_VERSION, Meta
+
+    with db.engine.begin() as conn:
+        for column in ("modifiers", "acquired"):
+            conn.exec_driver_sql(f"ALTER TABLE instances DROP COLUMN {column}")
+        conn.exec_driver_sql("UPDATE cadnode_meta SET value = '1' WHERE key = 'schema_version'")
+    db.create_schema()
+    db.create_schema()  # idempotent
+    columns = {c["name"] for c in inspect(db.engine).get_columns("instances")}
+    assert {"modifiers", "acquired"} <= columns
+    with db.session() as s:
+        version = s.get(Meta, "schema_version")
+        assert version is not None and version.value == str(SCHEMA_VERSION) == "2"

@@ -21,8 +21,17 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from cadnode.results.cad_sr import MAMMOGRAPHY_CAD_SR, build_cad_sr
+from cadnode.results.common import completeness_lines
 from cadnode.results.findings import StudyFindings, ViewFinding
-from cadnode.results.sc import BANNER_TEXT, FAILED_GREY, HEADER_H, PANEL_H, build_secondary_capture
+from cadnode.results.sc import (
+    BANNER_TEXT,
+    FAILED_GREY,
+    HANGING,
+    HEADER_H,
+    PANEL_H,
+    build_secondary_capture,
+)
+from cadnode.results.sc.content import FOOTER_H, NOTE_H, render_montage
 from cadnode.results.uids import DEFAULT_UID_ROOT, derive_uid, is_valid_uid
 
 ROOT = "1.2.826.0.1.3680043.10.999"
@@ -363,6 +372,32 @@ def test_sc_montage(headers: list[Dataset], tmp_path: Path) -> None:
     assert (failed_panel == FAILED_GREY).mean() > 0.9  # L-MLO is the grey failed panel
     colour = px[top + HEADER_H:, : 3 * width].astype(int)
     assert (np.abs(colour[..., 0] - colour[..., 2]) > 60).any()  # heatmap colour is present
+
+
+def test_sc_montage_says_what_is_missing_and_marks_only_above_threshold(
+    headers: list[Dataset],
+) -> None:
+    f = _findings(headers, demo=False, with_pixels=True)
+    f.views = [v for v in f.views if v.view_key != "R-MLO"]
+    f.missing = {"R-MLO": "no R-MLO image received"}
+    px = render_montage(f)
+    notes = completeness_lines(f)
+    assert notes[0].startswith("INCOMPLETE EXAM") and len(notes) == 2
+    assert px.shape[0] == HEADER_H + PANEL_H + FOOTER_H + NOTE_H * len(notes)
+    band = px[HEADER_H + PANEL_H + FOOTER_H:].reshape(-1, 3).astype(int)
+    assert ((band[:, 0] > 200) & (band[:, 1] < 120)).any()  # the red INCOMPLETE line
+    width = px.shape[1] // 4
+    panels = {key: px[HEADER_H: HEADER_H + PANEL_H, i * width:(i + 1) * width]
+              for i, key in enumerate(HANGING)}
+
+    def green(a: np.ndarray) -> bool:
+        return bool(((a[..., 1] == 255) & (a[..., 0] == 0) & (a[..., 2] == 0)).any())
+
+    views = {v.view_key: v for v in f.views}
+    for key in ("R-CC", "L-CC", "L-MLO"):  # the outline is drawn only at or above 50 %
+        assert green(panels[key]) == (views[key].cancer >= 0.5), key
+    assert green(panels["L-MLO"])
+    assert (panels["R-MLO"][10:100, 10:-10] == 30).mean() > 0.9  # the dark missing panel
 
 
 def test_sc_without_demo_has_no_banner() -> None:

