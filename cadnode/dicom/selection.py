@@ -123,9 +123,6 @@ class Selection(Generic[K]):
     def not_analysed(self) -> list[Decision[K]]:
         return [d for d in self.decisions if not d.analysed]
 
-    def decision(self, ref: K) -> Decision[K]:
-        return next(d for d in self.decisions if d.candidate.ref == ref)
-
 
 _DATE_TIME_KEYWORDS = (
     ("AcquisitionDate", "AcquisitionTime"),

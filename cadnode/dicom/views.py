@@ -72,28 +72,19 @@ _VIEW_TERMS: frozenset[str] = frozenset(v.value for v in View)
 
 # CID 4014 "View for Mammography": SNOMED-CT (SCT) and legacy SNOMED-RT (SRT) code values.
 # Checked against pydicom's SNOMED mapping (pydicom.sr._snomed_dict).
-_VIEW_CODES: dict[str, str] = {
-    "399162004": "CC",
-    "R-10242": "CC",
-    "399368009": "MLO",
-    "R-10226": "MLO",
-    "399260004": "ML",
-    "R-10224": "ML",
-    "399352003": "LM",
-    "R-10228": "LM",
-    "399099002": "LMO",
-    "R-10230": "LMO",
-    "399192008": "XCCL",
-    "R-1024A": "XCCL",
-    "399101009": "XCCM",
-    "R-1024B": "XCCM",
-    "399196006": "FB",
-    "R-10244": "FB",
-    "399188001": "SIO",
-    "R-102D0": "SIO",
-    "441555000": "ISO",
-    "R-40AAA": "ISO",
+_VIEW_CODE_VALUES: dict[View, tuple[str, str]] = {  # (SCT, SRT)
+    View.CC: ("399162004", "R-10242"),
+    View.MLO: ("399368009", "R-10226"),
+    View.ML: ("399260004", "R-10224"),
+    View.LM: ("399352003", "R-10228"),
+    View.LMO: ("399099002", "R-10230"),
+    View.XCCL: ("399192008", "R-1024A"),
+    View.XCCM: ("399101009", "R-1024B"),
+    View.FB: ("399196006", "R-10244"),
+    View.SIO: ("399188001", "R-102D0"),
+    View.ISO: ("441555000", "R-40AAA"),
 }
+_VIEW_CODES: dict[str, View] = {code: v for v, codes in _VIEW_CODE_VALUES.items() for code in codes}
 
 # Words in free text (series description, protocol name) that name a view.
 _VIEW_WORDS: dict[str, str] = {
@@ -312,21 +303,19 @@ def presentation_intent(ds: Dataset) -> Intent | None:
 
 # CID 4015 View Modifier for Mammography: SNOMED-CT and legacy SNOMED-RT codes (checked against
 # pydicom's SNOMED mapping, pydicom.sr._snomed_dict).
-_MODIFIER_CODES: dict[str, ViewModifier] = {
-    "399055006": ViewModifier.SPOT_COMPRESSION, "R-102D7": ViewModifier.SPOT_COMPRESSION,
-    "399163009": ViewModifier.MAGNIFICATION, "R-102D6": ViewModifier.MAGNIFICATION,
-    "399209000": ViewModifier.IMPLANT_DISPLACED, "R-102D5": ViewModifier.IMPLANT_DISPLACED,
-    "399197002": ViewModifier.ROLLED, "R-102D3": ViewModifier.ROLLED,
-    "399226006": ViewModifier.ROLLED, "R-102D4": ViewModifier.ROLLED,
-    "414493004": ViewModifier.ROLLED, "R-102CA": ViewModifier.ROLLED,
-    "415670009": ViewModifier.ROLLED, "R-102C9": ViewModifier.ROLLED,
-    "399110001": ViewModifier.TANGENTIAL, "R-102C2": ViewModifier.TANGENTIAL,
-    "399161006": ViewModifier.CLEAVAGE, "R-102D2": ViewModifier.CLEAVAGE,
-    "399011000": ViewModifier.AXILLARY, "R-102D1": ViewModifier.AXILLARY,
-    "442580003": ViewModifier.AXILLARY, "R-40AB2": ViewModifier.AXILLARY,
-    "442581004": ViewModifier.NIPPLE_IN_PROFILE, "R-40AB3": ViewModifier.NIPPLE_IN_PROFILE,
-    "442593008": ViewModifier.INFRAMAMMARY_FOLD, "R-40ABE": ViewModifier.INFRAMAMMARY_FOLD,
+_MODIFIER_CODE_VALUES: dict[ViewModifier, tuple[str, ...]] = {  # SCT, SRT[, SCT, SRT ...]
+    ViewModifier.SPOT_COMPRESSION: ("399055006", "R-102D7"),
+    ViewModifier.MAGNIFICATION: ("399163009", "R-102D6"),
+    ViewModifier.IMPLANT_DISPLACED: ("399209000", "R-102D5"),
+    ViewModifier.ROLLED: ("399197002", "R-102D3", "399226006", "R-102D4",  # lateral, medial
+                          "414493004", "R-102CA", "415670009", "R-102C9"),  # inferior, superior
+    ViewModifier.TANGENTIAL: ("399110001", "R-102C2"),
+    ViewModifier.CLEAVAGE: ("399161006", "R-102D2"),
+    ViewModifier.AXILLARY: ("399011000", "R-102D1", "442580003", "R-40AB2"),  # tail, tissue
+    ViewModifier.NIPPLE_IN_PROFILE: ("442581004", "R-40AB3"),
+    ViewModifier.INFRAMAMMARY_FOLD: ("442593008", "R-40ABE"),
 }
+_MODIFIER_CODES = {code: m for m, codes in _MODIFIER_CODE_VALUES.items() for code in codes}
 #: CodeMeaning keywords -> modifier, matched in this order; the meaning a sender wrote wins over
 #: the code (legacy codes are often mis-mapped by vendors).
 _MODIFIER_KEYWORDS: tuple[tuple[str, ViewModifier], ...] = (

@@ -38,9 +38,9 @@ from cadnode.jobs.queue import (
 )
 from cadnode.results import BUILDERS
 from cadnode.results.common import NotApplicable
-from cadnode.results.findings import NotAnalysed, ObjectVersion, StudyFindings, ViewFinding
-from cadnode.results.uids import DEFAULT_UID_ROOT
-from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, ViewOutputs, load_engine
+from cadnode.results.findings import NotAnalysed, StudyFindings, ViewFinding
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_identity
+from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, load_engine
 from cadnode.runtime.scoring import aggregate
 from cadnode.text.clinical import build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
@@ -119,9 +119,9 @@ class Worker:
     def process(self, job: ClaimedJob) -> None:
         clock = _Stopwatch()
         selection, headers, unreadable = self._select(job)
-        views = [_View(key, path, headers[path], selection.decision(path).candidate.info,
-                       selection.decision(path).reason)
-                 for key, path in selection.chosen.items()]
+        views = sorted((_View(str(d.key), d.candidate.ref, headers[d.candidate.ref],
+                              d.candidate.info, d.reason)
+                        for d in selection.decisions if d.analysed), key=lambda v: v.key)
         if not views:
             raise PermanentError("no standard view (L/R CC/MLO) can be read: " + "; ".join(
                 f"{k}: {why}" for k, why in selection.missing.items()))
@@ -132,7 +132,10 @@ class Worker:
         if not ok:
             raise PermanentError("no selected view could be decoded: " + "; ".join(
                 f"{v.key}: {v.detail}" for v in views))
-        out = self._predict(ok)
+        ids, mask = self._encode_text(ok)
+        clock.lap("text")
+        images = np.stack([v.prepared.array for v in ok])[:, None].astype(np.float32)  # type: ignore[union-attr]
+        out = self.engine.predict(images, ids, mask)
         clock.lap("model")
         findings_by_key: dict[str, ViewFinding] = {}
         view_scores: dict[str, dict[str, float]] = {}
@@ -226,12 +229,12 @@ class Worker:
             if v.detail is not None:
                 log.warning("study %s: %s not analysed: %s", job.study_uid, v.key, v.detail)
 
-    def _predict(self, ok: list[_View]) -> ViewOutputs:
-        images = np.stack([v.prepared.array for v in ok])[:, None].astype(np.float32)  # type: ignore[union-attr]
+    def _encode_text(self, ok: list[_View]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask of each view's clinical text (from its header)."""
         encoded = [self.tokenizer.encode(build_clinical_text(v.header, v.info)) for v in ok]
         ids = np.stack([e[0] for e in encoded]).astype(np.int64)
         mask = np.stack([e[1] for e in encoded]).astype(np.int64)
-        return self.engine.predict(images, ids, mask)
+        return ids, mask
 
     @staticmethod
     def _finding(
@@ -276,12 +279,7 @@ class Worker:
             path = out_dir / f"{kind.value}.{ds.SOPInstanceUID}.dcm"
             write_durably(_encode(ds), path)
             dests = tuple(str(d) for d in self.settings.destinations if d.takes(kind))
-            prev = findings.previous.get(kind)
-            version = ObjectVersion(
-                str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
-                int(ds.InstanceNumber),
-                prev if prev is not None and prev.sop_instance_uid != ds.SOPInstanceUID
-                else (prev.predecessor if prev is not None else None))
+            version = result_identity(uid_root, findings, kind).version(str(ds.SOPClassUID))
             results.append(ResultFile(kind, str(path), str(ds.SOPInstanceUID), dests, version))
         return results
 

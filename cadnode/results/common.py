@@ -28,6 +28,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from cadnode import __version__
+from cadnode.dicom.enum import View
 from cadnode.results.findings import ObjectVersion, StudyFindings, ViewFinding
 
 __all__ = [
@@ -60,17 +61,17 @@ MANUFACTURER = "cadnode"
 DEMO_TEXT = "demonstration model - not for clinical use"
 PERCENT = codes.UCUM.Percent
 SIDE = {"R": codes.SCT.RightBreast, "L": codes.SCT.LeftBreast, "B": codes.SCT.BothBreasts}
-VIEW = {  # CID 4014, keyed by cadnode.dicom.views ViewInfo.view
-    "CC": codes.SCT.CranioCaudal,
-    "MLO": codes.SCT.MedioLateralObliqueProjection,
-    "ML": codes.SCT.MedioLateralProjection,
-    "LM": codes.SCT.LateroMedial,
-    "LMO": codes.SCT.LateroMedialOblique,
-    "XCCL": codes.SCT.CranioCaudalExaggeratedLaterally,
-    "XCCM": codes.SCT.CranioCaudalExaggeratedMedially,
-    "FB": codes.SCT.CaudoCranial,
-    "SIO": codes.SCT.SuperolateralToInferomedialOblique,
-    "ISO": codes.SCT.InferomedialToSuperolateralOblique,
+VIEW: dict[str, Code] = {  # CID 4014, keyed by cadnode.dicom.views ViewInfo.view
+    View.CC: codes.SCT.CranioCaudal,
+    View.MLO: codes.SCT.MedioLateralObliqueProjection,
+    View.ML: codes.SCT.MedioLateralProjection,
+    View.LM: codes.SCT.LateroMedial,
+    View.LMO: codes.SCT.LateroMedialOblique,
+    View.XCCL: codes.SCT.CranioCaudalExaggeratedLaterally,
+    View.XCCM: codes.SCT.CranioCaudalExaggeratedMedially,
+    View.FB: codes.SCT.CaudoCranial,
+    View.SIO: codes.SCT.SuperolateralToInferomedialOblique,
+    View.ISO: codes.SCT.InferomedialToSuperolateralOblique,
 }
 BREAST_NAME = {"R": "Right breast", "L": "Left breast"}
 

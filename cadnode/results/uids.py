@@ -74,6 +74,11 @@ class ObjectIdentity:
     instance_number: int
     predecessor: ObjectVersion | None  # None for a first version
 
+    def version(self, sop_class_uid: str) -> ObjectVersion:
+        """What the job record keeps of this object, for the next version to replace."""
+        return ObjectVersion(self.sop_instance_uid, self.series_uid, sop_class_uid,
+                             self.instance_number, self.predecessor)
+
 
 def result_identity(root: str, findings: StudyFindings, kind: str) -> ObjectIdentity:
     """UIDs, Instance Number and predecessor of result object ``kind`` for ``findings``.

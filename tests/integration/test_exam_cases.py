@@ -22,6 +22,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from cadnode.cli import format_table
 from cadnode.config import Settings
 from cadnode.dicom.listener import Listener
 from cadnode.jobs import queue
@@ -245,6 +246,12 @@ def test_exam_case(node: Node, case: Case, demo_study: list[Path], tmp_path: Pat
         assert words in passed[exam.names[name]], passed
     assert sorted(selection["missing"]) == sorted(case.missing)
     assert sorted(scores["failed_views"]) == sorted(case.failed)
+    # what `cadnode jobs` shows an admin
+    table = format_table([r for r in queue.study_rows(node.db) if r["study_uid"] == exam.study_uid])
+    if case.missing:
+        assert f"done-partial (missing {','.join(sorted(case.missing))})" in table, table
+    if case.failed:
+        assert f"done-partial (unreadable {','.join(case.failed)})" in table, table
 
     # the CAD SR: its image library and evidence are exactly the images read
     (sr_path,) = (node.settings.results_dir / exam.study_uid).glob("cad_sr.*.dcm")

@@ -17,6 +17,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cadnode.dicom.views import orientation_directions
 from cadnode.results.common import (
     BREAST_NAME,
     CALCIFICATION_NO_LOCATION,
@@ -131,10 +132,10 @@ def _library_entry(v: ViewFinding, src: Dataset | None, fallback: Dataset) -> _N
     if hdr.get("StudyTime"):
         node.add(_Node(hd.sr.TimeContentItem(_DCM.StudyTime, str(hdr.StudyTime), acq)))
     if src is not None:
-        po = src.get("PatientOrientation")
-        if po is not None and not isinstance(po, str) and len(po) == 2 and all(po):
-            node.add(_text(_DCM.PatientOrientationRow, str(po[0]), acq))
-            node.add(_text(_DCM.PatientOrientationColumn, str(po[1]), acq))
+        directions = orientation_directions(src)
+        if directions is not None:
+            node.add(_text(_DCM.PatientOrientationRow, directions[0], acq))
+            node.add(_text(_DCM.PatientOrientationColumn, directions[1], acq))
         spacing = src.get("ImagerPixelSpacing") or src.get("PixelSpacing")
         if spacing is not None and len(spacing) == 2:
             node.add(_num(_DCM.HorizontalPixelSpacing, float(spacing[1]), MM, acq))

@@ -9,6 +9,7 @@ import highdicom as hd
 from pydicom import Dataset
 
 from cadnode import __version__
+from cadnode.dicom.views import orientation_directions
 from cadnode.results.common import (
     MANUFACTURER,
     contributing_equipment,
@@ -49,8 +50,7 @@ def library_stub(stub: Dataset) -> Dataset:
     Modality below is only what selects highdicom's descriptor set, it is not written out.
     """
     lib = deepcopy(stub)
-    po = lib.get("PatientOrientation")
-    orientation_ok = po is not None and not isinstance(po, str) and len(po) == 2 and all(po)
+    orientation_ok = orientation_directions(lib) is not None
     if "ImagerPixelSpacing" not in lib and "PixelSpacing" in lib:
         lib.ImagerPixelSpacing = lib.PixelSpacing
     if not orientation_ok or "ImagerPixelSpacing" not in lib:
