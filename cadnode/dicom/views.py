@@ -1,4 +1,6 @@
-"""Laterality, view and presentation intent of a mammogram, from any vendor's header.
+"""Laterality, view, view modifiers and presentation intent of a mammogram, from any vendor's
+header: the one copy of these header rules (the view selection, the text builder, the pixel
+pipeline and the result objects call it).
 
 Real headers disagree about where they put the side and the view: digital modalities fill
 ``ViewPosition``/``ImageLaterality``, some only ``ViewCodeSequence``, scanned film (CBIS-DDSM) puts
@@ -14,6 +16,9 @@ resolved in favour of the earlier source):
   ``StudyDescription``
 * side: ``ImageLaterality`` > ``Laterality`` > ``FrameLaterality`` (shared, then first per-frame
   functional group) > ``PatientOrientation`` row direction > the same description texts.
+
+* modifiers (spot compression, magnification, implant displaced...): see :func:`view_modifiers`;
+* presentation intent: the SOP class, else ``PresentationIntentType`` (:func:`presentation_intent`).
 
 Malformed values never raise; they are skipped as if absent.
 """

@@ -439,6 +439,23 @@ def test_csv_manifest(tmp_path: Path) -> None:
     assert "age seventies implant yes manufacturer hologic" in text and "side left" in text
 
 
+def test_every_adapter_goes_through_the_node_view_selection(tmp_path: Path, caplog: Any) -> None:
+    """A CSV layout too: an XCCL and a repeated L-CC in one exam are dropped, as serving would."""
+    write_png(tmp_path / "png" / "c.png")
+    write_png(tmp_path / "png" / "d.png")
+    manifest_tree(tmp_path, [["png/c.png", "p1", "e1", "L", "XCCL", 0, 0, 75, "", "", ""],
+                             ["png/d.png", "p1", "e1", "L", "CC", 0, 0, 75, "", "", ""]])
+    with caplog.at_level(logging.WARNING, logger="train.datasets"):
+        used = load_dataset("csv", tmp_path)
+    assert len(load_dataset("csv", tmp_path, views="all")) == 4
+    assert sorted(s.view.key or "" for s in used) == ["L-CC", "R-MLO"]
+    assert next(s for s in used if s.view.key == "L-CC").image == tmp_path / "png" / "d.png"
+    assert "1 another image of the view was read" in caplog.text
+    assert "1 not a screening projection" in caplog.text
+    with pytest.raises(ValueError, match="views must be"):
+        load_dataset("csv", tmp_path, views="some")
+
+
 def test_csv_manifest_malformed_rows(tmp_path: Path) -> None:
     manifest_tree(tmp_path, [["png/b.png", "p2", "e2", "X", "CC", 0, 0, "", "", "", ""]])
     with pytest.raises(DatasetError, match=r"manifest\.csv, line 4: column 'laterality'"):
@@ -482,10 +499,12 @@ def test_dicom_folder_labels_by_sop_and_by_breast(tmp_path: Path, caplog: Any) -
                ["", study, "L", 0, 1, ""],
                ["", study, "R", 0, "", ""]])
     with caplog.at_level(logging.WARNING, logger="train.datasets"):
-        samples = by_key(dicom_folder.load(tmp_path))
-    assert "1 not an image" in caplog.text and "1 For Processing" in caplog.text
-    assert "1 diagnostic (modified) view" in caplog.text  # the node's own view selection
-    assert "1 no label row" in caplog.text
+        samples = by_key(load_dataset("dicom-folder", tmp_path))
+    assert "1 not an image" in caplog.text and "1 no label row" in caplog.text
+    # the node's own view selection: what serving would not read is not trained on
+    assert "2 of 5 image(s) not used" in caplog.text
+    assert "1 For Processing" in caplog.text and "1 diagnostic (modified) view" in caplog.text
+    assert len(dicom_folder.load(tmp_path)) == 5  # the adapter alone yields every labelled image
     assert set(samples) == {(study, "L-CC"), (study, "L-MLO"), (study, "R-CC")}
     first = samples[(study, "L-CC")]  # its SOP row wins over the breast row
     assert (first.cancer, first.calcification, first.density) == (1, 0, "B")
@@ -495,8 +514,9 @@ def test_dicom_folder_labels_by_sop_and_by_breast(tmp_path: Path, caplog: Any) -
     assert mlo.view.source == "ViewCodeSequence+ImageLaterality"
     assert (mlo.cancer, mlo.calcification) == (0, 1)
     assert samples[(study, "R-CC")].calcification is None
-    with_raw = dicom_folder.load(tmp_path, include_processing=True)
+    with_raw = load_dataset("dicom-folder", tmp_path, include_processing=True)
     assert sum(not s.view.for_presentation for s in with_raw) == 1
+    assert len(load_dataset("dicom-folder", tmp_path, views="all")) == 5
 
 
 def _view_code(value: str, meaning: str) -> Dataset:

@@ -6,11 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cadnode.dicom.selection import ImplantPolicy
 from train.datasets import cbis_ddsm, csv_manifest, dicom_folder, embed, rsna, vindr
-from train.datasets._common import DatasetError
+from train.datasets._common import DatasetError, screening_samples
 from train.datasets.base import Sample
 
-__all__ = ["ADAPTERS", "DatasetError", "Sample", "load_dataset"]
+__all__ = ["ADAPTERS", "DatasetError", "Sample", "load_dataset", "screening_samples"]
 
 #: Layout name -> loader(root, **options). Layouts and label rules: docs/training.md, "Datasets".
 ADAPTERS: dict[str, Callable[..., list[Sample]]] = {
@@ -23,12 +24,23 @@ ADAPTERS: dict[str, Callable[..., list[Sample]]] = {
 }
 
 
-def load_dataset(kind: str, root: Path, **options: Any) -> list[Sample]:
+def load_dataset(kind: str, root: Path, *, views: str = "screening",
+                 implant_views: str = ImplantPolicy.FALLBACK.value,
+                 include_processing: bool = False, **options: Any) -> list[Sample]:
     """Samples of the dataset at ``root`` in layout ``kind`` (``cbis_ddsm`` = ``cbis-ddsm``).
 
-    Options are the adapter's keyword arguments; all take ``on_error="raise"|"skip"``.
+    ``views="screening"`` (default) keeps, per exam, the images the node reads when serving
+    (:func:`screening_samples`: the node's own view selection); ``views="all"`` keeps every
+    image the adapter yields. Other options are the adapter's keyword arguments; all take
+    ``on_error="raise"|"skip"``.
     """
     key = kind.strip().lower().replace("_", "-")
     if key not in ADAPTERS:
         raise ValueError(f"unknown dataset kind {kind!r}; known: {', '.join(ADAPTERS)}")
-    return ADAPTERS[key](Path(root), **options)
+    if views not in ("screening", "all"):
+        raise ValueError(f"views must be 'screening' or 'all', not {views!r}")
+    samples = ADAPTERS[key](Path(root), **options)
+    if views == "all":
+        return samples
+    return screening_samples(samples, ImplantPolicy(implant_views), include_processing,
+                             source=str(root))

@@ -12,6 +12,7 @@ import csv
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,16 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from cadnode.dicom.selection import (
+    Candidate,
+    ImplantPolicy,
+    Rule,
+    acquisition_datetime,
+    select_views,
+)
 from cadnode.dicom.views import ViewInfo, detect_view
 from cadnode.text.clinical import UNKNOWN, age_band
+from train.datasets.base import Sample
 
 log = logging.getLogger("train.datasets")
 
@@ -309,3 +318,34 @@ def groups_for(ds: Dataset, **extra: str | None) -> dict[str, str]:
     groups = {"manufacturer": manufacturer_group(ds), "age_band": age_band(ds)}
     groups.update({k: v for k, v in extra.items() if v is not None})
     return groups
+
+
+# --- which images are used -------------------------------------------------------------------
+
+
+def screening_samples(samples: list[Sample], policy: ImplantPolicy = ImplantPolicy.FALLBACK,
+                      include_processing: bool = False, source: str = "") -> list[Sample]:
+    """The samples the node would read, per exam: its own view selection
+    (:func:`cadnode.dicom.selection.select_views`) over each exam's headers, so that training
+    sees the images serving sees. Spot/magnified and other modified views, other projections,
+    priors and superseded repeats are dropped (For Processing images too, unless
+    ``include_processing``), counted by rule in one warning. An exam may keep fewer than four
+    views: selection only drops."""
+    by_exam: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_exam.setdefault(s.exam_id, []).append(i)
+    keep: set[int] = set()
+    skipped: Counter[str] = Counter()
+    for members in by_exam.values():
+        candidates = [Candidate(i, samples[i].view, acquisition_datetime(samples[i].header), n)
+                      for n, i in enumerate(members)]
+        for d in select_views(candidates, policy).decisions:
+            if d.analysed or (include_processing and d.rule is Rule.FOR_PROCESSING):
+                keep.add(d.candidate.ref)
+            else:
+                skipped[d.rule.value] += 1
+    if skipped:
+        log.warning("%s: %d of %d image(s) not used, as the node would not read them: %s",
+                    source or "dataset", sum(skipped.values()), len(samples),
+                    ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
+    return [s for i, s in enumerate(samples) if i in keep]

@@ -1,9 +1,8 @@
 """A folder of DICOM files plus a label CSV: what a site exports from its own PACS.
 
 Every DICOM file under ``root`` (any depth, found by its ``DICM`` preamble or a .dcm/.dicom
-suffix) is read without pixels; side and view come from the node's ``detect_view`` on its real
-header, patient from PatientID and exam from StudyInstanceUID; the node's view selection decides
-which images of a study are used.
+suffix) is read without pixels; side and view come from :func:`detect_view` on its real header,
+patient from PatientID and exam from StudyInstanceUID.
 
 The label CSV (``root/labels.csv`` unless ``labels=`` names another) has ``cancer`` and
 ``calcification`` columns (0/1; empty = None; calcification may be absent) and is keyed either by
@@ -11,10 +10,9 @@ The label CSV (``root/labels.csv`` unless ``labels=`` names another) has ``cance
 breast). When both key styles are present a row's SOPInstanceUID wins over its breast row. An
 optional ``density`` column (A-D or 1-4) is kept.
 
-Skipped and counted in one warning, not errors: files that are not images (no Rows, e.g. SR),
-images the view selection does not read (For Processing unless ``include_processing=True``,
-other projections, spot/magnified views, priors, superseded repeats) and images without a label
-row.
+Skipped and counted in one warning, not errors: files that are not images (no Rows, e.g. SR) and
+images without a label row. Which images of a study are used (For Processing, spot views,
+priors...) is decided by the node's view selection in ``train.datasets.load_dataset``.
 Malformed label rows and unreadable DICOM files follow the usual ``on_error`` policy.
 """
 
@@ -23,10 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-
-from cadnode.dicom.selection import Candidate, ImplantPolicy, Rule, candidate, select_views
-from cadnode.dicom.views import ViewInfo
+from cadnode.dicom.views import detect_view
 from train.datasets._common import (
     DatasetError,
     Problems,
@@ -76,23 +71,16 @@ def _labels(path: Path, problems: Problems) -> tuple[dict[str, Labels], dict[tup
     return by_sop, by_breast
 
 
-def load(root: Path, *, labels: Path | str = "labels.csv", include_processing: bool = False,
-         implant_views: ImplantPolicy = ImplantPolicy.FALLBACK,
+def load(root: Path, *, labels: Path | str = "labels.csv",
          on_error: str = "raise") -> list[Sample]:
-    """Samples of the DICOM files under ``root`` that the label CSV labels.
-
-    The images of each study go through the node's own view selection
-    (:func:`cadnode.dicom.selection.select_views`), so training reads the images serving reads:
-    spot, magnified and other diagnostic views, priors and superseded repeats are skipped
-    (counted by rule in one warning). ``include_processing`` keeps For Processing images too.
-    """
+    """Samples of the DICOM files under ``root`` that the label CSV labels (every image;
+    ``train.datasets.load_dataset`` then keeps the ones the node's view selection reads)."""
     root = Path(root)
     label_path = Path(labels) if Path(labels).is_absolute() else root / labels
     problems = Problems(str(label_path), on_error)
     by_sop, by_breast = _labels(label_path, problems)
     skipped: Counter[str] = Counter()
-    studies: dict[str, list[Candidate[Path]]] = {}
-    headers: dict[Path, Dataset] = {}
+    samples: list[Sample] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if path == label_path or image_kind(path) != "dicom":
             continue
@@ -104,40 +92,22 @@ def load(root: Path, *, labels: Path | str = "labels.csv", include_processing: b
         if "Rows" not in header:
             skipped["not an image"] += 1
             continue
-        headers[path] = header
-        study = str(header.get("StudyInstanceUID", "") or "") or str(path)
-        studies.setdefault(study, []).append(candidate(path, header, len(headers)))
-    samples: list[Sample] = []
-    for candidates in studies.values():
-        for d in select_views(candidates, implant_views).decisions:
-            keep = d.analysed or (include_processing and d.rule is Rule.FOR_PROCESSING)
-            if not keep:
-                skipped[d.rule.value] += 1
-                continue
-            sample = _sample(d.candidate.ref, headers[d.candidate.ref], d.candidate.info,
-                             by_sop, by_breast)
-            if sample is None:
-                skipped["no label row"] += 1
-            else:
-                samples.append(sample)
+        info = detect_view(header)
+        study = str(header.get("StudyInstanceUID", "") or "")
+        sop = str(header.get("SOPInstanceUID", "") or "")
+        value = by_sop.get(sop)
+        if value is None and info.laterality is not None:
+            value = by_breast.get((study, info.laterality))
+        if value is None:
+            skipped["no label row"] += 1
+            continue
+        cancer, calcification, density = value
+        samples.append(Sample(
+            image=path, header=header, view=info, cancer=cancer, calcification=calcification,
+            patient_id=str(header.get("PatientID", "") or "unknown"), exam_id=study or sop,
+            density=density, groups=groups_for(header),
+        ))
     if skipped:
         log.warning("%s: skipped %s", root, ", ".join(f"{n} {why}" for why, n in skipped.items()))
     problems.finish()
     return samples
-
-
-def _sample(path: Path, header: Dataset, info: ViewInfo, by_sop: dict[str, Labels],
-            by_breast: dict[tuple[str, str], Labels]) -> Sample | None:
-    study = str(header.get("StudyInstanceUID", "") or "")
-    sop = str(header.get("SOPInstanceUID", "") or "")
-    value = by_sop.get(sop)
-    if value is None and info.laterality is not None:
-        value = by_breast.get((study, info.laterality))
-    if value is None:
-        return None
-    cancer, calcification, density = value
-    return Sample(
-        image=path, header=header, view=info, cancer=cancer, calcification=calcification,
-        patient_id=str(header.get("PatientID", "") or "unknown"), exam_id=study or sop,
-        density=density, groups=groups_for(header),
-    )

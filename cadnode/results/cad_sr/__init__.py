@@ -10,7 +10,7 @@ Content tree (TID numbers of PS3.16 in brackets)::
     CONTAINER Mammography CAD Report                              [4000]
       HAS CONCEPT MOD  Language of Content Item and Descendants   [1204]
       CONTAINS  CONTAINER Image Library
-        CONTAINS  IMAGE (every analysed view, failed ones too)    [4020]
+        CONTAINS  IMAGE (every view read, failed ones too)        [4020]
           HAS ACQ CONTEXT  Image Laterality, Image View, Study Date/Time, [orientation, spacing]
       CONTAINS  CODE CAD Processing and Findings Summary          [4001]
         HAS PROPERTIES  TEXT Impression Description (exam level)  [4002]
@@ -35,8 +35,14 @@ Choices worth knowing:
 - "with findings" in the summary means at least one finding is above its operating point
   (``StudyFindings.thresholds``), i.e. marked "Presentation Required"; findings below it are
   still reported, marked "Presentation Optional".
-- The model's calcification output is image-level: its single image findings carry no geometry.
+- Geometry (TID 4021) only for cancer findings at or above the cancer operating point; below
+  it the view's text says "no region marked". The model's calcification output is image-level:
+  its single image findings carry no geometry, and the text says so.
+- An exam with a missing or undecodable standard view is "Not all algorithms succeeded"; the
+  exam-level Impression Descriptions say INCOMPLETE EXAM, name each missing view and each
+  received image that was not analysed, with why (``StudyFindings.missing``/``not_analysed``).
 - SCOORDs are clipped to the image (0..Columns, 0..Rows); outlines are closed (last = first).
+- A second version of the report names the first in the Predecessor Documents Sequence.
 """
 
 from cadnode.results.cad_sr.content import CALC_FINDING, CANCER_FINDING, content_dataset
