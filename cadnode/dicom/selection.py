@@ -11,11 +11,12 @@ applied in this order to every received image (the first that applies decides):
    report names them beside the standard view they do not replace;
 4. a view with modifiers (spot compression, magnification, rolled, tangential, cleavage...) is a
    diagnostic view and is not read; implant-displaced views follow :class:`ImplantPolicy`;
-5. an image acquired on an earlier day than the study's latest screening acquisition is a
-   prior and is not read (acquisition date/time, else content, else series date/time; an image
-   without any date counts as current);
-6. of what remains for one view, the later acquisition wins (a repeat after a rejected image);
-   equal or unknown times: the last received wins.
+5. an image acquired on an earlier day than the latest image that passes rules 1-4 is a prior
+   and is not read (acquisition date/time, else content, else series date/time; an image
+   without any date counts as current). The whole study is one exam: a prior never stands in
+   for a view the current exam lacks;
+6. of what remains for one view, the later acquisition wins (a repeat after a rejected image)
+   when every one of them has an acquisition time; otherwise the last received wins.
 
 This module is the one place these rules live: the assembler (is the study complete?), the
 worker (what is read), the results (what is reported) and the training adapters all call
@@ -184,7 +185,8 @@ def _implant_only(info: ViewInfo) -> bool:
 
 def _excluded(c: Candidate[Any], current_day: str,
               policy: ImplantPolicy) -> tuple[Rule, str] | None:
-    """Why ``c`` cannot be read for any view (rules 1-5), or None."""
+    """Why ``c`` cannot be read for any view (rules 1-5), or None (``current_day`` "" skips
+    rule 5)."""
     info = c.info
     if info.key is None:
         return Rule.UNKNOWN_VIEW, "side or view could not be identified from the header"
@@ -206,20 +208,21 @@ def _excluded(c: Candidate[Any], current_day: str,
     return None
 
 
-def _rank(c: Candidate[Any], policy: ImplantPolicy) -> tuple[int, str, int]:
+def _rank(c: Candidate[Any], policy: ImplantPolicy, by_time: bool) -> tuple[int, str, int]:
     implant = _implant_only(c.info)
     preferred = implant if policy is ImplantPolicy.PREFER else not implant
-    return (int(preferred), c.acquired, c.arrival)
+    return (int(preferred), c.acquired if by_time else "", c.arrival)
 
 
-def _passed_over(loser: Candidate[Any], winner: Candidate[Any], policy: ImplantPolicy) -> str:
+def _passed_over(loser: Candidate[Any], winner: Candidate[Any], policy: ImplantPolicy,
+                 by_time: bool) -> str:
     if _implant_only(loser.info) != _implant_only(winner.info):
         if _implant_only(loser.info):
             return (f"implant-displaced view; the standard {winner.label} was read "
                     f"(CADNODE_IMPLANT_VIEWS={policy.value})")
         return (f"standard view; the implant-displaced {winner.label} was read "
                 f"(CADNODE_IMPLANT_VIEWS={policy.value})")
-    if loser.acquired and winner.acquired and loser.acquired < winner.acquired:
+    if by_time and loser.acquired < winner.acquired:
         return (f"earlier acquisition of {winner.label} (repeat); the later one, acquired "
                 f"{_clock(winner.acquired)}, was read")
     return f"another image of {winner.label} was received later and was read"
@@ -256,10 +259,10 @@ def select_views(
     """Decide, for every image, whether it is read for its standard view, and why (see the
     module docstring for the rules)."""
     items = list(candidates)
-    # the current exam: the latest day on which a screening image was acquired (a later
-    # diagnostic work-up routed into the study must not turn the screening images into priors)
-    dated = [c.acquired[:8] for c in items if c.acquired and c.info.for_presentation
-             and (c.info.screening or _implant_only(c.info))]
+    # the current exam: the latest day on which an image that could be read (rules 1-4) was
+    # acquired; a diagnostic work-up or an unidentified image routed in must not decide it
+    dated = [c.acquired[:8] for c in items
+             if c.acquired and _excluded(c, "", policy) is None]
     current_day = max(dated, default="")
     decisions: dict[int, Decision[K]] = {}
     eligible: dict[str, list[tuple[int, Candidate[K]]]] = {}
@@ -270,13 +273,15 @@ def select_views(
         else:
             eligible.setdefault(str(c.info.key), []).append((i, c))
     for key, group in eligible.items():
-        best_i, best = max(group, key=lambda ic: _rank(ic[1], policy))
+        by_time = all(c.acquired for _, c in group)  # mixed or unknown times: arrival decides
+        best_i, best = max(group, key=lambda ic: _rank(ic[1], policy, by_time))
         decisions[best_i] = Decision(best, key, True, _read_reason(best, len(group) - 1))
         for i, c in group:
             if i != best_i:
                 rule = (Rule.IMPLANT_DISPLACED if _implant_only(c.info) != _implant_only(best.info)
                         else Rule.SUPERSEDED)
-                decisions[i] = Decision(c, key, False, _passed_over(c, best, policy), rule)
+                decisions[i] = Decision(c, key, False, _passed_over(c, best, policy, by_time),
+                                        rule)
     ordered = [decisions[i] for i in range(len(items))]
     read = {d.key for d in ordered if d.analysed}
     missing = {k: _missing_reason(k, ordered) for k in STANDARD_VIEW_KEYS if k not in read}

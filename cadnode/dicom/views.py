@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from cadnode.dicom.enum import (
     SCREENING_VIEWS,
@@ -334,12 +335,13 @@ _MODIFIER_KEYWORDS: tuple[tuple[str, ViewModifier], ...] = (
     ("nipple", ViewModifier.NIPPLE_IN_PROFILE),
     ("infra", ViewModifier.INFRAMAMMARY_FOLD),
 )
-# Words of a SeriesDescription that name a modifier ("L CC SPOT", "RMLO MAG", "LCC ID").
+# Words of a SeriesDescription that name a modifier ("L CC SPOT", "RMLO MAG"); "ID" only after
+# a view word (see _description_modifiers).
 _MODIFIER_WORDS: dict[str, ViewModifier] = {
     "SPOT": ViewModifier.SPOT_COMPRESSION,
     "MAG": ViewModifier.MAGNIFICATION, "MAGN": ViewModifier.MAGNIFICATION,
     "MAGNIFICATION": ViewModifier.MAGNIFICATION, "MAGNIFIED": ViewModifier.MAGNIFICATION,
-    "ID": ViewModifier.IMPLANT_DISPLACED, "EKLUND": ViewModifier.IMPLANT_DISPLACED,
+    "EKLUND": ViewModifier.IMPLANT_DISPLACED,
 }
 
 
@@ -353,12 +355,15 @@ def _modifier_item(item: Any) -> ViewModifier:
 
 
 def _description_modifiers(ds: Dataset) -> list[ViewModifier]:
+    """Modifier words of a SeriesDescription: SPOT, MAG..., EKLUND, IMPLANT DISPLACED, and
+    "ID" only right after a view ("L CC ID", "LCCID"), never alone ("PATIENT ID 123")."""
     text = _text(_get(ds, "SeriesDescription")).upper()
     words = [w for w in re.split(r"[^A-Z0-9]+", text) if w]
     found = [_MODIFIER_WORDS[w] for w in words if w in _MODIFIER_WORDS]
-    for w in words:  # compact forms: "LCCID", "RMLOID"
-        m = re.fullmatch(rf"[LR]?({_VIEW_ALT})ID", w)
-        if m:
+    view_word = re.compile(rf"[LR]?({_VIEW_ALT})|({_VIEW_ALT})[LR]")
+    for i, w in enumerate(words):
+        after_view = i > 0 and view_word.fullmatch(words[i - 1]) is not None
+        if (w == "ID" and after_view) or re.fullmatch(rf"[LR]?({_VIEW_ALT})ID", w):
             found.append(ViewModifier.IMPLANT_DISPLACED)
     if "IMPLANT DISPLACED" in " ".join(words):
         found.append(ViewModifier.IMPLANT_DISPLACED)
@@ -370,7 +375,8 @@ def view_modifiers(ds: Dataset) -> tuple[ViewModifier, ...] | None:
 
     Read from ``ViewModifierCodeSequence`` (inside ``ViewCodeSequence``, and at the top level
     where older modalities put it), vendor ``ViewPosition`` forms ("CCID", "MCC") and
-    ``SeriesDescription`` words ("SPOT", "MAG", "ID"). A ``ViewCodeSequence`` without
+    ``SeriesDescription`` words ("SPOT", "MAG", "ID" after a view; only when no code and no
+    ViewPosition form says anything). A ``ViewCodeSequence`` without
     modifiers means none (the modifier sequence is Type 2 there); no view code sequence and no
     other sign means unknown.
     """
@@ -386,12 +392,14 @@ def view_modifiers(ds: Dataset) -> tuple[ViewModifier, ...] | None:
         if top is not None:
             known = True
             sequences.append(top)
-        for seq in sequences:
-            found.extend(_modifier_item(item) for item in seq or [])
-    except Exception:  # noqa: BLE001 - a malformed sequence is as good as absent
+        for seq in sequences:  # only real sequences: a wrong VR ("SPOT" as LO) is ignored
+            if isinstance(seq, Sequence):
+                found.extend(_modifier_item(item) for item in seq)
+        found.extend(_view_position(_get(ds, "ViewPosition"))[1])
+        if not known and not found:  # free text only where the codes and ViewPosition are silent
+            found.extend(_description_modifiers(ds))
+    except Exception:  # noqa: BLE001 - a malformed value is as good as absent
         pass
-    found.extend(_view_position(_get(ds, "ViewPosition"))[1])
-    found.extend(_description_modifiers(ds))
     if not found and not known:
         return None
     return tuple(sorted(set(found)))

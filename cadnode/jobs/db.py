@@ -26,6 +26,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from cadnode.jobs.enum import DeliveryState, JobState, StudyState
@@ -34,7 +35,7 @@ SCHEMA_VERSION = 2
 #: Columns added after version 1: (table, column, SQL type); ``create_schema`` adds them to a
 #: database an earlier version created.
 _ADDED_COLUMNS = (
-    ("instances", "modifiers", "VARCHAR(128)"),
+    ("instances", "modifiers", "VARCHAR(255)"),
     ("instances", "acquired", "VARCHAR(26)"),
 )
 
@@ -70,7 +71,7 @@ class Instance(Base):
     laterality: Mapped[str | None] = mapped_column(String(1), nullable=True)
     view: Mapped[str | None] = mapped_column(String(16), nullable=True)
     for_presentation: Mapped[bool] = mapped_column(Boolean, default=True)
-    modifiers: Mapped[str] = mapped_column(String(128), default="")  # "+"-joined ViewModifier
+    modifiers: Mapped[str] = mapped_column(String(255), default="")  # "+"-joined ViewModifier
     acquired: Mapped[str] = mapped_column(String(26), default="")  # acquisition_datetime()
     received_at: Mapped[float] = mapped_column(Float)
 
@@ -162,13 +163,19 @@ class Database:
                 version.value = str(SCHEMA_VERSION)
 
     def _add_columns(self) -> None:
-        existing = {t: {c["name"] for c in inspect(self.engine).get_columns(t)}
-                    for t in {table for table, _, _ in _ADDED_COLUMNS}}
         for table, column, sql_type in _ADDED_COLUMNS:
-            if column not in existing[table]:
+            if column in self._columns(table):
+                continue
+            try:
                 with self.session() as s:
                     s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type} "
                                    "NOT NULL DEFAULT ''"))
+            except DBAPIError:
+                if column not in self._columns(table):  # not another process's upgrade
+                    raise
+
+    def _columns(self, table: str) -> set[str]:
+        return {c["name"] for c in inspect(self.engine).get_columns(table)}
 
     @contextmanager
     def session(self) -> Iterator[Session]:

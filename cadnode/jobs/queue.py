@@ -64,9 +64,14 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
                 f"SOP instance {stored.sop_instance_uid} already belongs to study {old}"
             )
         if existing is not None:
-            # The file was replaced atomically by the same name; keep the row, note the repeat.
+            # The file was replaced atomically by the same name; keep the row, note the repeat,
+            # and take what the new header says (the assembler decides on these columns).
             existing.size = stored.size
             existing.transfer_syntax = stored.transfer_syntax
+            existing.laterality, existing.view = v.laterality, v.view
+            existing.for_presentation = v.for_presentation
+            existing.modifiers = "+".join(m.value for m in v.modifiers)
+            existing.acquired = stored.acquired
             add_event(s, "duplicate", f"instance received again: {stored.sop_instance_uid}",
                       stored.study_uid)
             return False
@@ -88,7 +93,9 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
             )
         )
         study.last_received = now
-        if study.state in FINISHED_STUDY_STATES:
+        if study.state in FINISHED_STUDY_STATES or study.state == StudyState.RUNNING:
+            # running: the job reads the images it listed at its start; this one needs another
+            # run, which the assembler queues once the running one has finished
             study.state = StudyState.RECEIVING
             add_event(s, "study", "new instance after processing: study reopened",
                       stored.study_uid)
@@ -102,7 +109,9 @@ def view_key(laterality: str | None, view: str | None) -> str | None:
 
 def instance_candidate(row: Instance) -> Candidate[int]:
     """What the view selection needs of an instance row (its header is not read again)."""
-    modifiers = tuple(ViewModifier(m) for m in row.modifiers.split("+") if m)
+    known = {m.value for m in ViewModifier}
+    modifiers = tuple(ViewModifier(m) if m in known else ViewModifier.OTHER
+                      for m in row.modifiers.split("+") if m)
     info = ViewInfo(row.laterality, row.view, row.for_presentation, "database", modifiers)
     return Candidate(row.id, info, row.acquired, row.id, row.sop_instance_uid)
 
@@ -121,6 +130,9 @@ def assemble_studies(
             quiet = now - study.last_received
             if quiet < min(complete_seconds, stable_seconds):
                 continue
+            latest = latest_job(s, study.id)
+            if latest is not None and latest.state == JobState.RUNNING:
+                continue  # reopened while a job runs: queue the next run after it
             rows = s.scalars(select(Instance).where(Instance.study_id == study.id)).all()
             selection = select_views((instance_candidate(r) for r in rows), policy)
             if selection.complete and quiet >= complete_seconds:
@@ -215,6 +227,7 @@ def _version_doc(v: ObjectVersion | None) -> dict[str, Any] | None:
         return None
     return {"sop_instance_uid": v.sop_instance_uid, "series_uid": v.series_uid,
             "sop_class_uid": v.sop_class_uid, "instance_number": v.instance_number,
+            "content_key": v.content_key,
             "predecessor": _version_doc(
                 None if v.predecessor is None else replace(v.predecessor, predecessor=None))}
 
@@ -223,7 +236,8 @@ def _version_of(doc: dict[str, Any] | None) -> ObjectVersion | None:
     if not doc:
         return None
     return ObjectVersion(doc["sop_instance_uid"], doc["series_uid"], doc["sop_class_uid"],
-                         int(doc["instance_number"]), _version_of(doc.get("predecessor")))
+                         int(doc["instance_number"]), _version_of(doc.get("predecessor")),
+                         str(doc.get("content_key", "")))
 
 
 def previous_objects(db: Database, study_id: int, job_id: int) -> dict[str, ObjectVersion]:

@@ -74,6 +74,7 @@ class ObjectVersion:
     sop_class_uid: str
     instance_number: int
     predecessor: ObjectVersion | None = None
+    content_key: str = ""  # StudyFindings.content_key() of what it said ("" if not recorded)
 
 
 @dataclass

@@ -4,10 +4,12 @@
   every version of, say, the CAD SR of a study lands in one series.
 - SOP Instance UID: a function of the same parts plus :meth:`StudyFindings.content_key`, the
   digest of what the object says (the images read and passed over, missing views, rounded
-  scores, failures, thresholds, model and cadnode version). Re-processing the same images with
-  the same model gives the same UID, so re-delivery is idempotent; a late image, another model
-  or a changed result gives a new UID, as PS3.3 C.12.1.1.1 requires (a PACS keeps the first copy
-  of a UID it has seen, so reusing one would leave the stale object in place).
+  scores, failures, thresholds, model and cadnode version), and of the UID of the version it
+  replaces. Re-processing to the same content as the previous version keeps that version's
+  UID, so re-delivery is idempotent; any other content gets a UID never used before (also when
+  it equals an older version's: A, B, then A again gives three UIDs), as PS3.3 C.12.1.1.1
+  requires (a PACS keeps the first copy of a UID it has seen, so reusing one would leave a
+  stale object in place).
 - A new version records the one it replaces (``StudyFindings.previous``): its Instance Number
   is one higher and the SRs name it in the Predecessor Documents Sequence.
 
@@ -53,16 +55,24 @@ def derive_uid(root: str, *parts: str) -> str:
     return uid
 
 
+#: The name a kind had in UIDs before result kinds became an enum; kept so that the series of
+#: an upgraded node's results stay where they were.
+_UID_NAMES = {"cad_sr": "cad-sr"}
+
+
 def result_series_uid(root: str, study_uid: str, model_version: str, kind: str) -> str:
     """Series Instance UID of result object ``kind`` for a study and model version."""
-    return derive_uid(root, "series", study_uid, model_version, kind)
+    return derive_uid(root, "series", study_uid, model_version, _UID_NAMES.get(kind, kind))
 
 
 def result_instance_uid(
-    root: str, study_uid: str, model_version: str, kind: str, content_key: str
+    root: str, study_uid: str, model_version: str, kind: str, content_key: str,
+    replaces: str = "",
 ) -> str:
-    """SOP Instance UID of result object ``kind`` with the content ``content_key``."""
-    return derive_uid(root, "instance", study_uid, model_version, kind, content_key)
+    """SOP Instance UID of result object ``kind`` with the content ``content_key``, replacing
+    the version with SOP Instance UID ``replaces`` ("" for a first version)."""
+    return derive_uid(root, "instance", study_uid, model_version, _UID_NAMES.get(kind, kind),
+                      content_key, replaces)
 
 
 @dataclass(frozen=True)
@@ -73,28 +83,31 @@ class ObjectIdentity:
     sop_instance_uid: str
     instance_number: int
     predecessor: ObjectVersion | None  # None for a first version
+    content_key: str
 
     def version(self, sop_class_uid: str) -> ObjectVersion:
         """What the job record keeps of this object, for the next version to replace."""
         return ObjectVersion(self.sop_instance_uid, self.series_uid, sop_class_uid,
-                             self.instance_number, self.predecessor)
+                             self.instance_number, self.predecessor, self.content_key)
 
 
 def result_identity(root: str, findings: StudyFindings, kind: str) -> ObjectIdentity:
     """UIDs, Instance Number and predecessor of result object ``kind`` for ``findings``.
 
-    The same content as the previous version keeps that version's identity whole (number and
-    predecessor too), so that a re-built object is byte-for-byte the object already sent.
+    The same content as the previous version keeps that version's identity whole (UID, number
+    and predecessor), so a re-built object is the object already sent under that UID (only its
+    creation date and time differ).
     """
     series = result_series_uid(root, findings.study_uid, findings.model_version, kind)
-    sop = result_instance_uid(root, findings.study_uid, findings.model_version, kind,
-                              findings.content_key())
+    key = findings.content_key()
     prev = findings.previous.get(kind)
-    if prev is None:
-        return ObjectIdentity(series, sop, 1, None)
-    if prev.sop_instance_uid == sop:
-        return ObjectIdentity(series, sop, prev.instance_number, prev.predecessor)
-    return ObjectIdentity(series, sop, prev.instance_number + 1, prev)
+    if prev is not None and prev.content_key == key:
+        return ObjectIdentity(series, prev.sop_instance_uid, prev.instance_number,
+                              prev.predecessor, key)
+    sop = result_instance_uid(root, findings.study_uid, findings.model_version, kind, key,
+                              prev.sop_instance_uid if prev is not None else "")
+    number = 1 if prev is None else prev.instance_number + 1
+    return ObjectIdentity(series, sop, number, prev, key)
 
 
 def tracking_uid(root: str, study_uid: str, model_version: str, label: str) -> str:

@@ -171,3 +171,33 @@ def test_a_schema_1_database_gets_the_columns_added_since(db: Database) -> None:
     with db.session() as s:
         version = s.get(Meta, "schema_version")
         assert version is not None and version.value == str(SCHEMA_VERSION) == "2"
+
+
+def test_an_image_arriving_while_the_job_runs_gets_its_own_run(db: Database) -> None:
+    """The running job listed its images at its start; the late one must not be marked done
+    unread, and the next run waits until the running one has finished."""
+    receive_four(db, now=100.0)
+    assert queue.assemble_studies(db, 0, 0, now=101) == [STUDY]
+    claimed = queue.claim_next_job(db, "w1", lease_seconds=60, now=102)
+    assert claimed is not None
+    assert queue.record_instance(db, stored(f"{STUDY}.9", "L", "CC"), now=103)
+    with db.session() as s:
+        assert s.scalars(select(Study.state)).one() == "receiving"
+    assert queue.assemble_studies(db, 0, 0, now=110) == []  # the first run is still running
+    queue.complete_job(db, claimed.id, {"exam": {}}, ["L-CC"], "m", [], now=111)
+    with db.session() as s:
+        assert s.scalars(select(Study.state)).one() == "receiving"  # not "done"
+    assert queue.assemble_studies(db, 0, 0, now=112) == [STUDY]
+
+
+def test_an_image_received_again_takes_its_new_header(db: Database) -> None:
+    from cadnode.dicom.enum import ViewModifier
+
+    assert queue.record_instance(db, stored(f"{STUDY}.1", "L", "CC"), now=100.0)
+    again = stored(f"{STUDY}.1", "L", "CC")
+    spot = ViewInfo("L", "CC", True, "test", (ViewModifier.SPOT_COMPRESSION,))
+    again = StoredInstance(**{**again.__dict__, "view": spot, "acquired": "20260302101500.0"})
+    assert not queue.record_instance(db, again, now=101.0)
+    with db.session() as s:
+        row = s.scalars(select(Instance)).one()
+        assert (row.modifiers, row.acquired) == ("spot compression", "20260302101500.0")

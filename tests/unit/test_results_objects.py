@@ -29,7 +29,7 @@ from cadnode.results.cad_sr import build_cad_sr
 from cadnode.results.findings import NotAnalysed, ObjectVersion, StudyFindings, ViewFinding
 from cadnode.results.gsps import DEMO_BANNER, GSPS, build_gsps, score_text
 from cadnode.results.tid1500 import COMPREHENSIVE_3D_SR, build_tid1500_sr
-from cadnode.results.uids import DEFAULT_UID_ROOT, tracking_uid
+from cadnode.results.uids import DEFAULT_UID_ROOT, result_identity, tracking_uid
 from tests.unit.test_results import (
     CENTER_CODE,
     OUTLINE_CODE,
@@ -475,12 +475,18 @@ def test_changed_content_gets_a_new_uid_that_names_its_predecessor(
         assert "L-CC spot compression image 1.2.826.0.1.3680043.10.1407.99.7 not analysed" in text
         assert "not analysed: spot compression view" in text
     # the same content again (a re-run, a re-delivery): the same object, number and predecessor
-    f.previous = {kind: ObjectVersion(str(second.SOPInstanceUID), str(second.SeriesInstanceUID),
-                                      str(second.SOPClassUID), 2, f.previous[kind])}
+    second_version = result_identity(ROOT, f, kind).version(str(second.SOPClassUID))
+    f.previous = {kind: second_version}
     again = build(f, sources, ROOT)
     assert (again.SOPInstanceUID, int(again.InstanceNumber)) == (second.SOPInstanceUID, 2)
     if kind in ("cad_sr", "tid1500"):
         assert again.PredecessorDocumentsSequence == second.PredecessorDocumentsSequence
+    # back to the first content (A, B, A): a third UID, never the first one again
+    back = _findings(headers, with_pixels=True)
+    back.previous = {kind: second_version}
+    third = build(back, headers, ROOT)
+    assert third.SOPInstanceUID not in (first.SOPInstanceUID, second.SOPInstanceUID)
+    assert int(third.InstanceNumber) == 3
     if DCIODVFY:
         errors, warnings = _dciodvfy(_write(second, tmp_path / kind))
         assert errors == [], errors
@@ -500,3 +506,20 @@ def test_content_key_follows_what_the_objects_say(headers: list[Dataset]) -> Non
     threshold = _findings(headers)
     threshold.thresholds = {**threshold.thresholds, "cancer": 0.2}
     assert threshold.content_key() != base
+
+
+def test_gsps_says_incomplete_exam_on_every_image(headers: list[Dataset]) -> None:  # noqa: F811
+    f, sources = _incomplete(headers)
+    pr = build_gsps(f, sources, ROOT)
+    by_image: dict[str, list[str]] = {}
+    for ann in pr.GraphicAnnotationSequence:
+        (ref,) = ann.ReferencedImageSequence
+        by_image.setdefault(ref.ReferencedSOPInstanceUID, []).extend(
+            t.UnformattedTextValue for t in ann.get("TextObjectSequence", []))
+    assert set(by_image) == {v.sop_instance_uid for v in f.views}
+    for texts in by_image.values():
+        assert "INCOMPLETE EXAM: standard view(s) missing: R-MLO" in texts
+    complete = build_gsps(_findings(headers), headers, ROOT)
+    assert not any("INCOMPLETE" in t.UnformattedTextValue
+                   for ann in complete.GraphicAnnotationSequence
+                   for t in ann.get("TextObjectSequence", []))

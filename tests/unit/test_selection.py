@@ -102,6 +102,11 @@ def test_vendor_view_position_suffixes_and_series_words() -> None:
         ViewModifier.SPOT_COMPRESSION,)
     assert detect_view(mg("L-CC", 1, ViewPosition="MLO")).modifiers == ()
     assert view_modifiers(mg("L-CC", 1)) is None  # the header cannot say: unknown, not none
+    assert view_modifiers(mg("L-CC", 1, SeriesDescription="PATIENT ID 123")) is None
+    assert detect_view(mg("L-CC", 1, SeriesDescription="L CC ID")).modifiers == (
+        ViewModifier.IMPLANT_DISPLACED,)
+    coded = with_modifiers(mg("L-CC", 1, SeriesDescription="MAG VIEWS"))  # codes say: none
+    assert detect_view(coded).modifiers == ()
 
 
 def test_implant_displaced_views_beside_standard_ones() -> None:
@@ -151,10 +156,25 @@ def test_duplicates_the_later_acquisition_is_read_in_both_arrival_orders() -> No
         (passed,) = s.not_analysed
         assert passed.candidate.uid == uid(7)
         assert "earlier acquisition of L-CC (repeat)" in passed.reason
+    # an undated retake beside a dated image: times cannot be compared, the last received wins
+    undated = mg("L-CC", 9)
+    assert run(first, undated).chosen["L-CC"] == uid(9)
+    assert run(undated, first).chosen["L-CC"] == uid(7)
     # same (or no) acquisition time: the last received wins, and the report says so
     a, b = mg("L-CC", 7), mg("L-CC", 8)
     assert run(a, b).chosen["L-CC"] == uid(8) and run(b, a).chosen["L-CC"] == uid(7)
     assert "received later" in run(a, b).not_analysed[0].reason
+
+
+def test_only_readable_images_date_the_current_exam() -> None:
+    """An image of unknown side, or a spot view, acquired days later does not turn the
+    screening images into priors."""
+    later = synthetic_mg(STUDY, uid(8), None, "CC", rows=8, cols=8)
+    later.AcquisitionDate, later.AcquisitionTime = "20260305", "090000"
+    spot = with_modifiers(mg("L-CC", 9, "20260310 090000"), SPOT_SRT)
+    s = run(*four(), later, spot)
+    assert s.complete and sorted(s.chosen.values()) == [uid(n) for n in range(1, 5)]
+    assert not any(d.rule.value == "prior exam" for d in s.decisions)
 
 
 def test_ml_instead_of_mlo_and_a_two_view_exam_are_incomplete() -> None:

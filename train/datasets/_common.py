@@ -14,7 +14,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -328,8 +328,9 @@ def screening_samples(samples: list[Sample], policy: ImplantPolicy = ImplantPoli
     """The samples the node would read, per exam: its own view selection
     (:func:`cadnode.dicom.selection.select_views`) over each exam's headers, so that training
     sees the images serving sees. Spot/magnified and other modified views, other projections,
-    priors and superseded repeats are dropped (For Processing images too, unless
-    ``include_processing``), counted by rule in one warning. An exam may keep fewer than four
+    priors and superseded repeats are dropped, counted by rule in one warning. For Processing
+    images are dropped too, unless ``include_processing``: then they are kept by the same rules
+    applied among themselves. An exam may keep fewer than four
     views: selection only drops."""
     by_exam: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
@@ -339,11 +340,21 @@ def screening_samples(samples: list[Sample], policy: ImplantPolicy = ImplantPoli
     for members in by_exam.values():
         candidates = [Candidate(i, samples[i].view, acquisition_datetime(samples[i].header), n)
                       for n, i in enumerate(members)]
+        raw: list[Candidate[int]] = []
         for d in select_views(candidates, policy).decisions:
-            if d.analysed or (include_processing and d.rule is Rule.FOR_PROCESSING):
+            if d.analysed:
                 keep.add(d.candidate.ref)
+            elif include_processing and d.rule is Rule.FOR_PROCESSING:
+                raw.append(replace(d.candidate, info=replace(d.candidate.info,
+                                                             for_presentation=True)))
             else:
                 skipped[d.rule.value] += 1
+        # For Processing images, when wanted, by the same rules among themselves
+        for d in select_views(raw, policy).decisions:
+            if d.analysed:
+                keep.add(d.candidate.ref)
+            else:
+                skipped[f"For Processing {d.rule.value}"] += 1
     if skipped:
         log.warning("%s: %d of %d image(s) not used, as the node would not read them: %s",
                     source or "dataset", sum(skipped.values()), len(samples),

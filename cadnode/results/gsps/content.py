@@ -7,8 +7,9 @@ Per analysed view, on its own source image (PIXEL units, the image's pixel grid,
   where the cancer score reaches its operating threshold;
 - layer ``CAD_TEXT``: the scores with their thresholds as text, anchored at the centre when a
   region is drawn ("R-CC cancer 55.0 % (threshold 50 %) !"; below it, "no region marked"),
-  and, for demonstration models, "DEMONSTRATION MODEL - NOT FOR CLINICAL USE" at the top of
-  the displayed area (DISPLAY units).
+  for demonstration models, "DEMONSTRATION MODEL - NOT FOR CLINICAL USE" near the bottom of
+  the displayed area (DISPLAY units), and for an incomplete exam its INCOMPLETE EXAM
+  statement above that.
 
 A failed view gets only a text annotation saying why it was not analysed.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
-from cadnode.results.common import NO_REGION, cancer_label
+from cadnode.results.common import NO_REGION, cancer_label, completeness_lines
 from cadnode.results.findings import StudyFindings, ViewFinding
 from cadnode.results.uids import tracking_uid
 
@@ -67,6 +68,13 @@ def score_text(v: ViewFinding, thresholds: dict[str, float]) -> str:
     return text
 
 
+def incomplete_text(findings: StudyFindings) -> str:
+    """The INCOMPLETE EXAM statements, shown on every image ("" for a complete exam); the
+    per-image reasons for what was not analysed are in the SRs and the SC."""
+    return "; ".join(line for line in completeness_lines(findings)
+                     if line.startswith("INCOMPLETE EXAM"))
+
+
 def _text_box(v: ViewFinding) -> tuple[float, float, float, float]:
     """A box in the upper part of the image, away from the borders (PIXEL units)."""
     return (0.05 * v.columns, 0.02 * v.rows, 0.95 * v.columns, 0.06 * v.rows)
@@ -106,6 +114,12 @@ def view_annotations(
     if findings.demo_model:
         texts.append(hd.pr.TextObject(
             text_value=DEMO_BANNER, units=_DISPLAY, bounding_box=(0.02, 0.92, 0.98, 0.98),
+            text_justification=hd.pr.TextJustificationValues.CENTER,
+        ))
+    incomplete = incomplete_text(findings)
+    if incomplete:
+        texts.append(hd.pr.TextObject(
+            text_value=incomplete[:1024], units=_DISPLAY, bounding_box=(0.02, 0.84, 0.98, 0.90),
             text_justification=hd.pr.TextJustificationValues.CENTER,
         ))
     out = [hd.pr.GraphicAnnotation([image], TEXT_LAYER, text_objects=texts)]

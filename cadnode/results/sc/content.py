@@ -145,6 +145,6 @@ def _notes(findings: StudyFindings) -> list[str]:
     lines = completeness_lines(findings)
     if len(lines) > MAX_NOTES:
         lines = lines[: MAX_NOTES - 1] + [f"... and {len(lines) - MAX_NOTES + 1} more "
-                                          "(see the CAD SR)"]
+                                          "(in the SRs and in `cadnode jobs --json`)"]
     width = max(40, PANEL_W * 4 // 13)  # characters that fit the montage at 24 px
     return [line if len(line) <= width else line[: width - 3] + "..." for line in lines]
