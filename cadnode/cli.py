@@ -67,6 +67,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     )
     port = listener.start(settings.host, settings.port)
     sched = create_scheduler(settings, db)
+    sched.add_job(listener.sweep, "interval", seconds=60, id="sweep-incoming")
     sched.start()
     worker_thread = threading.Thread(target=worker.run_forever, name="worker", daemon=True)
     worker_thread.start()

@@ -68,6 +68,10 @@ class Settings:
     tls_ca: str = ""  # PEM CA bundle: peers must present a certificate it signed (mutual TLS)
     # limits
     max_associations: int = 16
+    max_associations_per_peer: int = 8  # so that one host cannot take every slot
+    network_timeout: float = 30.0  # seconds: every read, TLS handshake, an idle association
+    acse_timeout: float = 30.0  # seconds to negotiate an association
+    dimse_timeout: float = 60.0  # seconds to wait for the next DIMSE message
     max_pdu: int = 131072
     max_instance_mb: float = 2048.0
     min_free_mb: float = 200.0  # refuse stores (0xA700) below this much free spool space
@@ -232,6 +236,14 @@ def validate(s: Settings) -> None:
             raise SettingsError(f"{name}: {value} is not a file")
     if not 1 <= s.max_associations <= 1000:
         raise SettingsError("CADNODE_MAX_ASSOCIATIONS: must be between 1 and 1000")
+    if s.max_associations_per_peer < 1:  # above CADNODE_MAX_ASSOCIATIONS it changes nothing
+        raise SettingsError("CADNODE_MAX_ASSOCIATIONS_PER_PEER: must be at least 1")
+    timeouts = (("CADNODE_NETWORK_TIMEOUT", s.network_timeout),
+                ("CADNODE_ACSE_TIMEOUT", s.acse_timeout),
+                ("CADNODE_DIMSE_TIMEOUT", s.dimse_timeout))
+    for name, seconds in timeouts:
+        if not 1 <= seconds <= 3600:
+            raise SettingsError(f"{name}: must be between 1 and 3600 seconds")
     if not 4096 <= s.max_pdu <= 2**32 - 1:
         raise SettingsError("CADNODE_MAX_PDU: must be between 4096 and 4294967295 bytes")
     if s.delivery_max_attempts < 1:

@@ -12,6 +12,7 @@ import os
 import shutil
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +26,18 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from cadnode.config import Settings
 from cadnode.dicom.selection import acquisition_datetime
 from cadnode.dicom.spool import (
+    MAX_NESTING,
     InstanceConflict,
     SpoolError,
     StoredInstance,
     check_pixel_data_complete,
     commit_file,
+    nesting_depth,
     spool_path,
 )
+from cadnode.dicom.transport import Guard, start_server
 from cadnode.dicom.views import detect_view
+from cadnode.uid import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,10 @@ class Policy:
     max_instance_bytes: int = 2048 * 2**20
     min_free_bytes: int = 200 * 2**20
     ssl_context: ssl.SSLContext | None = None
+    max_associations_per_peer: int = 8
+    network_timeout: float = 30.0  # every read, TLS handshake, idle association
+    acse_timeout: float = 30.0  # association negotiation (ARTIM)
+    dimse_timeout: float = 60.0  # waiting for the next DIMSE message
 
     @classmethod
     def from_settings(cls, s: Settings) -> Policy:
@@ -92,6 +101,10 @@ class Policy:
             min_free_bytes=int(s.min_free_mb * 2**20),
             ssl_context=server_ssl_context(s.tls_cert, s.tls_key, s.tls_ca)
             if s.tls_cert else None,
+            max_associations_per_peer=s.max_associations_per_peer,
+            network_timeout=s.network_timeout,
+            acse_timeout=s.acse_timeout,
+            dimse_timeout=s.dimse_timeout,
         )
 
 
@@ -128,6 +141,9 @@ class Listener:
         self.ae.maximum_associations = self.policy.max_associations
         self.ae.require_called_aet = self.policy.require_called_ae
         self.ae.require_calling_aet = list(self.policy.allowed_aes)
+        self.ae.network_timeout = self.policy.network_timeout
+        self.ae.acse_timeout = self.policy.acse_timeout
+        self.ae.dimse_timeout = self.policy.dimse_timeout
         self.ae.add_supported_context(Verification)
         for uid in sop_classes:
             self.ae.add_supported_context(uid, TRANSFER_SYNTAXES)
@@ -146,10 +162,13 @@ class Listener:
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_RELEASED, self._handle_ended),
             (evt.EVT_ABORTED, self._handle_ended),
+            (evt.EVT_CONN_CLOSE, self._drop_partial),
         ]
-        self._server = self.ae.start_server(
-            (host, port), block=False, evt_handlers=handlers, ssl_context=self.policy.ssl_context
-        )
+        p = self.policy
+        guard = Guard(max_pdu=p.max_pdu, timeout=p.network_timeout,
+                      max_per_peer=p.max_associations_per_peer, report=self._report,
+                      tls=p.ssl_context)
+        self._server = start_server(self.ae, (host, port), guard, handlers)
         bound = int(self._server.server_address[1])
         log.info("listening as %s on %s:%d%s", self.ae.ae_title, host, bound,
                  " (TLS)" if self.policy.ssl_context else "")
@@ -189,6 +208,33 @@ class Listener:
         else:
             why = f"more than {p.max_associations} associations at once"
         self._report(f"association from {rq.address}:{rq.port} rejected: {why}")
+
+    def _drop_partial(self, event: Any) -> None:
+        """Remove the file of a dataset whose transfer the association's end cut off (abort,
+        reset, close); it was never acknowledged."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        path = getattr(message, "_data_set_path", None)  # pynetdicom's chunked-receive file
+        if path is not None and Path(path).parent == self.incoming and Path(path).exists():
+            Path(path).unlink(missing_ok=True)
+            log.info("removed the partial dataset of an association that ended mid-transfer")
+
+    def sweep(self, older_than: float | None = None) -> int:
+        """Remove files in ``.incoming`` that nothing has written to for ``older_than``
+        seconds (default: four network timeouts; a live transfer writes at least once per
+        network timeout or is dropped). Returns how many were removed."""
+        limit = 4 * self.policy.network_timeout if older_than is None else older_than
+        now = time.time()
+        removed = 0
+        for entry in self.incoming.iterdir() if self.incoming.is_dir() else ():
+            try:
+                if entry.is_file() and now - entry.stat().st_mtime > limit:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("removed %d stale partial file(s) from the spool", removed)
+        return removed
 
     def stop(self) -> None:
         if self._server is not None:
@@ -232,6 +278,11 @@ class Listener:
             sop_uid = str(ds.SOPInstanceUID)
             study_uid = str(ds.StudyInstanceUID)
             sop_class = str(ds.SOPClassUID)
+            series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+            if series_uid and not is_valid_uid(series_uid):
+                raise SpoolError(f"Series Instance UID {series_uid[:80]!r} is not a valid UID")
+            if nesting_depth(ds) > MAX_NESTING:
+                raise SpoolError(f"sequences nested deeper than {MAX_NESTING} levels")
             check_pixel_data_complete(tmp)
         except Exception as exc:  # whatever pydicom raises on a malformed dataset
             why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SpoolError) else str(exc)
@@ -255,7 +306,7 @@ class Listener:
                 sop_class_uid=sop_class,
                 transfer_syntax=str(event.context.transfer_syntax),
                 study_uid=study_uid,
-                series_uid=str(ds.get("SeriesInstanceUID", "")),
+                series_uid=series_uid,
                 patient_id=str(ds.get("PatientID", "")),
                 accession=str(ds.get("AccessionNumber", "")),
                 calling_ae=calling_ae,
@@ -266,6 +317,8 @@ class Listener:
         except InstanceConflict as exc:
             final.unlink(missing_ok=True)  # the earlier copy (another study's) stays as it was
             return self._refuse(DATASET_MISMATCH, str(exc), study_uid)
+        except SpoolError as exc:  # a permanent fault of this request: not "try again later"
+            return self._refuse(CANNOT_UNDERSTAND, str(exc), study_uid)
         except Exception as exc:  # disk full, database down: the sender must retry later
             log.exception("could not persist %s", sop_uid)
             return self._refuse(OUT_OF_RESOURCES, f"could not persist instance: {exc}", study_uid)

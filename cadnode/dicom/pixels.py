@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import tempfile
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from cadnode.dicom.views import chest_wall_on_right, orientation_directions
@@ -189,6 +191,56 @@ def _check_native_length(ds: Dataset, pixels: int, frames: int, ts_name: str) ->
         )
 
 
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                          0xCF, 0xF7})  # JPEG (baseline ... lossless) and JPEG-LS (SOF55)
+
+
+def codestream_size(fragment: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG 2000, JPEG or JPEG-LS codestream declares in its own header
+    (SIZ or SOF marker), read without decoding; None when the fragment starts no such stream."""
+    if fragment[:4] == b"\xff\x4f\xff\x51" and len(fragment) >= 24:  # SOC then SIZ
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", fragment[8:24])
+        return ysiz - yosiz, xsiz - xosiz
+    if fragment[:2] != b"\xff\xd8":  # SOI
+        return None
+    pos = 2
+    while pos + 4 <= len(fragment):
+        if fragment[pos] != 0xFF:
+            return None
+        marker = fragment[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = struct.unpack(">H", fragment[pos + 2:pos + 4])[0]
+        if marker in _SOF_MARKERS and pos + 9 <= len(fragment):
+            rows, cols = struct.unpack(">HH", fragment[pos + 5:pos + 9])
+            return rows, cols
+        pos += 2 + length
+    return None
+
+
+def _check_codestream(ds: Dataset, rows: int, cols: int, max_pixels: int, ts_name: str) -> None:
+    """A compressed frame must declare the size the header does, and at most ``max_pixels``:
+    a 1.8 KB JPEG 2000 file whose SIZ says 16384 x 16384 is refused before it is decoded."""
+    try:
+        if not dcm_uid.UID(str(ds.file_meta.TransferSyntaxUID)).is_encapsulated:
+            return
+        items = generate_fragments(ds.PixelData)
+        next(items, b"")  # the Basic Offset Table item
+        first = next(items, b"")
+    except Exception:  # noqa: BLE001 - no usable fragment: the decoder will say why
+        return
+    size = codestream_size(bytes(first))
+    if size is None:
+        return
+    if size[0] * size[1] > max_pixels or size != (rows, cols):
+        raise PixelDecodeError(
+            f"the codestream declares {size[0]}x{size[1]} pixels, the header {rows}x{cols} "
+            f"(limit {max_pixels} pixels); refused before decoding ({ts_name})",
+            f"the compressed image's own size ({size[0]}x{size[1]}) does not match its header "
+            f"({rows}x{cols}); not decoded")
+
+
 def decode_pixels(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decoded first frame as float32 (rows, columns), Modality LUT then VOI LUT (or the first
     window) applied, MONOCHROME1 inverted so that bright means dense.
@@ -211,6 +263,7 @@ def decode_pixels(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
         raise PixelDecodeError(f"no Pixel Data ({ts_name})")
     frames = _int(ds, "NumberOfFrames", 1) or 1
     _check_native_length(ds, rows * cols, frames, ts_name)
+    _check_codestream(ds, rows, cols, max_pixels, ts_name)
     try:
         arr = _decode_with_pydicom(ds, 0 if frames > 1 else None)
     except Exception as exc:  # noqa: BLE001

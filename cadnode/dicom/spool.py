@@ -45,6 +45,26 @@ class StoredInstance:
     acquired: str = ""  # cadnode.dicom.selection.acquisition_datetime of the header
 
 
+#: Sequences nested deeper than this are refused at the listener (real headers nest 3 or 4).
+MAX_NESTING = 16
+
+
+def nesting_depth(ds: Any, limit: int = MAX_NESTING) -> int:
+    """How deeply sequences nest in ``ds`` (0: none), counted without recursion and stopping
+    once past ``limit``."""
+    deepest = 0
+    todo = [(ds, 0)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        for elem in item:
+            if elem.VR == "SQ":
+                todo.extend((child, depth + 1) for child in elem.value)
+    return deepest
+
+
 def spool_path(root: Path, study_uid: str, sop_instance_uid: str) -> Path:
     """Where an instance lives: ``root/<study uid>/<sop instance uid>.dcm``."""
     for name, uid in (("Study Instance UID", study_uid), ("SOP Instance UID", sop_instance_uid)):
@@ -123,9 +143,15 @@ def fsync_path(path: Path) -> None:
 
 
 def commit_file(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` durable under the name ``final`` (atomic rename, both fsync'd)."""
+    """Make ``tmp`` durable under the name ``final`` (atomic rename, both fsync'd).
+
+    The study folder must be a real folder inside the spool: a symbolic link planted there
+    (by anyone with local write access) would take acknowledged data out of the spool, so it
+    is refused rather than followed."""
     fsync_path(tmp)
     final.parent.mkdir(parents=True, exist_ok=True)
+    if final.parent.is_symlink() or final.is_symlink():
+        raise SpoolError(f"{final.parent} is a symbolic link; the spool does not follow links")
     os.replace(tmp, final)
     fsync_path(final.parent)
 

@@ -276,6 +276,12 @@ class Worker:
             except NotApplicable as exc:
                 self.db.log("result_skipped", f"{kind}: {exc}", findings.study_uid)
                 continue
+            except Exception as exc:  # one object's failure must not lose the others
+                log.exception("study %s: the %s object could not be built", findings.study_uid,
+                              kind)
+                self.db.log("result_failed", f"{kind}: {type(exc).__name__}: {exc}"[:1000],
+                            findings.study_uid, "error")
+                continue
             path = out_dir / f"{kind.value}.{ds.SOPInstanceUID}.dcm"
             write_durably(_encode(ds), path)
             dests = tuple(str(d) for d in self.settings.destinations if d.takes(kind))

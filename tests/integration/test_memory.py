@@ -41,6 +41,7 @@ def test_sixteen_concurrent_senders_stay_under_the_memory_bound(
     node = NodeProcess(tmp_path / "node", free_port(), {
         "CADNODE_COMPLETE_SECONDS": "3600", "CADNODE_STABLE_SECONDS": "3600",
         "CADNODE_HOST": "127.0.0.1",
+        "CADNODE_MAX_ASSOCIATIONS_PER_PEER": "16",  # all sixteen senders are on 127.0.0.1
     })
     try:
         node.wait_ready()

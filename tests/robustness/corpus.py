@@ -13,6 +13,7 @@ event the job database must hold.
 from __future__ import annotations
 
 import copy
+import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ def synthetic_mg(
     set_sop_class(ds, MG)
     set_sop_uid(ds, sop_uid)
     ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = study_uid + ".1"
+    ds.SeriesInstanceUID = generate_uid(None, entropy_srcs=[study_uid, "series"])  # <= 64 chars
     ds.Modality = "MG"
     ds.PatientID = "ROBUST1"
     ds.PatientName = "Robust^Test"
@@ -346,6 +347,17 @@ def _corrupt_j2k(b: Builder) -> Path:
     return b.save(ds, "j2k")
 
 
+def _j2k_size_bomb(b: Builder) -> Path:
+    """A JPEG 2000 frame whose SIZ marker claims 16384 x 16384 while the header says 384 x 256."""
+    ds = b.synthetic("L-CC")
+    ds.compress(JPEG2000Lossless)
+    data = bytearray(ds.PixelData)
+    siz = data.find(b"\xff\x4f\xff\x51") + 2
+    data[siz + 6 : siz + 14] = struct.pack(">II", 16384, 16384)  # Xsiz, Ysiz
+    ds.PixelData = bytes(data)
+    return b.save(ds, "j2kbomb")
+
+
 def _jply(b: Builder) -> Path:
     ds = pydicom.dcmread(JPLY)
     set_sop_class(ds, MG)  # filed as a mammogram; the pixel data stays as it is
@@ -416,9 +428,28 @@ def _bad_uid(which: str, value: str) -> Callable[[Builder], list[list[Path]]]:
         ds = b.synthetic("L-CC")
         if which == "sop":
             set_sop_uid(ds, value)
+        elif which == "series":
+            ds.SeriesInstanceUID = value
         else:
             ds.StudyInstanceUID = value
         return [[b.save(ds, "0")]]
+
+    return build
+
+
+def _nested(depth: int) -> Callable[[Builder], list[list[Path]]]:
+    """OtherPatientIDsSequence nested ``depth`` levels deep (a recursion bomb for copiers)."""
+    def build(b: Builder) -> list[list[Path]]:
+        ds = b.synthetic("L-CC")
+        inner = Dataset()
+        inner.PatientID = "X"
+        for _ in range(depth):
+            outer = Dataset()
+            outer.PatientID = "X"
+            outer.OtherPatientIDsSequence = [inner]
+            inner = outer
+        ds.OtherPatientIDsSequence = [inner]
+        return [[b.save(ds, "0"), b.save(b.synthetic("R-CC"), "1")]]
 
     return build
 
@@ -610,6 +641,11 @@ CASES: list[Case] = [
          _bad_uid("study", "1.2.3/../../x"), _refused(CANNOT_UNDERSTAND, "not a valid UID")),
     Case("study-uid-too-long", "Study Instance UID of 70 characters",
          _bad_uid("study", "1.2." + "1" * 66), _refused(CANNOT_UNDERSTAND, "not a valid UID")),
+    Case("series-uid-too-long", "Series Instance UID of 74 characters (PostgreSQL's column is 64)",
+         _bad_uid("series", "1.2." + "3" * 70), _refused(CANNOT_UNDERSTAND, "not a valid UID")),
+    Case("nested-sequence-150", "OtherPatientIDsSequence nested 150 deep in the L-CC, a good R-CC",
+         _nested(150), Expect((CANNOT_UNDERSTAND, SUCCESS), job=PARTIAL, views=("R-CC",),
+                              event="refused", event_text="nested deeper than 16")),
     Case("sop-uid-leading-zero", "SOP Instance UID `1.02.3` (component with a leading zero)",
          _bad_uid("sop", "1.02.3"), _refused(CANNOT_UNDERSTAND, "not a valid UID")),
     Case("study-uid-letters", "Study Instance UID `1.2.abc`", _bad_uid("study", "1.2.abc"),
@@ -656,7 +692,9 @@ CASES: list[Case] = [
     Case("corrupt-rle", "real RLE frame overwritten with 0xFF after 200 bytes",
          _with_good(_corrupt_real_rle), _failed_lcc("cannot decode")),
     Case("corrupt-j2k", "JPEG 2000 lossless codestream with its SIZ marker zeroed",
-         _with_good(_corrupt_j2k), _failed_lcc("cannot decode")),
+         _with_good(_corrupt_j2k), _failed_lcc("the codestream declares 0x0 pixels")),
+    Case("j2k-size-bomb", "JPEG 2000 whose SIZ says 16384 x 16384, header 384 x 256 (1.8 KB)",
+         _with_good(_j2k_size_bomb), _failed_lcc("the codestream declares 16384x16384")),
     # accepted and read
     Case("nema-jply-12bit-lossy-jpeg", "MG1_JPLY.dcm (12-bit lossy JPEG) filed as MG; GDCM",
          lambda b: [[_jply(b)]],

@@ -39,6 +39,10 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"CADNODE_DB_URL": "mysql://x"}, "CADNODE_DB_URL"),
         ({"CADNODE_STABLE_SECONDS": "-1"}, "CADNODE_STABLE_SECONDS"),
         ({"CADNODE_MODEL": "/no/such/package"}, "CADNODE_MODEL"),
+        ({"CADNODE_IMPLANT_VIEWS": "sometimes"}, "CADNODE_IMPLANT_VIEWS"),
+        ({"CADNODE_NETWORK_TIMEOUT": "0"}, "CADNODE_NETWORK_TIMEOUT"),
+        ({"CADNODE_ACSE_TIMEOUT": "99999"}, "CADNODE_ACSE_TIMEOUT"),
+        ({"CADNODE_MAX_ASSOCIATIONS_PER_PEER": "0"}, "CADNODE_MAX_ASSOCIATIONS_PER_PEER"),
     ],
 )
 def test_bad_setting_names_itself(env: dict[str, str], named: str, tmp_path: Path) -> None:
