@@ -78,10 +78,6 @@ _ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def _at_pixel_data(tag: Any, vr: Any, length: Any) -> bool:
-    return int(tag) == PIXEL_DATA
-
-
 def check_pixel_data_complete(path: Path) -> None:
     """Raise SpoolError when the file ends inside its Pixel Data element.
 
@@ -98,7 +94,16 @@ def check_pixel_data_complete(path: Path) -> None:
         ts = UID(str(meta.get("TransferSyntaxUID", "")))
         if str(ts) == _DEFLATED or not ts.is_transfer_syntax:
             return
-        read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_at_pixel_data)
+        def stop_at_pixel_data(tag: Any, vr: Any, length: Any) -> bool:
+            """Every element before the Pixel Data (private ones too) must fit in the file."""
+            if int(tag) == PIXEL_DATA:
+                return True
+            if length not in (None, 0xFFFFFFFF) and fp.tell() + int(length) > size:
+                raise SpoolError(f"file truncated: element {tag} needs {length} bytes, "
+                                 f"{size - fp.tell()} present")
+            return False
+
+        read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=stop_at_pixel_data)
         start = fp.tell()
         endian = "<" if ts.is_little_endian else ">"
         head = fp.read(8)

@@ -347,6 +347,20 @@ def _corrupt_j2k(b: Builder) -> Path:
     return b.save(ds, "j2k")
 
 
+def _private_claims_1gb(b: Builder) -> Path:
+    """A private OB element before the Pixel Data whose length field says 1 GiB (8 bytes are
+    there): the Pixel Data check alone would never be reached."""
+    ds = b.synthetic("L-CC")
+    ds.add_new(0x00290010, "LO", "CADNODE TEST")
+    ds.add_new(0x00291010, "OB", b"ABCDEFGH")
+    path = b.save(ds, "private")
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x29\x00\x10\x10OB\x00\x00")  # (0029,1010) OB, explicit VR LE
+    data[at + 8 : at + 12] = struct.pack("<L", 2**30)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _j2k_size_bomb(b: Builder) -> Path:
     """A JPEG 2000 frame whose SIZ marker claims 16384 x 16384 while the header says 384 x 256."""
     ds = b.synthetic("L-CC")
@@ -693,6 +707,10 @@ CASES: list[Case] = [
          _with_good(_corrupt_real_rle), _failed_lcc("cannot decode")),
     Case("corrupt-j2k", "JPEG 2000 lossless codestream with its SIZ marker zeroed",
          _with_good(_corrupt_j2k), _failed_lcc("the codestream declares 0x0 pixels")),
+    Case("private-element-claims-1gb", "private OB element before the Pixel Data claiming 1 GiB",
+         _with_good(_private_claims_1gb), Expect((CANNOT_UNDERSTAND, SUCCESS), job=PARTIAL,
+                                                 views=("R-CC",), event="refused",
+                                                 event_text="truncated")),
     Case("j2k-size-bomb", "JPEG 2000 whose SIZ says 16384 x 16384, header 384 x 256 (1.8 KB)",
          _with_good(_j2k_size_bomb), _failed_lcc("the codestream declares 16384x16384")),
     # accepted and read
