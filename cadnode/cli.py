@@ -179,12 +179,19 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     from cadnode.dicom.sender import DeliveryError, iter_dicom_files, send_files
 
+    tls = None
+    if args.tls:
+        from cadnode.dicom.sender import client_ssl_context
+
+        tls = client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
+                                 settings.send_tls_key)
     files = list(iter_dicom_files(Path(p) for p in args.paths))
     if not files:
         print("cadnode send: no DICOM files found", file=sys.stderr)
         return 2
     try:
-        results = send_files(files, args.host, args.port, args.called_aet, calling_ae=args.aet)
+        results = send_files(files, args.host, args.port, args.called_aet, calling_ae=args.aet,
+                             tls=tls)
     except DeliveryError as exc:
         print(f"cadnode send: {exc}", file=sys.stderr)
         return 1
@@ -227,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="default: CADNODE_PORT")
     s.add_argument("--aet", default="CADNODE_SCU", help="calling AE title")
     s.add_argument("--called-aet", default=None, help="default: CADNODE_AE_TITLE")
+    s.add_argument("--tls", action="store_true",
+                   help="TLS, with CADNODE_SEND_TLS_CA / _CERT / _KEY")
     s.add_argument("paths", nargs="+")
     r = sub.add_parser("retry", help="put dead-lettered deliveries back in the outbox")
     r.add_argument("--study", help="only this Study Instance UID")

@@ -34,9 +34,10 @@ class Destination:
     host: str
     port: int
     kinds: tuple[ResultKind, ...] = ()  # result kinds this destination takes; empty: all
+    tls: bool = False  # send over TLS (CADNODE_SEND_TLS_* say how)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (";tls" if self.tls else "")
 
     def takes(self, kind: ResultKind | str) -> bool:
         return not self.kinds or kind in self.kinds
@@ -66,6 +67,10 @@ class Settings:
     tls_cert: str = ""  # PEM certificate and key: TLS on the listener when both are set
     tls_key: str = ""
     tls_ca: str = ""  # PEM CA bundle: peers must present a certificate it signed (mutual TLS)
+    # sending to ";tls" destinations
+    send_tls_ca: str = ""  # PEM CA bundle that destinations' certificates must chain to
+    send_tls_cert: str = ""  # this node's certificate and key, for destinations that want them
+    send_tls_key: str = ""
     # limits
     max_associations: int = 16
     max_associations_per_peer: int = 8  # so that one host cannot take every slot
@@ -98,14 +103,16 @@ class Settings:
 
 
 def parse_destinations(text: str, name: str = "CADNODE_DESTINATIONS") -> tuple[Destination, ...]:
-    """Parse ``AE@host:port[/kind+kind],...``, e.g. ``PACS@pacs:104,OHIF@viewer:4242/tid1500``."""
+    """Parse ``AE@host:port[/kind+kind][;tls],...``, e.g.
+    ``PACS@pacs:104,OHIF@viewer:4242/tid1500,VNA@vna:2762;tls``."""
     out = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        m = re.fullmatch(r"([^@]+)@([^:@/]+|\[[0-9a-fA-F:]+\]):(\d+)(?:/([\w+]+))?", item)
+        m = re.fullmatch(r"([^@]+)@([^:@/;]+|\[[0-9a-fA-F:]+\]):(\d+)(?:/([\w+]+))?(;tls)?",
+                         item)
         if not m:
-            raise SettingsError(f"{name}: {item!r} is not AE@host:port[/kind+kind]")
+            raise SettingsError(f"{name}: {item!r} is not AE@host:port[/kind+kind][;tls]")
         ae, host, port = m.group(1), m.group(2).strip("[]"), int(m.group(3))
         names = tuple(m.group(4).split("+")) if m.group(4) else ()
         known = [k.value for k in ResultKind]
@@ -116,7 +123,7 @@ def parse_destinations(text: str, name: str = "CADNODE_DESTINATIONS") -> tuple[D
         kinds = tuple(ResultKind(k) for k in names)
         _check_ae(ae, name)
         _check_port(port, name)
-        out.append(Destination(ae, host, port, kinds))
+        out.append(Destination(ae, host, port, kinds, bool(m.group(5))))
     return tuple(out)
 
 
@@ -230,8 +237,12 @@ def validate(s: Settings) -> None:
         raise SettingsError("CADNODE_TLS_CERT and CADNODE_TLS_KEY: set both or neither")
     if s.tls_ca and not s.tls_cert:
         raise SettingsError("CADNODE_TLS_CA: mutual TLS needs CADNODE_TLS_CERT and _KEY too")
+    if bool(s.send_tls_cert) != bool(s.send_tls_key):
+        raise SettingsError("CADNODE_SEND_TLS_CERT and CADNODE_SEND_TLS_KEY: set both or neither")
     for name, value in (("CADNODE_TLS_CERT", s.tls_cert), ("CADNODE_TLS_KEY", s.tls_key),
-                        ("CADNODE_TLS_CA", s.tls_ca)):
+                        ("CADNODE_TLS_CA", s.tls_ca), ("CADNODE_SEND_TLS_CA", s.send_tls_ca),
+                        ("CADNODE_SEND_TLS_CERT", s.send_tls_cert),
+                        ("CADNODE_SEND_TLS_KEY", s.send_tls_key)):
         if value and not Path(value).is_file():
             raise SettingsError(f"{name}: {value} is not a file")
     if not 1 <= s.max_associations <= 1000:

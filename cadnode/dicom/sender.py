@@ -6,6 +6,7 @@ Used by the outbox (results to the PACS) and by ``cadnode send`` (test pushes, r
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,17 @@ def _has_meta(path: Path) -> bool:
         return False
 
 
+def client_ssl_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
+    """TLS (1.2+) for sending: the peer's certificate is verified against ``ca`` (else the
+    system's trust store) and its host name or IP address; ``cert``/``key`` are this node's own
+    certificate, for peers that require mutual TLS."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
 def send_files(
     paths: Sequence[Path],
     host: str,
@@ -61,8 +73,10 @@ def send_files(
     called_ae: str,
     calling_ae: str = "CADNODE",
     timeout: float = 60.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[SendResult]:
-    """Send ``paths`` over one association; raises DeliveryError when none can be made."""
+    """Send ``paths`` over one association (TLS when ``tls`` is given); raises DeliveryError
+    when none can be made."""
     metas: list[tuple[Path, str, str]] = []
     results: list[SendResult] = []
     for path in paths:
@@ -85,15 +99,17 @@ def send_files(
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream from disk, never convert
     connected: list[bool] = []
     assoc = ae.associate(host, port, ae_title=called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: connected.append(True))])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: connected.append(True))],
+                         tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:
         if not connected:
-            why = "cannot connect"
+            why = "cannot connect (or the TLS handshake failed)" if tls else "cannot connect"
         elif assoc.is_rejected:
             why = "association rejected by"
         else:
             why = f"association aborted or timed out ({timeout:.0f} s) with"
-        raise DeliveryError(f"{why} {called_ae}@{host}:{port}")
+        hint = " (over TLS: the peer may have refused this node's certificate)" if tls else ""
+        raise DeliveryError(f"{why} {called_ae}@{host}:{port}{hint}")
     try:
         for path, _sop, _ts in metas:
             try:

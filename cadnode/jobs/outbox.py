@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import defaultdict
 from pathlib import Path
 
 from cadnode.config import parse_destinations
-from cadnode.dicom.sender import DeliveryError, send_files
+from cadnode.dicom.sender import DeliveryError, client_ssl_context, send_files
 from cadnode.jobs.db import Database, Delivery
 from cadnode.jobs.queue import DEFAULT_RETRY, RetryPolicy, due_deliveries, mark_delivery
 
@@ -15,9 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def deliver_due(
-    db: Database, calling_ae: str, retry: RetryPolicy = DEFAULT_RETRY, timeout: float = 30.0
+    db: Database, calling_ae: str, retry: RetryPolicy = DEFAULT_RETRY, timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
-    """Try every due delivery once, one association per destination; returns how many were sent."""
+    """Try every due delivery once, one association per destination (over TLS with ``tls`` for
+    a ``;tls`` destination); returns how many were sent."""
     by_dest: dict[str, list[Delivery]] = defaultdict(list)
     for d in due_deliveries(db):
         by_dest[d.destination].append(d)
@@ -28,6 +31,7 @@ def deliver_due(
             results = send_files(
                 [Path(d.path) for d in items], dest.host, dest.port, dest.ae_title,
                 calling_ae=calling_ae, timeout=timeout,
+                tls=(tls or client_ssl_context()) if dest.tls else None,
             )
         except DeliveryError as exc:
             log.warning("delivery to %s failed: %s", dest_text, exc)

@@ -8,6 +8,7 @@ from datetime import datetime
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from cadnode.config import Settings
+from cadnode.dicom.sender import client_ssl_context
 from cadnode.jobs.db import Database
 from cadnode.jobs.outbox import deliver_due
 from cadnode.jobs.queue import RetryPolicy, assemble_studies, expire_leases
@@ -32,7 +33,12 @@ def create_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
     )
     retry = RetryPolicy(settings.delivery_max_attempts, settings.retry_base_seconds,
                         settings.retry_cap_seconds)
+    tls = None
+    if any(d.tls for d in settings.destinations):
+        tls = client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
+                                 settings.send_tls_key)
     sched.add_job(
         deliver_due, "interval", seconds=every, id="outbox", args=[db, settings.ae_title, retry],
+        kwargs={"tls": tls},
     )
     return sched

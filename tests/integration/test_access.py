@@ -149,3 +149,41 @@ def test_mutual_tls_with_dcmtk(start_node, pki, demo_study) -> None:  # type: ig
     assert anonymous.returncode != 0
     assert dcmtk("echoscu", "-aec", "CADNODE", "127.0.0.1", str(port)).returncode != 0
     assert dcmtk("echoscu", *tls, "-aec", "CADNODE", "127.0.0.1", str(port)).returncode == 0
+
+
+def test_results_sent_over_mutual_tls_to_dcmtk_storescp(pki, demo_study, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The sending side: a `;tls` destination, DCMTK storescp requiring a client certificate."""
+    from cadnode.config import parse_destinations
+    from cadnode.demo import free_port, stop_process
+    from cadnode.dicom.sender import DeliveryError, client_ssl_context, send_files
+
+    require("storescp")
+    out = tmp_path / "received"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "+xa", "+tls", str(pki / "server.key"), str(pki / "server.crt"), "+cf",
+         str(pki / "ca.crt"), "-aet", "PACS", "--output-directory", str(out), str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (dest,) = parse_destinations(f"PACS@127.0.0.1:{port};tls")
+        assert dest.tls and str(dest) == f"PACS@127.0.0.1:{port};tls"
+        ctx = client_ssl_context(str(pki / "ca.crt"), str(pki / "client.crt"),
+                                 str(pki / "client.key"))
+
+        def sent() -> bool:
+            try:
+                return all(r.ok for r in send_files([demo_study[0]], "127.0.0.1", port, "PACS",
+                                                    tls=ctx))
+            except DeliveryError:  # storescp not listening yet
+                return False
+
+        assert wait_until(sent, 30, 0.2)
+        assert len(list(out.iterdir())) == 1
+        # without this node's certificate the PACS refuses, and the sender says why
+        anonymous = client_ssl_context(str(pki / "ca.crt"))
+        with pytest.raises(DeliveryError, match="TLS"):
+            send_files([demo_study[0]], "127.0.0.1", port, "PACS", tls=anonymous, timeout=10)
+        assert len(list(out.iterdir())) == 1
+    finally:
+        stop_process(proc)
