@@ -58,6 +58,7 @@ class Settings:
     poll_seconds: float = 1.0
     lease_seconds: float = 600.0
     max_attempts: int = 3
+    decode_memory_mb: int = 4096  # a decoding child's data limit; 0: decode in-process
     implant_views: str = ImplantPolicy.FALLBACK.value  # which view is read when ID views exist
     uid_root: str = ""  # empty: the results package's default root
     log_level: str = "INFO"
@@ -224,6 +225,8 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"CADNODE_MODEL: {s.model} is not a model package folder")
     if s.max_attempts < 1:
         raise SettingsError("CADNODE_MAX_ATTEMPTS: must be at least 1")
+    if s.decode_memory_mb != 0 and s.decode_memory_mb < 256:
+        raise SettingsError("CADNODE_DECODE_MEMORY_MB: 0 (decode in-process) or at least 256")
     policies = [p.value for p in ImplantPolicy]
     if s.implant_views not in policies:
         raise SettingsError(f"CADNODE_IMPLANT_VIEWS: {s.implant_views!r} is not one of "

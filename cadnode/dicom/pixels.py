@@ -63,6 +63,9 @@ class PixelDecodeError(Exception):
         super().__init__(message)
         self.summary = summary or message.splitlines()[0][:200]
 
+    def __reduce__(self) -> tuple[type[PixelDecodeError], tuple[str, str]]:
+        return (PixelDecodeError, (str(self), self.summary))  # keeps the summary across processes
+
 
 @dataclass(frozen=True)
 class PreparedImage:

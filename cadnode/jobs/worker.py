@@ -22,12 +22,12 @@ from cadnode.dicom.pixels import (
     PreparedImage,
     heatmap_to_original,
     peak_and_outline,
-    prepare_image,
 )
 from cadnode.dicom.selection import Decision, Selection, candidate, select_views
 from cadnode.dicom.spool import write_durably
 from cadnode.dicom.views import ViewInfo
 from cadnode.jobs.db import Database, Instance
+from cadnode.jobs.decoding import DecodePool
 from cadnode.jobs.queue import (
     ClaimedJob,
     ResultFile,
@@ -92,6 +92,7 @@ class Worker:
         self.db = db
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.engine, self.tokenizer = load_model(settings)
+        self.decoder = DecodePool(settings.decode_memory_mb)
         self._stop = threading.Event()
 
     def run_forever(self) -> None:
@@ -101,6 +102,7 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+        self.decoder.close()
 
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue was empty."""
@@ -219,8 +221,7 @@ class Worker:
         size = tuple(self.engine.manifest.input_size)
         for v in views:
             try:
-                ds = pydicom.dcmread(v.path)
-                v.prepared = prepare_image(ds, size, v.info.laterality)  # type: ignore[arg-type]
+                v.prepared = self.decoder.prepare(v.path, size, v.info.laterality)  # type: ignore[arg-type]
             except PixelDecodeError as exc:
                 v.error, v.detail = exc.summary, str(exc)
             except Exception as exc:

@@ -139,3 +139,37 @@ def test_study_with_nothing_decodable_fails_with_its_error(worker_env, worker, d
     assert row["job"]["error"].startswith("no selected view could be decoded")
     assert row["job"]["attempts"] == 1  # permanent: not retried
     assert row["deliveries"] == {}
+
+
+def test_a_view_over_the_decoding_memory_limit_fails_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The real 17-megapixel film needs ~200 MB to decode; with a 160 MB limit its child process
+    fails, the view is reported with a one-line reason, the small views are scored, and the
+    worker goes on with a new child."""
+    from cadnode.demo import write_demo_study
+    from tests.helpers import write_small_study
+
+    settings = Settings(home=tmp_path / "home", decode_memory_mb=160)
+    settings.home.mkdir()
+    db = Database(settings.database_url)
+    db.create_schema()
+    worker = Worker(settings, db)
+    try:
+        study_uid = "1.2.826.0.1.3680043.10.1407.79"
+        small = write_small_study(tmp_path / "small", study_uid)  # L-CC, L-MLO, R-CC, R-MLO
+        big = pydicom.dcmread(write_demo_study(tmp_path / "big")[0])  # the real L-CC film
+        big.StudyInstanceUID = study_uid
+        big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = f"{study_uid}.9"
+        big.save_as(tmp_path / "big.dcm", enforce_file_format=True)
+        receive(db, settings, [*small, tmp_path / "big.dcm"])
+        row = run_study(db, worker, study_uid)
+        assert row["state"] == "done-partial"
+        scores = row["job"]["scores"]
+        assert scores["selection"]["read"]["L-CC"]["sop_instance_uid"] == f"{study_uid}.9"
+        assert set(scores["views"]) == {"L-MLO", "R-CC", "R-MLO"}
+        assert "decoding memory limit (160 MB)" in scores["failed_views"]["L-CC"]
+        again = "1.2.826.0.1.3680043.10.1407.80"
+        receive(db, settings, write_small_study(tmp_path / "again", again))
+        assert run_study(db, worker, again)["state"] == "done"  # a new child took over
+    finally:
+        worker.stop()
+        db.dispose()
