@@ -75,7 +75,7 @@ class Settings:
     # limits
     max_associations: int = 16
     max_associations_per_peer: int = 8  # so that one host cannot take every slot
-    network_timeout: float = 30.0  # seconds: every read, TLS handshake, an idle association
+    network_timeout: float = 60.0  # seconds: a whole PDU, a TLS handshake, an idle association
     acse_timeout: float = 30.0  # seconds to negotiate an association
     dimse_timeout: float = 60.0  # seconds to wait for the next DIMSE message
     max_pdu: int = 131072

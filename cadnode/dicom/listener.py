@@ -86,7 +86,7 @@ class Policy:
     min_free_bytes: int = 200 * 2**20
     ssl_context: ssl.SSLContext | None = None
     max_associations_per_peer: int = 8
-    network_timeout: float = 30.0  # every read, TLS handshake, idle association
+    network_timeout: float = 60.0  # a whole PDU, the TLS handshake, an idle association
     acse_timeout: float = 30.0  # association negotiation (ARTIM)
     dimse_timeout: float = 60.0  # waiting for the next DIMSE message
 
@@ -218,6 +218,17 @@ class Listener:
             Path(path).unlink(missing_ok=True)
             log.info("removed the partial dataset of an association that ended mid-transfer")
 
+    def _live_files(self) -> set[Path]:
+        """The files live associations are receiving into (never swept, however slow)."""
+        server = self._server
+        live: set[Path] = set()
+        for assoc in server.active_associations if server is not None else []:
+            message = getattr(getattr(assoc, "dimse", None), "message", None)
+            path = getattr(message, "_data_set_path", None)
+            if path is not None:
+                live.add(Path(path))
+        return live
+
     def sweep(self, older_than: float | None = None) -> int:
         """Remove files in ``.incoming`` that nothing has written to for ``older_than``
         seconds (default: four network timeouts; a live transfer writes at least once per
@@ -225,9 +236,11 @@ class Listener:
         limit = 4 * self.policy.network_timeout if older_than is None else older_than
         now = time.time()
         removed = 0
+        live = self._live_files()
         for entry in self.incoming.iterdir() if self.incoming.is_dir() else ():
             try:
-                if entry.is_file() and now - entry.stat().st_mtime > limit:
+                if (entry.is_file() and entry not in live
+                        and now - entry.stat().st_mtime > limit):
                     entry.unlink()
                     removed += 1
             except FileNotFoundError:

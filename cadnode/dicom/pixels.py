@@ -214,10 +214,13 @@ def codestream_size(fragment: bytes) -> tuple[int, int] | None:
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length field
+            pos += 2
+            continue
         length = struct.unpack(">H", fragment[pos + 2:pos + 4])[0]
         if marker in _SOF_MARKERS and pos + 9 <= len(fragment):
             rows, cols = struct.unpack(">HH", fragment[pos + 5:pos + 9])
-            return rows, cols
+            return None if rows == 0 else (rows, cols)  # 0: height given later (DNL marker)
         pos += 2 + length
     return None
 

@@ -14,7 +14,8 @@ documented extension points (``AE.make_server(server_class=..., request_handler=
 - :class:`GuardedRequestHandler`: the TLS handshake in the connection's own thread, with the
   network timeout, every failed handshake reported with the peer address;
 - :class:`GuardedServer`: refuses a connection from a peer address that already holds
-  ``max_per_peer`` associations, so that one host cannot take every slot.
+  ``max_per_peer`` connections (TLS handshakes included), so that one host cannot take every
+  slot; such refusals are reported at most once a minute per peer.
 
 Whatever is refused is reported through ``on_refused`` (the listener records it as an event).
 """
@@ -26,12 +27,14 @@ import socket
 import ssl
 import struct
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -57,23 +60,26 @@ class Guard:
     tls: ssl.SSLContext | None = None
 
 
-class PDUTooLong(OSError):
-    """A PDU's length field is beyond the limit for its type."""
+_PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ ... A-ABORT
 
 
 class BoundedAssociationSocket(AssociationSocket):
-    """An acceptor socket that checks each PDU's length field before the body is read.
+    """An acceptor socket that checks each PDU's header before its body is read.
 
     pynetdicom's DUL reads a PDU as ``recv(6)`` (the header) then ``recv(length)``; this class
     follows that alternation, so it knows which read is a body and how long the header said it
-    is. A body over the limit is never read: the read returns nothing, which pynetdicom treats
-    as a closed connection (Evt17), and the socket is closed. A read that times out ends the
-    same way.
+    is, and fails closed whenever a read does not fit it. Refused, before any body byte is read:
+    a PDU type pynetdicom does not know (it would not read that body, and the alternation would
+    slip), a length over the limit for the type. A PDU must also arrive whole within one
+    timeout (a deadline for the PDU, not for each read, so a sender trickling a byte at a time
+    cannot hold its slot). A refused read returns nothing, which pynetdicom treats as a closed
+    connection (Evt17), and the socket is shut down.
     """
 
     _guard: Guard
     _peer: str
     _body: int | None = None  # length of the PDU body the next read must be, if any
+    _deadline: float = 0.0  # monotonic time by which the current PDU must be complete
     _refused: bool = False
 
     @classmethod
@@ -89,32 +95,51 @@ class BoundedAssociationSocket(AssociationSocket):
         return bounded
 
     def recv(self, nr_bytes: int) -> bytearray:
-        if self._body is None and nr_bytes == _HEADER:
-            data = self._read(nr_bytes)
-            if len(data) == _HEADER:
-                pdu_type, _, length = struct.unpack(">BBL", bytes(data))
-                limit = self._guard.max_pdu if pdu_type == P_DATA_TF else MAX_CONTROL_PDU
-                if length > limit:
-                    self._refuse(f"PDU type 0x{pdu_type:02X} of {length} bytes exceeds the "
-                                 f"limit of {limit}")
-                    return data  # the caller now reads the body: it gets nothing (Evt17)
-                self._body = length
-            return data
-        self._body = None
         if self._refused:
             return bytearray()
+        if self._body is None:
+            if nr_bytes != _HEADER:
+                return self._refuse(f"unexpected read of {nr_bytes} bytes outside a PDU")
+            self._deadline = time.monotonic() + self._guard.timeout
+            data = self._read(nr_bytes)
+            if len(data) < _HEADER:
+                return data  # closed (or timed out) before a whole header: Evt17
+            pdu_type, _, length = struct.unpack(">BBL", bytes(data))
+            if pdu_type not in _PDU_TYPES:
+                return self._refuse(f"unknown PDU type 0x{pdu_type:02X}")
+            limit = self._guard.max_pdu if pdu_type == P_DATA_TF else MAX_CONTROL_PDU
+            if length > limit:
+                return self._refuse(f"PDU type 0x{pdu_type:02X} of {length} bytes exceeds "
+                                    f"the limit of {limit}")
+            self._body = length
+            return data
+        expected, self._body = self._body, None
+        if nr_bytes != expected:
+            return self._refuse(f"read of {nr_bytes} bytes where the PDU body has {expected}")
         return self._read(nr_bytes)
 
     def _read(self, nr_bytes: int) -> bytearray:
-        try:
-            return super().recv(nr_bytes)
-        except TimeoutError:
-            self._refuse(f"no data for {self._guard.timeout:g} s (network timeout)")
-            return bytearray()
-        except OSError:
-            return bytearray()  # reset by the peer: pynetdicom sees a closed connection
+        """Up to ``nr_bytes``, each ``recv`` with the time left before the PDU's deadline."""
+        assert self.socket is not None
+        data = bytearray()
+        while len(data) < nr_bytes:
+            left = self._deadline - time.monotonic()
+            late = f"a PDU not complete within {self._guard.timeout:g} s (network timeout)"
+            if left <= 0:
+                return self._refuse(late)
+            try:
+                self.socket.settimeout(left)  # whatever is left of the PDU's deadline
+                chunk = self.socket.recv(min(65536, nr_bytes - len(data)))
+            except TimeoutError:
+                return self._refuse(late)
+            except OSError:
+                return bytearray()  # reset by the peer: pynetdicom sees a closed connection
+            if not chunk:
+                return data  # closed by the peer
+            data.extend(chunk)
+        return data
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, why: str) -> bytearray:
         self._refused = True
         self._body = None
         self._guard.report(f"connection from {self._peer} closed: {why}")
@@ -123,14 +148,24 @@ class BoundedAssociationSocket(AssociationSocket):
                 self.socket.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        return bytearray()
 
 
 class GuardedRequestHandler(RequestHandler):
-    """Per connection, in its own thread: read timeout, TLS handshake, bounded socket."""
+    """Per connection, in its own thread: read timeout, TLS handshake, bounded socket; the
+    thread stays until the association ends, so that the server can count its peer's
+    connections, handshakes included."""
 
     server: GuardedServer
 
     def handle(self) -> None:
+        peer_ip = str(self.client_address[0])
+        try:
+            self._serve()
+        finally:
+            self.server.release(peer_ip)
+
+    def _serve(self) -> None:
         guard = self.server.guard
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
         raw: socket.socket = self.request  # type: ignore[assignment]
@@ -143,7 +178,11 @@ class GuardedRequestHandler(RequestHandler):
                 guard.report(f"TLS handshake from {peer} failed: {reason}")
                 self.server.shutdown_request(raw)
                 return
-        super().handle()
+        # pynetdicom's RequestHandler.handle(), then wait for the association to end
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -155,9 +194,16 @@ class GuardedRequestHandler(RequestHandler):
 
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake moved off the accept loop and a
-    per-peer connection cap."""
+    per-peer connection cap (connections counted from accept to the association's end)."""
 
+    # Connection threads live as long as their association: stopping the server must not wait
+    # for them (an attacker's socket would hold the node's shutdown).
+    daemon_threads = True
+    block_on_close = False
     guard: Guard
+    _held: Counter[str]
+    _lock: threading.Lock
+    _last_report: dict[str, tuple[float, int]]  # peer -> (time reported, refusals since)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -165,14 +211,32 @@ class GuardedServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         peer = str(client_address[0])
-        held = sum(1 for a in self.active_associations
-                   if a.requestor.address == peer and a.is_alive())
-        if held >= self.guard.max_per_peer:
-            self.guard.report(f"connection from {peer}:{client_address[1]} refused: it already "
-                              f"holds {held} associations (limit {self.guard.max_per_peer} "
-                              "per peer)")
-            return False
-        return True
+        with self._lock:
+            held = self._held[peer]
+            if held < self.guard.max_per_peer:
+                self._held[peer] += 1
+                return True
+            last, since = self._last_report.get(peer, (0.0, 0))
+            now = time.monotonic()
+            if now - last < REPORT_EVERY:  # a peer hammering the port: one event a minute
+                self._last_report[peer] = (last, since + 1)
+                return False
+            self._last_report[peer] = (now, 0)
+        more = f" ({since} more since the last report)" if since else ""
+        self.guard.report(f"connection from {peer}:{client_address[1]} refused: it already "
+                          f"holds {held} connections (limit {self.guard.max_per_peer} per "
+                          f"peer){more}")
+        return False
+
+    def release(self, peer: str) -> None:
+        with self._lock:
+            self._held[peer] -= 1
+            if self._held[peer] <= 0:
+                del self._held[peer]
+
+
+#: Seconds between two events about the same peer over its connection cap.
+REPORT_EVERY = 60.0
 
 
 def start_server(ae: AE, address: tuple[str, int], guard: Guard,
@@ -183,6 +247,7 @@ def start_server(ae: AE, address: tuple[str, int], guard: Guard,
                             request_handler=GuardedRequestHandler)
     assert isinstance(server, GuardedServer)
     server.guard = guard
+    server._held, server._lock, server._last_report = Counter(), threading.Lock(), {}
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",
                               daemon=True)

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import resource
+import tempfile
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import forkserver
 
 import pydicom
 
@@ -26,8 +31,35 @@ log = logging.getLogger(__name__)
 DECODE_TIMEOUT = 300.0
 
 
-def _limit_memory(limit_bytes: int) -> None:
+def _start_child(limit_bytes: int, node_pid: int) -> None:
+    """In the child: cap its data segment, and exit when the node is gone (the child's parent
+    is the forkserver, and it holds its own call pipe, so nothing else would end it after a
+    SIGKILL of the node)."""
     resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(node_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # the pid was reused by another user's process
+                os._exit(0)
+
+    threading.Thread(target=watch, name="node-watch", daemon=True).start()
+
+
+def _ensure_forkserver() -> None:
+    """Start the forkserver with the system temporary directory: the listener points
+    ``tempfile`` at the spool (pynetdicom streams datasets there), and the forkserver's socket
+    path under a long spool path would exceed AF_UNIX's 108 bytes."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = None
+    try:
+        forkserver.ensure_running()
+    finally:
+        tempfile.tempdir = saved
 
 
 def prepare_file(path: str, size: tuple[int, int], laterality: str | None) -> PreparedImage:
@@ -41,14 +73,18 @@ class DecodePool:
     def __init__(self, memory_mb: int) -> None:
         self.memory_mb = memory_mb
         self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        if memory_mb > 0:
+            _ensure_forkserver()  # now, before a listener changes the temporary directory
 
     def prepare(self, path: str, size: tuple[int, int],
                 laterality: str | None) -> PreparedImage:
         """``prepare_file`` in the child; PixelDecodeError when it fails, dies or hangs."""
         if self.memory_mb <= 0:
             return prepare_file(path, size, laterality)
-        future: Future[PreparedImage] = self._pool().submit(prepare_file, path, size,
-                                                            laterality)
+        with self._lock:
+            future: Future[PreparedImage] = self._pool().submit(prepare_file, path, size,
+                                                                laterality)
         try:
             return future.result(timeout=DECODE_TIMEOUT)
         except BrokenProcessPool:
@@ -72,16 +108,18 @@ class DecodePool:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             # forkserver: the child starts from a clean process, not a fork of a threaded one
+            _ensure_forkserver()
             self._executor = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_limit_memory, initargs=(self.memory_mb * 2**20,))
+                initializer=_start_child, initargs=(self.memory_mb * 2**20, os.getpid()))
         return self._executor
 
     def close(self, kill: bool = False) -> None:
-        if self._executor is None:
+        """Stop the child (the next ``prepare`` starts a new one)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
             return
         if kill:
-            for proc in list(getattr(self._executor, "_processes", {}).values()):
+            for proc in list(getattr(executor, "_processes", {}).values()):
                 proc.kill()
-        self._executor.shutdown(wait=not kill, cancel_futures=True)
-        self._executor = None
+        executor.shutdown(wait=not kill, cancel_futures=True)

@@ -96,12 +96,19 @@ class Worker:
         self._stop = threading.Event()
 
     def run_forever(self) -> None:
-        while not self._stop.is_set():
-            if not self.run_once():
-                self._stop.wait(self.settings.poll_seconds)
+        try:
+            while not self._stop.is_set():
+                if not self.run_once():
+                    self._stop.wait(self.settings.poll_seconds)
+        finally:
+            self.close()  # in this thread, after the last job: never under a running one
 
     def stop(self) -> None:
+        """Ask ``run_forever`` to return after the job in progress."""
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop the decoding child (for a worker driven by ``run_once``)."""
         self.decoder.close()
 
     def run_once(self) -> bool:

@@ -171,5 +171,5 @@ def test_a_view_over_the_decoding_memory_limit_fails_alone(tmp_path) -> None:  #
         receive(db, settings, write_small_study(tmp_path / "again", again))
         assert run_study(db, worker, again)["state"] == "done"  # a new child took over
     finally:
-        worker.stop()
+        worker.close()
         db.dispose()

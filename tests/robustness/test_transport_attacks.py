@@ -245,3 +245,61 @@ def test_the_sweep_removes_only_files_nothing_writes_to(node: Node) -> None:
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert node.listener.sweep(older_than=60) == 1
     assert not stale.exists() and live.exists()
+
+
+def test_a_sender_trickling_a_pdu_is_dropped_at_its_deadline(node: Node) -> None:
+    """A header claiming 200000 bytes, then one byte every 0.3 s: each read is short of the
+    timeout, the whole PDU is not."""
+    s = attacker(node.port)
+    started = time.monotonic()
+    closed = False
+    try:
+        s.sendall(struct.pack(">BBL", 0x01, 0, 200_000))
+        while time.monotonic() - started < TIMEOUT * 5 and not closed:
+            try:
+                s.sendall(b"\x00")
+                s.settimeout(0.3)
+                closed = s.recv(1) == b""
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+    finally:
+        s.close()
+    assert closed and time.monotonic() - started < TIMEOUT * 3
+    assert node.refused("not complete within")
+
+
+def test_an_unknown_pdu_cannot_smuggle_a_huge_one_past_the_check(node: Node) -> None:
+    """An unknown PDU type whose body pynetdicom would not read, then a ~4 GB P-DATA-TF in
+    the same burst: closed at the first header, nothing buffered."""
+    rss_before = _rss_kib()
+    s = attacker(node.port)
+    try:
+        s.sendall(bytes([0x09, 0]) + struct.pack(">L", 4) + struct.pack(">BBL", 0x04, 0,
+                                                                        0xFFFFFFF0))
+        try:
+            for _ in range(64):
+                s.sendall(b"\x00" * 2**20)
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        assert closed_by_peer(s, TIMEOUT * 2)
+    finally:
+        s.close()
+    assert node.refused("unknown PDU type 0x09")
+    assert _rss_kib() - rss_before < 64 * 1024
+
+
+def test_tls_handshakes_count_against_the_per_peer_cap(tmp_path: Path, pki: Path) -> None:
+    ctx = server_ssl_context(str(pki / "server.crt"), str(pki / "server.key"), str(pki / "ca.crt"))
+    node = Node(tmp_path, policy(ssl_context=ctx, max_associations_per_peer=4))
+    silent = [attacker(node.port) for _ in range(10)]  # never finish a handshake
+    try:
+        refused = sum(closed_by_peer(s, 1.0) for s in silent[4:])
+        assert refused == 6  # the 5th and later are closed at once, while 4 hang in handshake
+        assert node.refused("limit 4 per peer")
+        assert all(closed_by_peer(s, TIMEOUT * 4) for s in silent[:4])
+    finally:
+        for s in silent:
+            s.close()
+        node.close()
