@@ -96,6 +96,20 @@ def closed_by_peer(s: socket.socket, within: float) -> bool:
         return False
 
 
+def flood_after(s: socket.socket, head: bytes) -> None:
+    """Send ``head``, then up to 64 MiB of zeros; the node must close the connection."""
+    try:
+        s.sendall(head)
+        try:
+            for _ in range(64):  # stopped by the node long before
+                s.sendall(b"\x00" * 2**20)
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        assert closed_by_peer(s, TIMEOUT * 2)
+    finally:
+        s.close()
+
+
 def associate_rq_start() -> bytes:
     """The first 30 bytes of a well-formed A-ASSOCIATE-RQ header (PDU type 1, length 200)."""
     body = struct.pack(">HH", 1, 0) + b"CADNODE".ljust(16) + b"ATTACKER".ljust(16)
@@ -137,18 +151,7 @@ def test_a_huge_length_field_is_refused_before_it_is_read(node: Node, pdu_type: 
     """An A-ASSOCIATE-RQ or P-DATA-TF claiming ~4 GB: closed at its header, nothing buffered."""
     rss_before = _rss_kib()
     s = attacker(node.port)
-    try:
-        s.sendall(struct.pack(">BBL", pdu_type, 0, 0xFFFFFFF0))
-        sent = 0
-        try:
-            for _ in range(64):  # up to 64 MiB, stopped by the node long before
-                s.sendall(b"\x00" * 2**20)
-                sent += 2**20
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-        assert closed_by_peer(s, TIMEOUT * 2)
-    finally:
-        s.close()
+    flood_after(s, struct.pack(">BBL", pdu_type, 0, 0xFFFFFFF0))
     assert node.refused("exceeds the limit")
     assert _rss_kib() - rss_before < 64 * 1024, "the PDU body was buffered"
     assert echo(node.port)[0]
@@ -275,17 +278,8 @@ def test_an_unknown_pdu_cannot_smuggle_a_huge_one_past_the_check(node: Node) -> 
     the same burst: closed at the first header, nothing buffered."""
     rss_before = _rss_kib()
     s = attacker(node.port)
-    try:
-        s.sendall(bytes([0x09, 0]) + struct.pack(">L", 4) + struct.pack(">BBL", 0x04, 0,
-                                                                        0xFFFFFFF0))
-        try:
-            for _ in range(64):
-                s.sendall(b"\x00" * 2**20)
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-        assert closed_by_peer(s, TIMEOUT * 2)
-    finally:
-        s.close()
+    flood_after(s, bytes([0x09, 0]) + struct.pack(">L", 4)
+                + struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0))
     assert node.refused("unknown PDU type 0x09")
     assert _rss_kib() - rss_before < 64 * 1024
 
