@@ -8,7 +8,6 @@ here; the dataset is streamed to a file in the spool's own folder and renamed in
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import ssl
 import tempfile
@@ -212,39 +211,20 @@ class Listener:
     def _drop_partial(self, event: Any) -> None:
         """Remove the file of a dataset whose transfer the association's end cut off (abort,
         reset, close); it was never acknowledged."""
-        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
-        path = getattr(message, "_data_set_path", None)  # pynetdicom's chunked-receive file
-        if path is not None and Path(path).parent == self.incoming and Path(path).exists():
-            Path(path).unlink(missing_ok=True)
+        path = _receiving_into(event.assoc)
+        if path is not None and path.parent == self.incoming and path.exists():
+            path.unlink(missing_ok=True)
             log.info("removed the partial dataset of an association that ended mid-transfer")
-
-    def _live_files(self) -> set[Path]:
-        """The files live associations are receiving into (never swept, however slow)."""
-        server = self._server
-        live: set[Path] = set()
-        for assoc in server.active_associations if server is not None else []:
-            message = getattr(getattr(assoc, "dimse", None), "message", None)
-            path = getattr(message, "_data_set_path", None)
-            if path is not None:
-                live.add(Path(path))
-        return live
 
     def sweep(self, older_than: float | None = None) -> int:
         """Remove files in ``.incoming`` that nothing has written to for ``older_than``
-        seconds (default: four network timeouts; a live transfer writes at least once per
-        network timeout or is dropped). Returns how many were removed."""
+        seconds (default: four network timeouts), except those a live association is still
+        receiving into, however slowly. Returns how many were removed."""
+        server = self._server
+        live = {p for a in (server.active_associations if server is not None else [])
+                if (p := _receiving_into(a)) is not None}
         limit = 4 * self.policy.network_timeout if older_than is None else older_than
-        now = time.time()
-        removed = 0
-        live = self._live_files()
-        for entry in self.incoming.iterdir() if self.incoming.is_dir() else ():
-            try:
-                if (entry.is_file() and entry not in live
-                        and now - entry.stat().st_mtime > limit):
-                    entry.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
+        removed = _remove_files(self.incoming, older_than=limit, keep=live)
         if removed:
             log.info("removed %d stale partial file(s) from the spool", removed)
         return removed
@@ -340,11 +320,28 @@ class Listener:
 
 def cleanup_incoming(spool_root: Path) -> int:
     """Remove partial files a crash left in the incoming folder; they were never acknowledged."""
+    return _remove_files(spool_root / ".incoming")
+
+
+def _receiving_into(assoc: Any) -> Path | None:
+    """The file pynetdicom's chunked receive is writing the association's dataset to, if any."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    path = getattr(message, "_data_set_path", None)
+    return None if path is None else Path(path)
+
+
+def _remove_files(folder: Path, older_than: float | None = None,
+                  keep: set[Path] | None = None) -> int:
+    """Remove the files of ``folder`` (only those not modified for ``older_than`` seconds,
+    when given), but ``keep``."""
+    now = time.time()
     removed = 0
-    incoming = spool_root / ".incoming"
-    if incoming.is_dir():
-        for entry in incoming.iterdir():
-            if entry.is_file():
-                os.unlink(entry)
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        try:
+            if (entry.is_file() and entry not in (keep or set())
+                    and (older_than is None or now - entry.stat().st_mtime > older_than)):
+                entry.unlink()
                 removed += 1
+        except FileNotFoundError:
+            continue
     return removed

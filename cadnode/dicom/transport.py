@@ -54,7 +54,7 @@ class Guard:
     """The limits the transport enforces, and where it reports what it refused."""
 
     max_pdu: int  # the P-DATA-TF variable-field length the node announces
-    timeout: float  # seconds: every socket read, and the TLS handshake
+    timeout: float  # seconds: a whole PDU once its header has come, and the TLS handshake
     max_per_peer: int  # concurrent associations from one peer address
     report: Report
     tls: ssl.SSLContext | None = None
@@ -158,16 +158,18 @@ class GuardedRequestHandler(RequestHandler):
 
     server: GuardedServer
 
+    @property
+    def peer(self) -> str:
+        return f"{self.client_address[0]}:{self.client_address[1]}"
+
     def handle(self) -> None:
-        peer_ip = str(self.client_address[0])
         try:
             self._serve()
         finally:
-            self.server.release(peer_ip)
+            self.server.release(str(self.client_address[0]))
 
     def _serve(self) -> None:
         guard = self.server.guard
-        peer = f"{self.client_address[0]}:{self.client_address[1]}"
         raw: socket.socket = self.request  # type: ignore[assignment]
         raw.settimeout(guard.timeout)
         if guard.tls is not None:
@@ -175,7 +177,7 @@ class GuardedRequestHandler(RequestHandler):
                 self.request = guard.tls.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 reason = getattr(exc, "reason", None) or type(exc).__name__
-                guard.report(f"TLS handshake from {peer} failed: {reason}")
+                guard.report(f"TLS handshake from {self.peer} failed: {reason}")
                 self.server.shutdown_request(raw)
                 return
         # pynetdicom's RequestHandler.handle(), then wait for the association to end
@@ -186,9 +188,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        peer = f"{self.client_address[0]}:{self.client_address[1]}"
         assert assoc.dul.socket is not None
-        BoundedAssociationSocket.adopt(assoc.dul.socket, self.server.guard, peer)
+        BoundedAssociationSocket.adopt(assoc.dul.socket, self.server.guard, self.peer)
         return assoc
 
 
@@ -200,10 +201,13 @@ class GuardedServer(ThreadedAssociationServer):
     # for them (an attacker's socket would hold the node's shutdown).
     daemon_threads = True
     block_on_close = False
-    guard: Guard
-    _held: Counter[str]
-    _lock: threading.Lock
-    _last_report: dict[str, tuple[float, int]]  # peer -> (time reported, refusals since)
+
+    def __init__(self, *args: Any, guard: Guard, **kwargs: Any) -> None:
+        self.guard = guard
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._last_report: dict[str, tuple[float, int]] = {}  # peer -> (reported, refused since)
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -244,10 +248,8 @@ def start_server(ae: AE, address: tuple[str, int], guard: Guard,
     """Serve ``ae`` on ``address`` in a background thread, as ``AE.start_server`` does, with
     the guarded server and handler."""
     server = ae.make_server(address, evt_handlers=handlers, server_class=GuardedServer,
-                            request_handler=GuardedRequestHandler)
+                            request_handler=GuardedRequestHandler, guard=guard)
     assert isinstance(server, GuardedServer)
-    server.guard = guard
-    server._held, server._lock, server._last_report = Counter(), threading.Lock(), {}
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",
                               daemon=True)

@@ -10,7 +10,6 @@ started for the next image, and the node goes on.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import resource
@@ -24,8 +23,6 @@ from multiprocessing import forkserver
 import pydicom
 
 from cadnode.dicom.pixels import PixelDecodeError, PreparedImage, prepare_image
-
-log = logging.getLogger(__name__)
 
 #: Seconds one image may take to decode and prepare before its child is replaced.
 DECODE_TIMEOUT = 300.0
@@ -42,9 +39,7 @@ def _start_child(limit_bytes: int, node_pid: int) -> None:
             time.sleep(1.0)
             try:
                 os.kill(node_pid, 0)
-            except ProcessLookupError:
-                os._exit(0)
-            except PermissionError:  # the pid was reused by another user's process
+            except (ProcessLookupError, PermissionError):  # gone, or its pid reused by another
                 os._exit(0)
 
     threading.Thread(target=watch, name="node-watch", daemon=True).start()

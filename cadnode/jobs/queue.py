@@ -70,7 +70,7 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
             existing.transfer_syntax = stored.transfer_syntax
             existing.laterality, existing.view = v.laterality, v.view
             existing.for_presentation = v.for_presentation
-            existing.modifiers = "+".join(m.value for m in v.modifiers)
+            existing.modifiers = _modifiers_column(v)
             existing.acquired = stored.acquired
             add_event(s, "duplicate", f"instance received again: {stored.sop_instance_uid}",
                       stored.study_uid)
@@ -87,7 +87,7 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
                 laterality=v.laterality,
                 view=v.view,
                 for_presentation=v.for_presentation,
-                modifiers="+".join(m.value for m in v.modifiers),
+                modifiers=_modifiers_column(v),
                 acquired=stored.acquired,
                 received_at=now,
             )
@@ -105,6 +105,11 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
 def view_key(laterality: str | None, view: str | None) -> str | None:
     """The ``"L-CC"`` key of an instance row (None when side or view is unknown)."""
     return ViewInfo(laterality, view, True, "database").key
+
+
+def _modifiers_column(info: ViewInfo) -> str:
+    """``instances.modifiers``: the view's modifiers, "+"-joined (read by instance_candidate)."""
+    return "+".join(m.value for m in info.modifiers)
 
 
 def instance_candidate(row: Instance) -> Candidate[int]:
