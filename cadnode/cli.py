@@ -82,14 +82,37 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    dead = ""
+    while not stop.wait(SUPERVISE_SECONDS) and not dead:
+        dead = _dead_part(listener, worker_thread, sched)
+    if dead:  # never a live listener over a dead worker: let systemd/Kubernetes restart us
+        log.error("%s stopped; exiting so that the service manager restarts the node", dead)
+        try:
+            db.log("stopped", f"{dead} stopped; the node exits", level="error")
+        except Exception:  # the database may be what failed
+            log.exception("could not record the stop")
     log.info("stopping")
     listener.stop()
     worker.stop()
     sched.shutdown(wait=True)
     worker_thread.join(timeout=60)
     db.dispose()
-    return 0
+    return 1 if dead else 0
+
+
+#: How often ``serve`` checks that the listener, the worker and the scheduler still run.
+SUPERVISE_SECONDS = 2.0
+
+
+def _dead_part(listener: Any, worker_thread: threading.Thread, sched: Any) -> str:
+    """The name of a part of the node that has stopped by itself, or ""."""
+    if not worker_thread.is_alive():
+        return "the worker"
+    if not sched.running:
+        return "the scheduler"
+    if not listener.serving:
+        return "the listener"
+    return ""
 
 
 def _fmt_time(t: float | None) -> str:
@@ -251,6 +274,9 @@ COMMANDS = {"serve": cmd_serve, "jobs": cmd_jobs, "send": cmd_send, "retry": cmd
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cadnode.dicom.sender import configure_pynetdicom
+
+    configure_pynetdicom()  # the one place process-wide library settings are made
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:

@@ -45,7 +45,7 @@ class Destination:
 
 @dataclass(frozen=True)
 class Settings:
-    home: Path = Path("var")
+    home: Path = Path("/var/lib/cadnode")  # made absolute at load time (see load_settings)
     ae_title: str = "CADNODE"
     host: str = "0.0.0.0"
     port: int = 11112
@@ -100,7 +100,7 @@ class Settings:
 
     @property
     def database_url(self) -> str:
-        return self.db_url or f"sqlite:///{(self.home / 'cadnode.db').resolve()}"
+        return self.db_url or f"sqlite:///{self.home.absolute() / 'cadnode.db'}"
 
 
 def parse_destinations(text: str, name: str = "CADNODE_DESTINATIONS") -> tuple[Destination, ...]:
@@ -207,6 +207,9 @@ def load_settings(
             except OSError as exc:
                 raise SettingsError(f"{name}_FILE: cannot read {secret}: {exc.strerror}") from None
     settings = replace(Settings(), **values)
+    # Absolute once, here: every path under the home (and in the database) then means the same
+    # whatever the working directory of a later command or a restarted service is.
+    settings = replace(settings, home=settings.home.expanduser().absolute())
     validate(settings)
     return settings
 

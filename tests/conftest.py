@@ -17,6 +17,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 PG_ADMIN_URL = os.environ.get("CADNODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _pynetdicom_as_at_start_up() -> None:
+    """What ``cadnode.cli.main`` sets once at start-up, for tests that drive the library."""
+    from cadnode.dicom.sender import configure_pynetdicom
+
+    configure_pynetdicom()
+
+
 def _pg_admin():  # type: ignore[no-untyped-def]
     import psycopg
 

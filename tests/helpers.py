@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -23,8 +25,21 @@ def require(*commands: str) -> None:
         pytest.skip(f"missing real peer(s): {', '.join(missing)}")
 
 
+def port_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``port`` now."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 class NodeProcess:
-    """`cadnode serve` as a real process configured only through CADNODE_* variables."""
+    """`cadnode serve` as a real process configured only through CADNODE_* variables.
+
+    With ``port=0`` the node takes a port from the OS and :meth:`wait_ready` reads which from
+    its start-up line (no port is handed on between a probe and the node); restarts then keep
+    that port."""
 
     def __init__(self, home: Path, port: int, env: dict[str, str]) -> None:
         self.home, self.port = home, port
@@ -55,10 +70,27 @@ class NodeProcess:
         from cadnode.demo import wait_for_echo
 
         try:
+            if self.port == 0:
+                self._read_bound_port(timeout)
             wait_for_echo(self.port, "CADNODE", timeout, self.proc)
         except Exception:
             print(self.log.read_text(errors="replace"))
             raise
+
+    def _read_bound_port(self, timeout: float) -> None:
+        found: list[int] = []
+
+        def bound() -> bool:
+            text = self.log.read_text(errors="replace")
+            m = re.search(r"listening as \S+ on [^:\s]+:(\d+)", text)
+            if m:
+                found.append(int(m.group(1)))
+            return bool(m) or self.proc.poll() is not None
+
+        if not wait_until(bound, timeout, interval=0.05) or not found:
+            raise RuntimeError("the node did not say which port it is listening on")
+        self.port = found[0]
+        self.env["CADNODE_PORT"] = str(self.port)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cadnode", *args], env=self.env,

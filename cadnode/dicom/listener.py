@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import shutil
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES as _STORAGE_BY_NAME
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cadnode.config import Settings
+from cadnode.dicom.receiving import SpoolingDIMSEProvider, receiving, refusal
 from cadnode.dicom.selection import acquisition_datetime
 from cadnode.dicom.spool import (
     MAX_NESTING,
     InstanceConflict,
     SpoolError,
     StoredInstance,
+    StoreUnavailable,
     check_pixel_data_complete,
     commit_file,
     nesting_depth,
@@ -67,6 +68,7 @@ TRANSFER_SYNTAXES = [
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+UNABLE_TO_PROCESS = 0xC211  # what pynetdicom answers for a failing handler, too
 DATASET_MISMATCH = 0xA900
 
 OnStored = Callable[[StoredInstance], Any]
@@ -151,11 +153,8 @@ class Listener:
     def start(self, host: str, port: int) -> int:
         """Start serving in background threads; returns the bound port (useful with port 0)."""
         self.incoming.mkdir(parents=True, exist_ok=True)
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        # pynetdicom streams each dataset to a NamedTemporaryFile: keep it on the spool's file
-        # system so that committing is a rename, not a copy.
-        tempfile.tempdir = str(self.incoming)
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._spool_datasets),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_REJECTED, self._handle_rejected),
@@ -208,26 +207,42 @@ class Listener:
             why = f"more than {p.max_associations} associations at once"
         self._report(f"association from {rq.address}:{rq.port} rejected: {why}")
 
+    def _spool_datasets(self, event: Any) -> None:
+        """Receive this association's datasets into files in ``incoming`` (see receiving.py)."""
+        SpoolingDIMSEProvider.adopt(event.assoc.dimse, self.incoming,
+                                    self.policy.max_instance_bytes)
+
     def _drop_partial(self, event: Any) -> None:
         """Remove the file of a dataset whose transfer the association's end cut off (abort,
         reset, close); it was never acknowledged."""
-        path = _receiving_into(event.assoc)
-        if path is not None and path.parent == self.incoming and path.exists():
-            path.unlink(missing_ok=True)
-            log.info("removed the partial dataset of an association that ended mid-transfer")
+        target = receiving(event.assoc)
+        if target is not None and target.path.exists():
+            target.discard("the association ended before the dataset did")
 
     def sweep(self, older_than: float | None = None) -> int:
         """Remove files in ``.incoming`` that nothing has written to for ``older_than``
         seconds (default: four network timeouts), except those a live association is still
         receiving into, however slowly. Returns how many were removed."""
         server = self._server
-        live = {p for a in (server.active_associations if server is not None else [])
-                if (p := _receiving_into(a)) is not None}
+        live = {t.path for a in (server.active_associations if server is not None else [])
+                if (t := receiving(a)) is not None}
         limit = 4 * self.policy.network_timeout if older_than is None else older_than
         removed = _remove_files(self.incoming, older_than=limit, keep=live)
         if removed:
             log.info("removed %d stale partial file(s) from the spool", removed)
         return removed
+
+    @property
+    def associations(self) -> int:
+        """Associations whose threads are still alive (pynetdicom counts these against
+        ``max_associations`` until they have wound down, just after a release)."""
+        return 0 if self._server is None else len(self._server.active_associations)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the accept loop is running."""
+        thread = None if self._server is None else self._server.serving_thread
+        return thread is not None and thread.is_alive()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -258,10 +273,11 @@ class Listener:
         tmp = Path(event.dataset_path)
         self._count_request(event)
         calling_ae = str(event.assoc.requestor.ae_title).strip()
+        dropped = refusal(event)
+        if dropped:  # a full disk, a dataset over the size limit: try again later, or elsewhere
+            return self._refuse(OUT_OF_RESOURCES, f"instance from {calling_ae} not kept: "
+                                f"{dropped}")
         size = tmp.stat().st_size
-        if size > self.policy.max_instance_bytes:
-            return self._refuse(OUT_OF_RESOURCES, f"instance of {size} bytes from {calling_ae} "
-                                f"exceeds the limit of {self.policy.max_instance_bytes}")
         free = shutil.disk_usage(self.spool_root).free
         if free < self.policy.min_free_bytes:
             return self._refuse(OUT_OF_RESOURCES, f"spool has {free // 2**20} MiB free, below "
@@ -312,22 +328,20 @@ class Listener:
             return self._refuse(DATASET_MISMATCH, str(exc), study_uid)
         except SpoolError as exc:  # a permanent fault of this request: not "try again later"
             return self._refuse(CANNOT_UNDERSTAND, str(exc), study_uid)
-        except Exception as exc:  # disk full, database down: the sender must retry later
-            log.exception("could not persist %s", sop_uid)
+        except (OSError, StoreUnavailable) as exc:  # disk full, database down: retry later
+            log.warning("could not persist %s: %s", sop_uid, exc)
             return self._refuse(OUT_OF_RESOURCES, f"could not persist instance: {exc}", study_uid)
+        except Exception as exc:  # a bug: not "try again later", which a sender does forever
+            final.unlink(missing_ok=True)
+            log.exception("internal error storing %s", sop_uid)
+            return self._refuse(UNABLE_TO_PROCESS, f"internal error storing the instance "
+                                f"({type(exc).__name__}: {exc}); see the node's log", study_uid)
         return SUCCESS
 
 
 def cleanup_incoming(spool_root: Path) -> int:
     """Remove partial files a crash left in the incoming folder; they were never acknowledged."""
     return _remove_files(spool_root / ".incoming")
-
-
-def _receiving_into(assoc: Any) -> Path | None:
-    """The file pynetdicom's chunked receive is writing the association's dataset to, if any."""
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    path = getattr(message, "_data_set_path", None)
-    return None if path is None else Path(path)
 
 
 def _remove_files(folder: Path, older_than: float | None = None,

@@ -66,6 +66,13 @@ def client_ssl_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLCo
     return ctx
 
 
+def configure_pynetdicom() -> None:
+    """pynetdicom's process-wide settings, set once at start-up (``cadnode.cli.main``; the
+    tests' conftest does the same): files are sent streamed from disk in their own transfer
+    syntax, never read whole and never converted."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
 def send_files(
     paths: Sequence[Path],
     host: str,
@@ -76,7 +83,8 @@ def send_files(
     tls: ssl.SSLContext | None = None,
 ) -> list[SendResult]:
     """Send ``paths`` over one association (TLS when ``tls`` is given); raises DeliveryError
-    when none can be made."""
+    when none can be made. Once it is, every path gets a result: the peer's status for each
+    it answered (kept even if the association aborts later), "not sent" for the rest."""
     metas: list[tuple[Path, str, str]] = []
     results: list[SendResult] = []
     for path in paths:
@@ -96,7 +104,6 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop, ts in contexts:
         ae.add_requested_context(sop, [ts])
-    _config.STORE_SEND_CHUNKED_DATASET = True  # stream from disk, never convert
     connected: list[bool] = []
     assoc = ae.associate(host, port, ae_title=called_ae,
                          evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: connected.append(True))],
@@ -111,18 +118,19 @@ def send_files(
         hint = " (over TLS: the peer may have refused this node's certificate)" if tls else ""
         raise DeliveryError(f"{why} {called_ae}@{host}:{port}{hint}")
     try:
-        for path, _sop, _ts in metas:
+        for n, (path, _sop, _ts) in enumerate(metas):
+            if not assoc.is_established:  # aborted by the peer after the last response
+                results += [SendResult(p, None, f"not sent: the association with {called_ae} "
+                                       f"ended") for p, _, _ in metas[n:]]
+                break
             try:
                 status = assoc.send_c_store(path)
             except (ValueError, AttributeError, RuntimeError) as exc:
                 results.append(SendResult(path, None, str(exc)))
                 continue
-            if not assoc.is_established:
-                raise DeliveryError(f"association with {called_ae} broke while sending {path.name}")
             code = int(status.Status) if "Status" in status else None
-            results.append(
-                SendResult(path, code, "" if code is not None else "no response (timeout)")
-            )
+            results.append(SendResult(path, code, "" if code is not None else
+                                      "no response (timeout or association ended)"))
     finally:
         if assoc.is_established:
             assoc.release()

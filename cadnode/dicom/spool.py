@@ -23,6 +23,11 @@ class SpoolError(ValueError):
     """The instance cannot be spooled (for example its UIDs are not valid)."""
 
 
+class StoreUnavailable(RuntimeError):
+    """``on_stored`` could not record the instance for a reason that may pass (the database is
+    down or busy): the sender should try again later (0xA700)."""
+
+
 class InstanceConflict(ValueError):
     """``on_stored`` refuses an instance that contradicts one already stored (0xA900)."""
 

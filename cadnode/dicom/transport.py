@@ -202,6 +202,8 @@ class GuardedServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False
 
+    serving_thread: threading.Thread | None = None  # the accept loop, once started
+
     def __init__(self, *args: Any, guard: Guard, **kwargs: Any) -> None:
         self.guard = guard
         self._held: Counter[str] = Counter()
@@ -254,5 +256,6 @@ def start_server(ae: AE, address: tuple[str, int], guard: Guard,
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",
                               daemon=True)
     thread.start()
+    server.serving_thread = thread
     ae._servers.append(server)  # AssociationServer.shutdown() removes itself from this list
     return server

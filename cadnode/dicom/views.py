@@ -26,10 +26,12 @@ Malformed values never raise; they are skipped as if absent.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.sequence import Sequence
 
 from cadnode.dicom.enum import (
@@ -41,6 +43,7 @@ from cadnode.dicom.enum import (
 )
 
 __all__ = [
+    "MALFORMED_VALUE",
     "STANDARD_VIEW_KEYS",
     "ViewInfo",
     "detect_view",
@@ -48,6 +51,12 @@ __all__ = [
     "presentation_intent",
     "view_modifiers",
 ]
+
+#: What pydicom (or code reading a value) raises for a malformed header value: the value is
+#: treated as absent ("unknown" in the clinical text). Any other exception is a bug and is
+#: not hidden (in the text it would change the model's input silently).
+MALFORMED_VALUE = (ValueError, TypeError, IndexError, KeyError, OverflowError, OSError,
+                   NotImplementedError, struct.error, InvalidDicomError, BytesLengthException)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import forkserver
 
 import pydicom
 
@@ -45,18 +43,6 @@ def _start_child(limit_bytes: int, node_pid: int) -> None:
     threading.Thread(target=watch, name="node-watch", daemon=True).start()
 
 
-def _ensure_forkserver() -> None:
-    """Start the forkserver with the system temporary directory: the listener points
-    ``tempfile`` at the spool (pynetdicom streams datasets there), and the forkserver's socket
-    path under a long spool path would exceed AF_UNIX's 108 bytes."""
-    saved = tempfile.tempdir
-    tempfile.tempdir = None
-    try:
-        forkserver.ensure_running()
-    finally:
-        tempfile.tempdir = saved
-
-
 def prepare_file(path: str, size: tuple[int, int], laterality: str | None) -> PreparedImage:
     """Read ``path`` and prepare it for the model (what runs in the child)."""
     return prepare_image(pydicom.dcmread(path), size, laterality)
@@ -69,8 +55,6 @@ class DecodePool:
         self.memory_mb = memory_mb
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
-        if memory_mb > 0:
-            _ensure_forkserver()  # now, before a listener changes the temporary directory
 
     def prepare(self, path: str, size: tuple[int, int],
                 laterality: str | None) -> PreparedImage:
@@ -103,7 +87,6 @@ class DecodePool:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             # forkserver: the child starts from a clean process, not a fork of a threaded one
-            _ensure_forkserver()
             self._executor = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("forkserver"),
                 initializer=_start_child, initargs=(self.memory_mb * 2**20, os.getpid()))

@@ -1,54 +1,108 @@
-"""The outbox: sends every pending result to its destination; a failure only delays it."""
+"""The outbox: sends every pending result to its destination; a failure only delays it.
+
+Each destination is served by its own thread, so a PACS that hangs (every association up to the
+timeout) delays only its own deliveries. Each object's outcome is recorded as the destination
+answered it: an object it acknowledged is delivered even if the association aborts later.
+"""
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections import defaultdict
+import threading
 from pathlib import Path
 
 from cadnode.config import parse_destinations
 from cadnode.dicom.sender import DeliveryError, client_ssl_context, send_files
-from cadnode.jobs.db import Database, Delivery
+from cadnode.jobs.db import Database
 from cadnode.jobs.queue import DEFAULT_RETRY, RetryPolicy, due_deliveries, mark_delivery
 
 log = logging.getLogger(__name__)
+
+
+class Outbox:
+    """Delivers due results, one thread per destination at a time."""
+
+    def __init__(self, db: Database, calling_ae: str, retry: RetryPolicy = DEFAULT_RETRY,
+                 timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> None:
+        self.db, self.calling_ae, self.retry = db, calling_ae, retry
+        self.timeout, self.tls = timeout, tls
+        self._busy: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self.delivered = 0  # objects delivered since this outbox was made
+
+    def tick(self) -> list[threading.Thread]:
+        """Start a delivery thread for each destination with due deliveries that has none
+        running; returns the threads started (the scheduler does not wait for them)."""
+        started = []
+        destinations = sorted({d.destination for d in due_deliveries(self.db)})
+        with self._lock:
+            for dest in destinations:
+                running = self._busy.get(dest)
+                if running is not None and running.is_alive():
+                    continue
+                thread = threading.Thread(target=self._deliver_logged, args=(dest,),
+                                          daemon=True, name=f"outbox {dest}")
+                self._busy[dest] = thread
+                thread.start()
+                started.append(thread)
+        return started
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the delivery threads running now."""
+        with self._lock:
+            threads = list(self._busy.values())
+        for thread in threads:
+            thread.join(timeout)
+
+    def _deliver_logged(self, dest_text: str) -> None:
+        try:
+            n = self.deliver_to(dest_text)
+            with self._lock:
+                self.delivered += n
+        except Exception:  # the database is down, say: the next tick tries again
+            log.exception("outbox: delivering to %s failed", dest_text)
+
+    def deliver_to(self, dest_text: str) -> int:
+        """Try each due delivery of one destination once, over one association; returns how
+        many were delivered. Errors are recorded per delivery, never raised."""
+        items = due_deliveries(self.db, destination=dest_text)
+        if not items:
+            return 0
+        (dest,) = parse_destinations(dest_text)
+        try:
+            results = send_files(
+                [Path(d.path) for d in items], dest.host, dest.port, dest.ae_title,
+                calling_ae=self.calling_ae, timeout=self.timeout,
+                tls=(self.tls or client_ssl_context()) if dest.tls else None,
+            )
+        except DeliveryError as exc:
+            log.warning("delivery to %s failed: %s", dest_text, exc)
+            for d in items:
+                mark_delivery(self.db, d.id, str(exc), retry=self.retry)
+            return 0
+        by_path = {str(r.path): r for r in results}
+        delivered: list[str] = []
+        for d in items:
+            r = by_path.get(d.path)
+            if r is not None and r.ok:
+                mark_delivery(self.db, d.id, None, retry=self.retry)
+                delivered.append(d.kind)
+            else:
+                why = "not sent" if r is None else r.error or f"status 0x{r.status:04X}"
+                mark_delivery(self.db, d.id, why, retry=self.retry)
+        if delivered:
+            log.info("delivered %s to %s", ", ".join(delivered), dest_text)
+        return len(delivered)
 
 
 def deliver_due(
     db: Database, calling_ae: str, retry: RetryPolicy = DEFAULT_RETRY, timeout: float = 30.0,
     tls: ssl.SSLContext | None = None,
 ) -> int:
-    """Try every due delivery once, one association per destination (over TLS with ``tls`` for
-    a ``;tls`` destination); returns how many were sent."""
-    by_dest: dict[str, list[Delivery]] = defaultdict(list)
-    for d in due_deliveries(db):
-        by_dest[d.destination].append(d)
-    sent = 0
-    for dest_text, items in by_dest.items():
-        (dest,) = parse_destinations(dest_text)
-        try:
-            results = send_files(
-                [Path(d.path) for d in items], dest.host, dest.port, dest.ae_title,
-                calling_ae=calling_ae, timeout=timeout,
-                tls=(tls or client_ssl_context()) if dest.tls else None,
-            )
-        except DeliveryError as exc:
-            log.warning("delivery to %s failed: %s", dest_text, exc)
-            for d in items:
-                mark_delivery(db, d.id, str(exc), retry=retry)
-            continue
-        by_path = {str(r.path): r for r in results}
-        delivered: list[str] = []
-        for d in items:
-            r = by_path.get(d.path)
-            if r is not None and r.ok:
-                mark_delivery(db, d.id, None, retry=retry)
-                delivered.append(d.kind)
-                sent += 1
-            else:
-                why = "not sent" if r is None else r.error or f"status 0x{r.status:04X}"
-                mark_delivery(db, d.id, why, retry=retry)
-        if delivered:
-            log.info("delivered %s to %s", ", ".join(delivered), dest_text)
-    return sent
+    """Try every due delivery once, all destinations at once, and wait for them (over TLS
+    with ``tls`` for a ``;tls`` destination); returns how many were delivered."""
+    outbox = Outbox(db, calling_ae, retry, timeout, tls)
+    outbox.tick()
+    outbox.join()
+    return outbox.delivered

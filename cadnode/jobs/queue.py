@@ -16,10 +16,11 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from cadnode.dicom.enum import ViewModifier
 from cadnode.dicom.selection import Candidate, ImplantPolicy, select_views
-from cadnode.dicom.spool import InstanceConflict, StoredInstance
+from cadnode.dicom.spool import InstanceConflict, StoredInstance, StoreUnavailable
 from cadnode.dicom.views import ViewInfo
 from cadnode.jobs.db import Database, Delivery, Instance, Job, Study, add_event, latest_job
 from cadnode.jobs.enum import (
@@ -34,72 +35,97 @@ from cadnode.results.findings import ObjectVersion
 log = logging.getLogger(__name__)
 
 
+#: Tries of record_instance when a concurrent association inserts the same study or instance.
+_RECORD_TRIES = 4
+
+
 def record_instance(db: Database, stored: StoredInstance, now: float | None = None) -> bool:
-    """Commit the row for a spooled instance; returns False for a repeated SOP instance."""
+    """Commit the row for a spooled instance; returns False for a repeated SOP instance.
+
+    Two associations may bring the same new study (or the same instance) at once: the loser
+    of the insert race sees a unique violation and simply runs again, finding the row."""
     now = time.time() if now is None else now
+    for attempt in range(_RECORD_TRIES):
+        try:
+            with db.session() as s:
+                return _record_instance(s, stored, now)
+        except IntegrityError:
+            if attempt == _RECORD_TRIES - 1:
+                raise
+            log.info("study %s: concurrent insert, recording %s again", stored.study_uid,
+                     stored.sop_instance_uid)
+        except (OperationalError, InterfaceError) as exc:  # connection lost, database locked
+            raise StoreUnavailable(f"job database unavailable: {exc.orig or exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def _record_instance(s: Any, stored: StoredInstance, now: float) -> bool:
+    # The study row is locked (PostgreSQL; SQLite takes the database lock at BEGIN) so that a
+    # job cannot be claimed between reading its state and adding this instance: either the
+    # claim comes first and this reopens the study, or the job's view selection sees it.
     v = stored.view
-    with db.session() as s:
-        study = s.scalars(select(Study).where(Study.study_uid == stored.study_uid)).first()
-        if study is None:
-            study = Study(
-                study_uid=stored.study_uid,
-                patient_id=stored.patient_id[:64],
-                accession=stored.accession[:16],
-                calling_ae=stored.calling_ae,
-                first_received=now,
-                last_received=now,
-                state=StudyState.RECEIVING,
-            )
-            s.add(study)
-            s.flush()
-            add_event(s, "study", f"new study from {stored.calling_ae}", stored.study_uid)
-            log.info("study %s: first image received from %s", stored.study_uid,
-                     stored.calling_ae)
-        existing = s.scalars(
-            select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
-        ).first()
-        if existing is not None and existing.study_id != study.id:
-            old = s.scalar(select(Study.study_uid).where(Study.id == existing.study_id))
-            raise InstanceConflict(
-                f"SOP instance {stored.sop_instance_uid} already belongs to study {old}"
-            )
-        if existing is not None:
-            # The file was replaced atomically by the same name; keep the row, note the repeat,
-            # and take what the new header says (the assembler decides on these columns).
-            existing.size = stored.size
-            existing.transfer_syntax = stored.transfer_syntax
-            existing.laterality, existing.view = v.laterality, v.view
-            existing.for_presentation = v.for_presentation
-            existing.modifiers = _modifiers_column(v)
-            existing.acquired = stored.acquired
-            add_event(s, "duplicate", f"instance received again: {stored.sop_instance_uid}",
-                      stored.study_uid)
-            return False
-        s.add(
-            Instance(
-                study_id=study.id,
-                sop_instance_uid=stored.sop_instance_uid,
-                series_uid=stored.series_uid,
-                sop_class_uid=stored.sop_class_uid,
-                transfer_syntax=stored.transfer_syntax,
-                path=str(stored.path),
-                size=stored.size,
-                laterality=v.laterality,
-                view=v.view,
-                for_presentation=v.for_presentation,
-                modifiers=_modifiers_column(v),
-                acquired=stored.acquired,
-                received_at=now,
-            )
+    study = s.scalars(select(Study).where(Study.study_uid == stored.study_uid)
+                      .with_for_update()).first()
+    if study is None:
+        study = Study(
+            study_uid=stored.study_uid,
+            patient_id=stored.patient_id[:64],
+            accession=stored.accession[:16],
+            calling_ae=stored.calling_ae,
+            first_received=now,
+            last_received=now,
+            state=StudyState.RECEIVING,
         )
-        study.last_received = now
-        if study.state in FINISHED_STUDY_STATES or study.state == StudyState.RUNNING:
-            # running: the job reads the images it listed at its start; this one needs another
-            # run, which the assembler queues once the running one has finished
-            study.state = StudyState.RECEIVING
-            add_event(s, "study", "new instance after processing: study reopened",
-                      stored.study_uid)
-        return True
+        s.add(study)
+        s.flush()
+        add_event(s, "study", f"new study from {stored.calling_ae}", stored.study_uid)
+        log.info("study %s: first image received from %s", stored.study_uid,
+                 stored.calling_ae)
+    existing = s.scalars(
+        select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
+    ).first()
+    if existing is not None and existing.study_id != study.id:
+        old = s.scalar(select(Study.study_uid).where(Study.id == existing.study_id))
+        raise InstanceConflict(
+            f"SOP instance {stored.sop_instance_uid} already belongs to study {old}"
+        )
+    if existing is not None:
+        # The file was replaced atomically by the same name; keep the row, note the repeat,
+        # and take what the new header says (the assembler decides on these columns).
+        existing.size = stored.size
+        existing.transfer_syntax = stored.transfer_syntax
+        existing.laterality, existing.view = v.laterality, v.view
+        existing.for_presentation = v.for_presentation
+        existing.modifiers = _modifiers_column(v)
+        existing.acquired = stored.acquired
+        add_event(s, "duplicate", f"instance received again: {stored.sop_instance_uid}",
+                  stored.study_uid)
+        return False
+    s.add(
+        Instance(
+            study_id=study.id,
+            sop_instance_uid=stored.sop_instance_uid,
+            series_uid=stored.series_uid,
+            sop_class_uid=stored.sop_class_uid,
+            transfer_syntax=stored.transfer_syntax,
+            path=str(stored.path),
+            size=stored.size,
+            laterality=v.laterality,
+            view=v.view,
+            for_presentation=v.for_presentation,
+            modifiers=_modifiers_column(v),
+            acquired=stored.acquired,
+            received_at=now,
+        )
+    )
+    study.last_received = now
+    if study.state in FINISHED_STUDY_STATES or study.state == StudyState.RUNNING:
+        # running: the job reads the images it listed at its start; this one needs another
+        # run, which the assembler queues once the running one has finished
+        study.state = StudyState.RECEIVING
+        add_event(s, "study", "new instance after processing: study reopened",
+                  stored.study_uid)
+    return True
 
 
 def view_key(laterality: str | None, view: str | None) -> str | None:
@@ -159,10 +185,18 @@ def assemble_studies(
 
 @dataclass(frozen=True)
 class ClaimedJob:
+    """A job this worker holds the lease of: every later change is fenced by ``owner``."""
+
     id: int
     study_id: int
     study_uid: str
     attempt: int
+    owner: str
+
+
+class LeaseLost(RuntimeError):
+    """The job's lease expired and was taken back (another worker may run it): stop, and
+    write nothing more for it."""
 
 
 def claim_next_job(
@@ -199,7 +233,31 @@ def claim_next_job(
                   study.study_uid)
         log.info("study %s running: job %d attempt %d on %s", study.study_uid, job.id,
                  job.attempts, owner)
-        return ClaimedJob(job.id, job.study_id, study.study_uid, job.attempts)
+        return ClaimedJob(job.id, job.study_id, study.study_uid, job.attempts, owner)
+
+
+def _fenced(s: Any, job: ClaimedJob, **values: Any) -> Job:
+    """Lock the job's row for this transaction if ``job.owner`` still holds its lease (and
+    set ``values``), else raise LeaseLost: the fence every change of a running job goes
+    through."""
+    held = cast(CursorResult[Any], s.execute(
+        update(Job).where(Job.id == job.id, Job.state == JobState.RUNNING,
+                          Job.lease_owner == job.owner)
+        .values(lease_owner=job.owner, **values))).rowcount
+    if held != 1:
+        raise LeaseLost(f"job {job.id}: the lease of {job.owner} was lost")
+    row = s.get(Job, job.id)
+    assert row is not None
+    s.refresh(row)
+    return row
+
+
+def renew_lease(db: Database, job: ClaimedJob, lease_seconds: float,
+                now: float | None = None) -> None:
+    """Extend the lease (between stages); LeaseLost when it is no longer this worker's."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        _fenced(s, job, lease_until=now + lease_seconds)
 
 
 def _finish(s: Any, job: Job, state: JobState, now: float) -> Study:
@@ -261,7 +319,7 @@ def previous_objects(db: Database, study_id: int, job_id: int) -> dict[str, Obje
 
 def complete_job(
     db: Database,
-    job_id: int,
+    claimed: ClaimedJob,
     scores: Mapping[str, Any],
     views: list[str],
     model_version: str,
@@ -273,8 +331,7 @@ def complete_job(
     whose exam lacked a standard view, or had one that could not be read, is done-partial."""
     now = time.time() if now is None else now
     with db.session() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
+        job = _fenced(s, claimed)
         job.scores_json = json.dumps(scores, sort_keys=True)
         job.views = ",".join(views)
         job.model_version = model_version
@@ -293,60 +350,76 @@ def complete_job(
                         next_attempt=now,
                     )
                 )
-        add_event(s, state.value, f"job {job_id}: {json.dumps(scores.get('exam', {}))}",
+        add_event(s, state.value, f"job {job.id}: {json.dumps(scores.get('exam', {}))}",
                   study.study_uid, "warning" if partial else "info")
         return state
 
 
 def fail_job(
-    db: Database, job_id: int, error: str, max_attempts: int, permanent: bool = False,
+    db: Database, claimed: ClaimedJob, error: str, max_attempts: int, permanent: bool = False,
     now: float | None = None,
 ) -> JobState:
-    """Record an error; requeue unless the job is out of attempts or the error is permanent."""
+    """Record an error; requeue unless the job is out of attempts or the error is permanent.
+    LeaseLost when this worker no longer holds the job."""
     now = time.time() if now is None else now
     with db.session() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        job.error = error
-        if permanent or job.attempts >= max_attempts:
-            study = _finish(s, job, JobState.FAILED, now)
-            add_event(s, "failed", f"job {job_id}: {error}", study.study_uid, "error")
-            log.error("study %s failed: job %d: %s", study.study_uid, job_id, error)
-            return JobState.FAILED
-        job.state = JobState.QUEUED
-        job.lease_owner = None
-        job.lease_until = None
-        waiting = s.get(Study, job.study_id)
-        assert waiting is not None
-        waiting.state = StudyState.QUEUED
-        add_event(s, "retry", f"job {job_id} attempt {job.attempts}: {error}", waiting.study_uid,
-                  "warning")
-        return JobState.QUEUED
+        return _fail(s, _fenced(s, claimed), error, max_attempts, permanent, now)
+
+
+def _fail(s: Any, job: Job, error: str, max_attempts: int, permanent: bool,
+          now: float) -> JobState:
+    job.error = error
+    if permanent or job.attempts >= max_attempts:
+        study = _finish(s, job, JobState.FAILED, now)
+        add_event(s, "failed", f"job {job.id}: {error}", study.study_uid, "error")
+        log.error("study %s failed: job %d: %s", study.study_uid, job.id, error)
+        return JobState.FAILED
+    job.state = JobState.QUEUED
+    job.lease_owner = None
+    job.lease_until = None
+    waiting = s.get(Study, job.study_id)
+    assert waiting is not None
+    waiting.state = StudyState.QUEUED
+    add_event(s, "retry", f"job {job.id} attempt {job.attempts}: {error}", waiting.study_uid,
+              "warning")
+    return JobState.QUEUED
 
 
 def expire_leases(db: Database, max_attempts: int, now: float | None = None) -> int:
-    """Put jobs whose worker vanished back in the queue (or fail them when out of attempts)."""
+    """Put jobs whose worker vanished (or overran its lease) back in the queue, or fail them
+    when out of attempts. Each job is taken back by one guarded UPDATE in the transaction
+    that requeues it, so a job that finished meanwhile is left alone."""
     now = time.time() if now is None else now
+    taken = 0
     with db.session() as s:
         stale = s.scalars(
             select(Job.id).where(Job.state == JobState.RUNNING, Job.lease_until < now)
         ).all()
-    for job_id in stale:
-        fail_job(db, job_id, "lease expired (worker stopped?)", max_attempts, now=now)
-    return len(stale)
+        for job_id in stale:
+            if cast(CursorResult[Any], s.execute(
+                    update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING,
+                                      Job.lease_until < now)
+                    .values(lease_owner=None))).rowcount != 1:
+                continue  # finished or renewed since the select
+            job = s.get(Job, job_id)
+            assert job is not None
+            s.refresh(job)
+            _fail(s, job, "lease expired (worker stopped or overran its lease)", max_attempts,
+                  False, now)
+            taken += 1
+    return taken
 
 
-def due_deliveries(db: Database, now: float | None = None, limit: int = 100) -> list[Delivery]:
+def due_deliveries(db: Database, now: float | None = None, limit: int = 100,
+                   destination: str | None = None) -> list[Delivery]:
+    """Pending deliveries whose next attempt is due (of one destination, when given)."""
     now = time.time() if now is None else now
+    q = select(Delivery).where(Delivery.state == DeliveryState.PENDING,
+                               Delivery.next_attempt <= now)
+    if destination is not None:
+        q = q.where(Delivery.destination == destination)
     with db.session() as s:
-        return list(
-            s.scalars(
-                select(Delivery)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt <= now)
-                .order_by(Delivery.id)
-                .limit(limit)
-            ).all()
-        )
+        return list(s.scalars(q.order_by(Delivery.id).limit(limit)).all())
 
 
 def backoff_seconds(attempts: int, base: float = 5.0, cap: float = 300.0) -> float:

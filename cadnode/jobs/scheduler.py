@@ -10,7 +10,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from cadnode.config import Settings
 from cadnode.dicom.sender import client_ssl_context
 from cadnode.jobs.db import Database
-from cadnode.jobs.outbox import deliver_due
+from cadnode.jobs.outbox import Outbox
 from cadnode.jobs.queue import RetryPolicy, assemble_studies, expire_leases
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,6 @@ def create_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
     if any(d.tls for d in settings.destinations):
         tls = client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
                                  settings.send_tls_key)
-    sched.add_job(
-        deliver_due, "interval", seconds=every, id="outbox", args=[db, settings.ae_title, retry],
-        kwargs={"tls": tls},
-    )
+    outbox = Outbox(db, settings.ae_title, retry, tls=tls)
+    sched.add_job(outbox.tick, "interval", seconds=every, id="outbox")
     return sched

@@ -25,16 +25,18 @@ from cadnode.dicom.pixels import (
 )
 from cadnode.dicom.selection import Decision, Selection, candidate, select_views
 from cadnode.dicom.spool import write_durably
-from cadnode.dicom.views import ViewInfo
+from cadnode.dicom.views import MALFORMED_VALUE, ViewInfo
 from cadnode.jobs.db import Database, Instance
 from cadnode.jobs.decoding import DecodePool
 from cadnode.jobs.queue import (
     ClaimedJob,
+    LeaseLost,
     ResultFile,
     claim_next_job,
     complete_job,
     fail_job,
     previous_objects,
+    renew_lease,
 )
 from cadnode.results import BUILDERS
 from cadnode.results.common import NotApplicable
@@ -46,6 +48,10 @@ from cadnode.text.clinical import build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
 
 log = logging.getLogger(__name__)
+
+
+#: Longest wait between two failing worker iterations (seconds).
+MAX_BACKOFF = 30.0
 
 
 class PermanentError(RuntimeError):
@@ -94,11 +100,30 @@ class Worker:
         self.engine, self.tokenizer = load_model(settings)
         self.decoder = DecodePool(settings.decode_memory_mb)
         self._stop = threading.Event()
+        self.healthy = True  # False while iterations fail (database down, disk full)
+        self.last_iteration = time.monotonic()
 
     def run_forever(self) -> None:
+        """Run jobs until stopped. Nothing that goes wrong in one iteration ends the loop: a
+        database that is down or a full disk is retried with backoff (the job in hand, if
+        any, is taken back when its lease expires), so processing resumes by itself."""
+        failures = 0
         try:
             while not self._stop.is_set():
-                if not self.run_once():
+                try:
+                    busy = self.run_once()
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    delay = min(MAX_BACKOFF, self.settings.poll_seconds * 2 ** failures)
+                    log.exception("worker: an iteration failed (%d in a row); retrying in "
+                                  "%.1f s", failures, delay)
+                    self.healthy = False
+                    self._stop.wait(delay)
+                    continue
+                self.healthy = True
+                self.last_iteration = time.monotonic()
+                if not busy:
                     self._stop.wait(self.settings.poll_seconds)
         finally:
             self.close()  # in this thread, after the last job: never under a running one
@@ -112,18 +137,32 @@ class Worker:
         self.decoder.close()
 
     def run_once(self) -> bool:
-        """Claim and run one job; False when the queue was empty."""
+        """Claim and run one job; False when the queue was empty. Database errors (while
+        claiming or recording the outcome) propagate to the caller."""
         job = claim_next_job(self.db, self.owner, self.settings.lease_seconds)
         if job is None:
             return False
         try:
             self.process(job)
+        except LeaseLost as exc:
+            log.warning("study %s: %s; its results are discarded", job.study_uid, exc)
         except PermanentError as exc:
-            fail_job(self.db, job.id, str(exc), self.settings.max_attempts, permanent=True)
+            self._fail(job, str(exc), permanent=True)
         except Exception as exc:
-            log.exception("job %d failed", job.id)
-            fail_job(self.db, job.id, f"{type(exc).__name__}: {exc}", self.settings.max_attempts)
+            log.exception("study %s: job %d failed", job.study_uid, job.id)
+            self._fail(job, f"{type(exc).__name__}: {exc}")
         return True
+
+    def _fail(self, job: ClaimedJob, error: str, permanent: bool = False) -> None:
+        try:
+            fail_job(self.db, job, error, self.settings.max_attempts, permanent=permanent)
+        except LeaseLost as exc:
+            log.warning("study %s: %s", job.study_uid, exc)
+
+    def _heartbeat(self, job: ClaimedJob, clock: _Stopwatch, stage: str) -> None:
+        """End a stage: its time, and the lease renewed (LeaseLost stops the job)."""
+        clock.lap(stage)
+        renew_lease(self.db, job, self.settings.lease_seconds)
 
     def process(self, job: ClaimedJob) -> None:
         clock = _Stopwatch()
@@ -134,18 +173,18 @@ class Worker:
         if not views:
             raise PermanentError("no standard view (L/R CC/MLO) can be read: " + "; ".join(
                 f"{k}: {why}" for k, why in selection.missing.items()))
-        clock.lap("select")
+        self._heartbeat(job, clock, "select")
         self._prepare(job, views)
-        clock.lap("pixels")
+        self._heartbeat(job, clock, "pixels")
         ok = [v for v in views if v.prepared is not None]
         if not ok:
             raise PermanentError("no selected view could be decoded: " + "; ".join(
                 f"{v.key}: {v.detail}" for v in views))
         ids, mask = self._encode_text(ok)
-        clock.lap("text")
+        self._heartbeat(job, clock, "text")
         images = np.stack([v.prepared.array for v in ok])[:, None].astype(np.float32)  # type: ignore[union-attr]
         out = self.engine.predict(images, ids, mask)
-        clock.lap("model")
+        self._heartbeat(job, clock, "model")
         findings_by_key: dict[str, ViewFinding] = {}
         view_scores: dict[str, dict[str, float]] = {}
         for i, v in enumerate(ok):
@@ -194,8 +233,13 @@ class Worker:
             "objects": {r.kind: r.version_doc() for r in results},
             "seconds": clock.laps,
         }
-        state = complete_job(self.db, job.id, scores_doc, sorted(selection.chosen), m.version,
-                             results, partial=findings.incomplete)
+        try:  # fenced: nothing is recorded, nothing enters the outbox, if the lease was lost
+            state = complete_job(self.db, job, scores_doc, sorted(selection.chosen),
+                                 m.version, results, partial=findings.incomplete)
+        except LeaseLost:
+            for r in results:  # another worker owns the study now: leave it no stray objects
+                Path(r.path).unlink(missing_ok=True)
+            raise
         log.info("study %s %s: read %s%s%s; exam cancer %.1f %%; %.1f s", job.study_uid,
                  state.value, ",".join(sorted(selection.chosen)),
                  f"; missing {','.join(selection.missing)}" if selection.missing else "",
@@ -215,7 +259,7 @@ class Worker:
         for path, sop_uid, sop_class, series_uid in rows:
             try:
                 headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
-            except Exception as exc:  # a spool file that vanished or rotted
+            except MALFORMED_VALUE as exc:  # a spool file that vanished or rotted
                 log.warning("study %s: cannot read %s: %s", job.study_uid, path, exc)
                 unreadable.append(NotAnalysed(sop_uid, sop_class, series_uid, "unknown view",
                                               None, "the received file could not be read"))
@@ -231,7 +275,7 @@ class Worker:
                 v.prepared = self.decoder.prepare(v.path, size, v.info.laterality)  # type: ignore[arg-type]
             except PixelDecodeError as exc:
                 v.error, v.detail = exc.summary, str(exc)
-            except Exception as exc:
+            except MALFORMED_VALUE as exc:  # what pydicom raises for a damaged file
                 v.error = f"the image could not be read ({type(exc).__name__})"
                 v.detail = f"{type(exc).__name__}: {exc}"
             if v.detail is not None:

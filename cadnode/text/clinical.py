@@ -19,6 +19,7 @@ Template (version ``TEXT_TEMPLATE_VERSION``)::
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from bisect import bisect_right
@@ -27,12 +28,14 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from cadnode.dicom.enum import View, ViewModifier
-from cadnode.dicom.views import presentation_intent, view_modifiers
+from cadnode.dicom.views import MALFORMED_VALUE, presentation_intent, view_modifiers
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pydicom
 
     from cadnode.dicom.views import ViewInfo
+
+log = logging.getLogger(__name__)
 
 TEXT_TEMPLATE_VERSION = "1"
 
@@ -130,7 +133,7 @@ def _get(ds: Any, keyword: str) -> Any:
     """Attribute value or None; never raises (bad VRs, missing tags, odd dataset objects)."""
     try:
         value = getattr(ds, keyword, None)
-    except Exception:  # pydicom raises on some malformed values when converting
+    except MALFORMED_VALUE:  # pydicom raises on some malformed values when converting
         return None
     if value is None or value == "":
         return None
@@ -143,7 +146,7 @@ def _to_float(value: Any) -> float | None:
         if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
             value = value[0]
         number = float(value)
-    except Exception:
+    except MALFORMED_VALUE:
         return None
     return number if math.isfinite(number) else None
 
@@ -257,7 +260,7 @@ def _materials(ds: Any, keyword: str) -> str:
             word = MATERIAL_WORDS.get(text, OTHER)
             if word not in words:
                 words.append(word)
-    except Exception:
+    except MALFORMED_VALUE:
         return UNKNOWN
     return " ".join(words) if words else UNKNOWN
 
@@ -268,10 +271,12 @@ def _intent(ds: Any) -> str:
 
 
 def _safe(fn: Callable[..., str], *args: Any) -> str:
-    """Run one field builder; any unexpected error -> unknown (the text must never crash)."""
+    """Run one field builder; a malformed header value -> unknown (the text never fails on
+    what a modality wrote)."""
     try:
         return fn(*args)
-    except Exception:
+    except MALFORMED_VALUE as exc:
+        log.debug("clinical text: a header value could not be read (%s): unknown", exc)
         return UNKNOWN
 
 

@@ -34,6 +34,7 @@ def start_node(tmp_path: Path) -> Iterator[tuple[StartNode, Database]]:
         listeners.append(listener)
         return listener.start("127.0.0.1", 0)
 
+    start.listeners = listeners  # type: ignore[attr-defined]
     yield start, db
     for listener in listeners:
         listener.stop()
@@ -90,6 +91,10 @@ def test_excess_associations_are_rejected_not_hung(start_node) -> None:  # type:
     assert refused(db, "more than 2 associations")
     for a in held:
         a.release()
+    # release() returns when the node has answered; its association threads end just after,
+    # and count against the limit until then: wait for them to be gone, not for a time
+    (listener,) = start.listeners
+    assert wait_until(lambda: listener.associations == 0, 10, interval=0.02)
     again = ae.associate("127.0.0.1", port, ae_title="CADNODE")
     assert again.is_established
     again.release()
@@ -131,6 +136,43 @@ def test_low_disk_refuses_with_out_of_resources(start_node, demo_study, tmp_path
     assert "Refused: OutOfResources" in r.stderr, r.stderr
     assert any("below the threshold" in m for m in refusals(db))
     assert not list((tmp_path / "spool").glob("*/*.dcm"))
+
+
+@pytest.fixture
+def small_spool(tmp_path: Path) -> Iterator[Path]:
+    """The spool on its own 4 MiB file system (a tmpfs; mounting needs root)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(spool)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {r.stderr.strip()}")
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=True)
+
+
+def test_disk_full_mid_transfer_answers_out_of_resources(start_node, small_spool, demo_study,  # type: ignore[no-untyped-def]
+                                                          tmp_path) -> None:
+    """A dataset the spool cannot hold is answered 0xA700 and dropped; the association goes
+    on, and the next (small) instance on it is stored."""
+    from tests.helpers import write_small_study
+
+    start, db = start_node
+    port = start(Policy(min_free_bytes=2**20))
+    small = write_small_study(tmp_path / "small", "1.2.826.0.1.3680043.10.1.77", 64, 32)[0]
+    r = dcmtk("storescu", "-v", "-nh", "-xr", "-aec", "CADNODE", "127.0.0.1", str(port),
+              str(demo_study[0]), str(small))  # 9.7 MB into 4 MiB, then 5 KB; no halt
+    assert "Refused: OutOfResources" in r.stderr, r.stderr
+    assert "Aborted" not in r.stderr and "Peer aborted" not in r.stderr, r.stderr
+    assert r.stderr.count("Received Store Response (Success)") == 1, r.stderr
+    assert any("No space left on device" in m for m in refusals(db)), refusals(db)
+    with db.session() as s:
+        (row,) = s.scalars(select(Instance)).all()
+    assert row.sop_instance_uid.startswith("1.2.826.0.1.3680043.10.1.77.")
+    assert not list((small_spool / ".incoming").iterdir()), "the dropped dataset's file stays"
+    assert dcmtk("echoscu", "-aec", "CADNODE", "127.0.0.1", str(port)).returncode == 0
 
 
 def test_mutual_tls_with_dcmtk(start_node, pki, demo_study) -> None:  # type: ignore[no-untyped-def]

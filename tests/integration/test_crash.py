@@ -25,7 +25,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from cadnode.demo import DemoPACS, free_port
+from cadnode.demo import DemoPACS
 from cadnode.dicom.sender import DeliveryError, send_files
 from cadnode.jobs.db import Database, Delivery, Instance, Job
 from cadnode.results.enum import ResultKind
@@ -66,7 +66,7 @@ def run_kill_test(root: Path, kills: int, senders: int, studies: int, seed: int 
     rng = random.Random(seed)
     pacs = DemoPACS(root / "pacs", ae_title="PACS")
     pacs_port = pacs.start()
-    node = NodeProcess(root / "node", free_port(),
+    node = NodeProcess(root / "node", 0,
                        {**NODE_ENV, "CADNODE_DESTINATIONS": f"PACS@127.0.0.1:{pacs_port}"})
     acked: set[str] = set()
     lock = threading.Lock()
@@ -138,7 +138,7 @@ def test_sigkill_while_receiving_loses_nothing(tmp_path: Path) -> None:
 def test_worker_killed_mid_job_runs_again_with_the_same_result_uids(tmp_path: Path) -> None:
     pacs = DemoPACS(tmp_path / "pacs", ae_title="PACS")
     pacs_port = pacs.start()
-    node = NodeProcess(tmp_path / "node", free_port(),
+    node = NodeProcess(tmp_path / "node", 0,
                        {**NODE_ENV, "CADNODE_DESTINATIONS": f"PACS@127.0.0.1:{pacs_port}"})
     db = Database(f"sqlite:///{tmp_path / 'node' / 'cadnode.db'}")
     try:

@@ -8,8 +8,10 @@ from the real headers: no ViewPosition, side only in Laterality, view only in Pa
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 
 from cadnode.demo import DemoPACS, free_port
 from cadnode.dicom.sender import send_files
-from tests.helpers import NodeProcess, require, wait_until
+from tests.helpers import NodeProcess, port_answers, require, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +58,7 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    time.sleep(0.5)
+    assert wait_until(lambda: port_answers(port) or proc.poll() is not None, 30, 0.05)
     yield port, out
     proc.terminate()
     proc.wait(10)
@@ -65,7 +67,7 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 def test_storescu_to_serve_to_storescp(storescp, demo_study: list[Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pacs_port, pacs_dir = storescp
     # Only the documented variables (home, port, destinations): default timings throughout.
-    node = NodeProcess(tmp_path / "node", free_port(), {
+    node = NodeProcess(tmp_path / "node", 0, {
         "CADNODE_DESTINATIONS": f"PACS@127.0.0.1:{pacs_port}",
     })
     try:
@@ -81,7 +83,10 @@ def test_storescu_to_serve_to_storescp(storescp, demo_study: list[Path], tmp_pat
         turnaround = time.monotonic() - last_ack
         print(f"turnaround {turnaround:.1f} s")
         assert turnaround < 60
-        time.sleep(0.5)  # let storescp finish writing the last file
+        # storescp answers each C-STORE after writing its file: once the node has recorded all
+        # four deliveries as sent, the files are whole
+        assert wait_until(lambda: json.loads(node.cli("jobs", "--json").stdout)[0]
+                          ["deliveries"] == {"sent": 4}, 30)
         received = [pydicom.dcmread(p) for p in sorted(pacs_dir.iterdir())]
         by_class = {str(ds.SOPClassUID): ds for ds in received}
         assert set(by_class) == RESULT_CLASSES
@@ -121,7 +126,7 @@ def test_storescu_to_serve_to_storescp(storescp, demo_study: list[Path], tmp_pat
 def test_cadnode_send_to_serve_to_demo_pacs(demo_study: list[Path], tmp_path: Path) -> None:
     pacs = DemoPACS(tmp_path / "pacs")
     pacs_port = pacs.start()
-    node = NodeProcess(tmp_path / "node", free_port(), {
+    node = NodeProcess(tmp_path / "node", 0, {
         "CADNODE_DESTINATIONS": f"{pacs.ae_title}@127.0.0.1:{pacs_port}",
         "CADNODE_COMPLETE_SECONDS": "1",
         "CADNODE_POLL_SECONDS": "0.5",
@@ -140,11 +145,17 @@ def test_cadnode_send_to_serve_to_demo_pacs(demo_study: list[Path], tmp_path: Pa
                    for p in demo_study}
         for r in pacs.received:
             assert sources <= referenced_uids(pydicom.dcmread(r.path))
-        time.sleep(2.5)  # --follow polls every second
+        printed: list[str] = []
+        reader = threading.Thread(target=lambda: printed.extend(iter(follow.stdout.readline, "")),  # type: ignore[union-attr]
+                                  daemon=True)
+        reader.start()
+        kinds = ("queued", "running", "done", "delivered")
+        # --follow polls every second: wait for its lines, not for a time
+        shown = wait_until(lambda: all(any(f" {k} " in line for line in list(printed))
+                                       for k in kinds), 30, interval=0.1)
         follow.terminate()
-        printed = follow.communicate(timeout=10)[0]
-        for kind in ("queued", "running", "done", "delivered"):
-            assert f" {kind} " in printed, printed
+        follow.wait(10)
+        assert shown, "".join(printed)
     finally:
         node.stop()
         pacs.stop()
@@ -152,7 +163,7 @@ def test_cadnode_send_to_serve_to_demo_pacs(demo_study: list[Path], tmp_path: Pa
 
 def test_destination_down_delays_but_never_loses(demo_study: list[Path], tmp_path: Path) -> None:
     pacs_port = free_port()  # nothing listens yet: connection refused
-    node = NodeProcess(tmp_path / "node", free_port(), {
+    node = NodeProcess(tmp_path / "node", 0, {
         "CADNODE_DESTINATIONS": f"LATEPACS@127.0.0.1:{pacs_port}",
         "CADNODE_COMPLETE_SECONDS": "1",
         "CADNODE_POLL_SECONDS": "0.5",
@@ -167,14 +178,23 @@ def test_destination_down_delays_but_never_loses(demo_study: list[Path], tmp_pat
             return bool(rows) and rows[0]["state"] == "done"
 
         assert wait_until(retried, 60)
-        time.sleep(1.5)  # at least one refused try
+
+        assert wait_until(lambda: _retry_events(node) >= 4, 60), node.log.read_text()
         pacs.start(pacs_port)
         assert pacs.wait_for(4, 60), node.log.read_text()
-        time.sleep(1.0)
-        assert len(pacs.received) == 4  # each result exactly once
+        assert wait_until(lambda: json.loads(node.cli("jobs", "--json").stdout)[0]
+                          ["deliveries"] == {"sent": 4}, 60)
+        assert len(pacs.received) == 4  # each result exactly once, all recorded as sent
     finally:
         node.stop()
         pacs.stop()
+
+
+def _retry_events(node: NodeProcess) -> int:
+    """Refused delivery tries the node has recorded (read from its SQLite job database)."""
+    with sqlite3.connect(f"file:{node.home / 'cadnode.db'}?mode=ro", uri=True) as con:
+        return int(con.execute("SELECT count(*) FROM events WHERE kind = 'delivery_retry'")
+                   .fetchone()[0])
 
 
 def test_serving_never_imports_torch() -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cadnode.demo import free_port
 from cadnode.dicom.sender import send_files
 from tests.helpers import NodeProcess
 
@@ -41,7 +40,7 @@ def test_sixteen_concurrent_senders_stay_under_the_memory_bound(
             ds.save_as(path, enforce_file_format=True)
             files.append(path)
         studies.append(files)
-    node = NodeProcess(tmp_path / "node", free_port(), {
+    node = NodeProcess(tmp_path / "node", 0, {
         "CADNODE_COMPLETE_SECONDS": "3600", "CADNODE_STABLE_SECONDS": "3600",
         "CADNODE_HOST": "127.0.0.1",
         "CADNODE_MAX_ASSOCIATIONS_PER_PEER": "16",  # all sixteen senders are on 127.0.0.1
@@ -84,7 +83,7 @@ def test_processing_studies_reaches_a_plateau_under_the_bound(
 
     from tests.helpers import wait_until
 
-    node = NodeProcess(tmp_path / "node", free_port(), {
+    node = NodeProcess(tmp_path / "node", 0, {
         "CADNODE_COMPLETE_SECONDS": "0.5", "CADNODE_POLL_SECONDS": "0.2",
         "CADNODE_HOST": "127.0.0.1",
     })

@@ -119,12 +119,21 @@ def test_garbage_values_become_unknown(keyword: str, value: str) -> None:
 
 
 def test_dataset_that_raises_is_survived() -> None:
-    class Exploding(Dataset):
+    class Malformed(Dataset):  # what pydicom raises converting a corrupt element
         def __getattr__(self, name: str) -> object:
-            raise RuntimeError("corrupt element")
+            raise ValueError("corrupt element")
 
-    text = build_clinical_text(Exploding(), LCC)
+    text = build_clinical_text(Malformed(), LCC)
     assert _field(text, "age") == "unknown" and _field(text, "side") == "left"
+
+
+def test_a_bug_in_a_field_builder_is_not_hidden_as_unknown() -> None:
+    class Buggy(Dataset):  # not a malformed value: a programming error
+        def __getattr__(self, name: str) -> object:
+            raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        build_clinical_text(Buggy(), LCC)
 
 
 def test_age_from_birth_and_study_date_and_bins() -> None:

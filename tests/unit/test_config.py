@@ -14,8 +14,9 @@ from cadnode.config import Destination, SettingsError, load_settings
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     s = load_settings(environ={})
-    assert (s.ae_title, s.port, s.backend, s.home) == ("CADNODE", 11112, "onnxruntime", Path("var"))
-    assert s.database_url == f"sqlite:///{(tmp_path / 'var' / 'cadnode.db')}"
+    assert (s.ae_title, s.port, s.backend, s.home) == ("CADNODE", 11112, "onnxruntime",
+                                                       Path("/var/lib/cadnode"))
+    assert s.database_url == "sqlite:////var/lib/cadnode/cadnode.db"
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
@@ -94,3 +95,13 @@ def test_destinations_choose_their_result_kinds() -> None:
     assert ohif.kinds == ("tid1500", "sc") and ohif.takes("sc") and not ohif.takes("cad_sr")
     with pytest.raises(SettingsError, match="unknown result kind"):
         load_settings(environ={"CADNODE_DESTINATIONS": "A@h:1/pdf"})
+
+
+def test_a_relative_home_is_made_absolute_at_load_time(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Under systemd the working directory is /: a relative home must not drift with it."""
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(environ={"CADNODE_HOME": "node"})
+    monkeypatch.chdir("/")
+    assert s.home == tmp_path / "node"
+    assert s.spool_dir == tmp_path / "node" / "spool"
+    assert s.database_url == f"sqlite:///{tmp_path / 'node' / 'cadnode.db'}"

@@ -48,7 +48,7 @@ def test_complete_study_moves_queued_running_done(db: Database) -> None:
         assert s.get(Job, claimed.id).state == "running"  # type: ignore[union-attr]
         assert s.scalars(select(Study)).one().state == "running"
     result = queue.ResultFile("cad_sr", "/r/sr.dcm", "9.9.9", ("PACS@127.0.0.1:104",))
-    queue.complete_job(db, claimed.id, {"exam": {"cancer": 0.2}}, ["L-CC"], "0.1", [result])
+    queue.complete_job(db, claimed, {"exam": {"cancer": 0.2}}, ["L-CC"], "0.1", [result])
     rows = queue.study_rows(db)
     assert rows[0]["state"] == "done"
     assert rows[0]["job"]["state"] == "done"
@@ -70,10 +70,10 @@ def test_failed_study_records_its_error(db: Database) -> None:
     queue.assemble_studies(db, 1, 300, now=10)
     job = queue.claim_next_job(db, "w", 60, now=11)
     assert job is not None
-    assert queue.fail_job(db, job.id, "decoder exploded", max_attempts=2, now=12) == "queued"
+    assert queue.fail_job(db, job, "decoder exploded", max_attempts=2, now=12) == "queued"
     job = queue.claim_next_job(db, "w", 60, now=13)
     assert job is not None and job.attempt == 2
-    assert queue.fail_job(db, job.id, "decoder exploded again", max_attempts=2, now=14) == "failed"
+    assert queue.fail_job(db, job, "decoder exploded again", max_attempts=2, now=14) == "failed"
     row = queue.study_rows(db)[0]
     assert row["state"] == "failed"
     assert row["job"]["error"] == "decoder exploded again"
@@ -104,7 +104,7 @@ def test_new_instance_reopens_a_done_study(db: Database) -> None:
     queue.assemble_studies(db, 1, 300, now=10)
     job = queue.claim_next_job(db, "w", 60, now=11)
     assert job is not None
-    queue.complete_job(db, job.id, {}, [], "v", [], now=12)
+    queue.complete_job(db, job, {}, [], "v", [], now=12)
     queue.record_instance(db, stored("late.1", "L", "XCCL"), now=20.0)
     assert queue.study_rows(db)[0]["state"] == "receiving"
     assert queue.assemble_studies(db, 1, 300, now=30) == [STUDY]
@@ -135,7 +135,7 @@ def test_failed_delivery_is_retried_later_not_lost(db: Database) -> None:
     queue.assemble_studies(db, 1, 300, now=10)
     job = queue.claim_next_job(db, "w", 60, now=11)
     assert job is not None
-    queue.complete_job(db, job.id, {}, [], "v",
+    queue.complete_job(db, job, {}, [], "v",
                        [queue.ResultFile("sc", "/r/sc.dcm", "9.1", ("P@127.0.0.1:1",))], now=12)
     (d,) = queue.due_deliveries(db, now=12)
     queue.mark_delivery(db, d.id, "connection refused", now=13)
@@ -184,7 +184,7 @@ def test_an_image_arriving_while_the_job_runs_gets_its_own_run(db: Database) -> 
     with db.session() as s:
         assert s.scalars(select(Study.state)).one() == "receiving"
     assert queue.assemble_studies(db, 0, 0, now=110) == []  # the first run is still running
-    queue.complete_job(db, claimed.id, {"exam": {}}, ["L-CC"], "m", [], now=111)
+    queue.complete_job(db, claimed, {"exam": {}}, ["L-CC"], "m", [], now=111)
     with db.session() as s:
         assert s.scalars(select(Study.state)).one() == "receiving"  # not "done"
     assert queue.assemble_studies(db, 0, 0, now=112) == [STUDY]

@@ -1,0 +1,169 @@
+"""Where a C-STORE's dataset goes while it arrives: a file the listener owns, in its spool.
+
+pynetdicom can stream a dataset to a temporary file (``STORE_RECV_CHUNKED_DATASET``), but only
+through process-wide settings (that flag, and ``tempfile.tempdir`` for the folder), and a write
+error there (a full disk) escapes into its reactor and aborts the association, so the sender
+never hears "out of resources". :class:`SpoolingDIMSEProvider` takes the dataset fragments of a
+C-STORE request before pynetdicom's message decoder sees them and writes them itself, for this
+association only:
+
+- into the listener's own ``incoming`` folder (so that committing is a rename on one file
+  system), with the same File Meta Information pynetdicom would write;
+- through :class:`ReceivingFile`, which turns a failed write (``ENOSPC``, ``EDQUOT``, any
+  ``OSError``) or a dataset over the size limit into a *refused* transfer: what was written is
+  removed at once, the rest of the dataset is read and dropped, and the C-STORE handler answers
+  0xA700 with the reason (:func:`refusal`) while the association goes on.
+
+pynetdicom's decoder still sees every command fragment and an empty last dataset fragment, so
+it completes the message as usual, with ``dataset_path`` naming this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
+
+log = logging.getLogger(__name__)
+
+_COMMAND = 0x01  # message control header bits (PS3.8 E.2)
+_LAST = 0x02
+
+
+class ReceivingFile:
+    """A dataset file being received; after a failed write or past ``limit`` bytes it keeps
+    nothing and records why (``refused``)."""
+
+    def __init__(self, folder: Path, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.refused = ""
+        self._fd: int | None = None
+        try:
+            self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+        except OSError as exc:
+            name = str(folder / "(not created)")
+            self._refuse(f"cannot create a file to receive into: {exc.strerror or exc}")
+        self.path = Path(name)
+        self.name = name  # pynetdicom unlinks ``name`` after the C-STORE handler
+
+    def write(self, data: bytes, counted: bool = True) -> None:
+        if self.refused:
+            return
+        if counted:
+            self.size += len(data)
+            if self.size > self.limit:
+                self.discard(f"the dataset exceeds the limit of {self.limit} bytes")
+                return
+        try:
+            view = memoryview(data)
+            while view:
+                assert self._fd is not None
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.discard(f"the spool could not take the dataset: {exc.strerror or exc}")
+
+    @property
+    def file(self) -> ReceivingFile:
+        """pynetdicom's decoder writes the (empty) last fragment as ``f.write``,
+        ``f.file.flush()``: both are this object."""
+        return self
+
+    def flush(self) -> None:
+        """Nothing is buffered (``os.write``)."""
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self, why: str) -> None:
+        """Keep nothing of this dataset (its space back now) and remember why."""
+        self._refuse(why)
+        self.path.unlink(missing_ok=True)
+
+    def _refuse(self, why: str) -> None:
+        if not self.refused:
+            log.warning("dropping a dataset being received: %s", why)
+        self.refused = why
+        self.close()
+
+
+class SpoolingDIMSEProvider(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, with C-STORE datasets written by :class:`ReceivingFile`."""
+
+    _incoming: Path
+    _limit: int
+
+    @classmethod
+    def adopt(cls, provider: DIMSEServiceProvider, incoming: Path,
+              limit: int) -> SpoolingDIMSEProvider:
+        """Turn an association's DIMSE provider into a spooling one, in place (the
+        association and its state machine hold references to it)."""
+        provider.__class__ = cls
+        spooling: SpoolingDIMSEProvider = provider  # type: ignore[assignment]
+        spooling._incoming, spooling._limit = incoming, limit
+        return spooling
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        for context_id, data in primitive.presentation_data_value_list:
+            self._receive_fragment(context_id, data)
+
+    def _receive_fragment(self, context_id: int, data: bytes) -> None:
+        target = getattr(self.message, "_data_set_file", None)
+        if isinstance(target, ReceivingFile) and not data[0] & _COMMAND:
+            target.write(data[1:])
+            if not data[0] & _LAST:
+                return
+            target.close()
+            data = bytes([data[0]])  # the decoder only needs to see that the dataset ended
+        super().receive_primitive(_single(context_id, data))
+        message = self.message
+        if isinstance(message, C_STORE_RQ) and message._data_set_file is None:
+            self._open_dataset_file(message)
+
+    def _open_dataset_file(self, message: C_STORE_RQ) -> None:
+        """Start the file a C-STORE's dataset goes to, with pynetdicom's File Meta header."""
+        target = ReceivingFile(self._incoming, self._limit)
+        cs = message.command_set
+        cx = self.assoc._accepted_cx[cast(int, message.context_id)]
+        meta = create_file_meta(sop_class_uid=cs.AffectedSOPClassUID,
+                                sop_instance_uid=cs.AffectedSOPInstanceUID,
+                                transfer_syntax=cx.transfer_syntax[0])
+        target.write(b"\x00" * 128 + b"DICM" + _encoded_meta(meta), counted=False)
+        message._data_set_file = target  # type: ignore[assignment]
+        message._data_set_path = target.path
+
+
+def refusal(event: Any) -> str:
+    """Why the dataset of this C-STORE event was not kept, or "" if it was."""
+    target = getattr(event.request, "_dataset_file", None)
+    return target.refused if isinstance(target, ReceivingFile) else ""
+
+
+def receiving(assoc: Any) -> ReceivingFile | None:
+    """The file the association is receiving a dataset into right now, if any."""
+    target = getattr(getattr(getattr(assoc, "dimse", None), "message", None),
+                     "_data_set_file", None)
+    return target if isinstance(target, ReceivingFile) else None
+
+
+def _single(context_id: int, data: bytes) -> P_DATA:
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[context_id, data]]  # type: ignore[list-item]
+    return primitive
+
+
+def _encoded_meta(meta: Any) -> bytes:
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta)
+    return buffer.getvalue()
