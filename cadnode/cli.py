@@ -40,7 +40,7 @@ def open_database(settings: Settings) -> Any:
     from cadnode.jobs.db import Database
 
     settings.home.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, home=settings.home)
     db.create_schema()
     return db
 

@@ -41,8 +41,9 @@ class NodeProcess:
     its start-up line (no port is handed on between a probe and the node); restarts then keep
     that port."""
 
-    def __init__(self, home: Path, port: int, env: dict[str, str]) -> None:
-        self.home, self.port = home, port
+    def __init__(self, home: Path, port: int, env: dict[str, str],
+                 cwd: Path | None = None) -> None:
+        self.home, self.port, self.cwd = home, port, cwd
         self.log = home.parent / f"{home.name}.log"
         full = dict(os.environ)
         full.update({"CADNODE_HOME": str(home), "CADNODE_PORT": str(port), **env})
@@ -52,7 +53,7 @@ class NodeProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "cadnode", "serve"], env=self.env,
-                                     stdout=self._fh, stderr=subprocess.STDOUT)
+                                     stdout=self._fh, stderr=subprocess.STDOUT, cwd=self.cwd)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up of any kind, as a power cut would leave it."""
@@ -94,7 +95,7 @@ class NodeProcess:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "cadnode", *args], env=self.env,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, cwd=self.cwd)
 
     def stop(self) -> None:
         stop_process(self.proc)

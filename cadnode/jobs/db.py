@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -134,10 +135,16 @@ class Meta(Base):
 
 
 class Database:
-    """An engine plus a session factory; one per process."""
+    """An engine plus a session factory; one per process.
 
-    def __init__(self, url: str) -> None:
+    With ``home``, file paths under it are stored relative to it (:meth:`stored_path`) and
+    resolved against it when read (:meth:`file_path`), so that the home can be moved or
+    mounted elsewhere; other paths, and those of databases made without a home, are absolute.
+    """
+
+    def __init__(self, url: str, home: Path | None = None) -> None:
         self.url = url
+        self.home = home
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"future": True}
         if self.is_sqlite:
@@ -191,6 +198,20 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def stored_path(self, path: str | Path) -> str:
+        """How ``path`` is written in the database."""
+        full = Path(path)
+        if self.home is not None and full.is_absolute() and full.is_relative_to(self.home):
+            return full.relative_to(self.home).as_posix()
+        return str(full)
+
+    def file_path(self, stored: str) -> Path:
+        """The file a path read from the database names."""
+        path = Path(stored)
+        if path.is_absolute() or self.home is None:
+            return path
+        return self.home / path
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from pathlib import Path
 
 from cadnode.config import parse_destinations
 from cadnode.dicom.sender import DeliveryError, client_ssl_context, send_files
@@ -70,9 +69,10 @@ class Outbox:
         if not items:
             return 0
         (dest,) = parse_destinations(dest_text)
+        files = [self.db.file_path(d.path) for d in items]
         try:
             results = send_files(
-                [Path(d.path) for d in items], dest.host, dest.port, dest.ae_title,
+                files, dest.host, dest.port, dest.ae_title,
                 calling_ae=self.calling_ae, timeout=self.timeout,
                 tls=(self.tls or client_ssl_context()) if dest.tls else None,
             )
@@ -83,8 +83,8 @@ class Outbox:
             return 0
         by_path = {str(r.path): r for r in results}
         delivered: list[str] = []
-        for d in items:
-            r = by_path.get(d.path)
+        for d, file in zip(items, files, strict=True):
+            r = by_path.get(str(file))
             if r is not None and r.ok:
                 mark_delivery(self.db, d.id, None, retry=self.retry)
                 delivered.append(d.kind)

@@ -48,7 +48,7 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
     for attempt in range(_RECORD_TRIES):
         try:
             with db.session() as s:
-                return _record_instance(s, stored, now)
+                return _record_instance(s, stored, db.stored_path(stored.path), now)
         except IntegrityError:
             if attempt == _RECORD_TRIES - 1:
                 raise
@@ -59,7 +59,7 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
     raise AssertionError("unreachable")
 
 
-def _record_instance(s: Any, stored: StoredInstance, now: float) -> bool:
+def _record_instance(s: Any, stored: StoredInstance, path: str, now: float) -> bool:
     # The study row is locked (PostgreSQL; SQLite takes the database lock at BEGIN) so that a
     # job cannot be claimed between reading its state and adding this instance: either the
     # claim comes first and this reopens the study, or the job's view selection sees it.
@@ -108,7 +108,7 @@ def _record_instance(s: Any, stored: StoredInstance, now: float) -> bool:
             series_uid=stored.series_uid,
             sop_class_uid=stored.sop_class_uid,
             transfer_syntax=stored.transfer_syntax,
-            path=str(stored.path),
+            path=path,
             size=stored.size,
             laterality=v.laterality,
             view=v.view,
@@ -345,7 +345,7 @@ def complete_job(
                         job_id=job.id,
                         destination=dest,
                         kind=r.kind,
-                        path=r.path,
+                        path=db.stored_path(r.path),
                         sop_instance_uid=r.sop_instance_uid,
                         next_attempt=now,
                     )

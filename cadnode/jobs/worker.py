@@ -256,7 +256,8 @@ class Worker:
                              .order_by(Instance.id)).all()
         headers: dict[str, Dataset] = {}
         unreadable: list[NotAnalysed] = []
-        for path, sop_uid, sop_class, series_uid in rows:
+        for stored, sop_uid, sop_class, series_uid in rows:
+            path = str(self.db.file_path(stored))
             try:
                 headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
             except MALFORMED_VALUE as exc:  # a spool file that vanished or rotted

@@ -101,3 +101,57 @@ def test_invalid_uid_is_refused_with_an_event(node, demo_study: list[Path], tmp_
     assert "not a valid UID" in event.message
     assert not list(tmp_path.glob("spool/**/etc*"))
     assert echo(port)
+
+
+def test_two_listeners_each_receive_into_their_own_spool(tmp_path: Path) -> None:
+    """No process-wide state: before, ``Listener.start`` pointed ``tempfile`` at its spool,
+    so a second listener took the first one's folder and every other temporary file of the
+    process (the decoder's, say) landed in the spool."""
+    import tempfile
+
+    from cadnode.dicom.sender import send_files
+    from tests.helpers import write_small_study
+
+    before = tempfile.gettempdir()
+    got: dict[str, list[Path]] = {"a": [], "b": []}
+    listeners = {name: Listener(tmp_path / name,
+                                on_stored=lambda st, n=name: got[n].append(st.path))
+                 for name in got}
+    ports = {name: lst.start("127.0.0.1", 0) for name, lst in listeners.items()}
+    try:
+        assert tempfile.gettempdir() == before
+        for name, port in ports.items():
+            study = f"1.2.826.0.1.3680043.10.1.{ord(name)}"
+            files = write_small_study(tmp_path / f"src-{name}", study, 64, 32)
+            assert all(r.ok for r in send_files(files, "127.0.0.1", port, "CADNODE"))
+        for name in got:
+            assert len(got[name]) == 4
+            assert all(p.is_relative_to(tmp_path / name) for p in got[name]), got[name]
+            assert not any((tmp_path / name / ".incoming").iterdir())
+    finally:
+        for lst in listeners.values():
+            lst.stop()
+
+
+def test_a_bug_behind_the_listener_is_not_answered_try_again_later(tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                   demo_study) -> None:
+    """A programming error in ``on_stored`` is answered 0xC211 (a failure), not 0xA700 (which
+    a sender retries for ever), with an event; the listener keeps serving."""
+    from cadnode.dicom.sender import send_files
+
+    refused: list[str] = []
+
+    def buggy(_stored) -> None:  # type: ignore[no-untyped-def]
+        raise KeyError("a bug")
+
+    listener = Listener(tmp_path / "spool", on_stored=buggy,
+                        on_refused=lambda msg, uid: refused.append(msg))
+    port = listener.start("127.0.0.1", 0)
+    try:
+        (result,) = send_files(demo_study[:1], "127.0.0.1", port, "CADNODE")
+        assert result.status == 0xC211
+        assert any("internal error" in m and "KeyError" in m for m in refused), refused
+        assert not list((tmp_path / "spool").glob("*/*.dcm"))  # nothing kept without a row
+        assert echo(port)
+    finally:
+        listener.stop()
