@@ -39,7 +39,11 @@ def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
 def open_database(settings: Settings) -> Any:
     from cadnode.jobs.db import Database
 
-    settings.home.mkdir(parents=True, exist_ok=True)
+    try:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"CADNODE_HOME: cannot create {settings.home}: "
+                            f"{exc.strerror or exc}") from None
     db = Database(settings.database_url, home=settings.home)
     db.create_schema()
     return db
@@ -48,7 +52,7 @@ def open_database(settings: Settings) -> Any:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from cadnode.dicom.listener import Listener, Policy, cleanup_incoming
     from cadnode.jobs.queue import record_instance
-    from cadnode.jobs.scheduler import create_scheduler
+    from cadnode.jobs.scheduler import create_outbox, create_scheduler
     from cadnode.jobs.worker import Worker
 
     setup_logging(settings)
@@ -66,7 +70,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         policy=Policy.from_settings(settings),
     )
     port = listener.start(settings.host, settings.port)
-    sched = create_scheduler(settings, db)
+    outbox = create_outbox(settings, db)
+    sched = create_scheduler(settings, db, outbox)
     sched.add_job(listener.sweep, "interval", seconds=60, id="sweep-incoming")
     sched.start()
     worker_thread = threading.Thread(target=worker.run_forever, name="worker", daemon=True)
@@ -95,6 +100,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     listener.stop()
     worker.stop()
     sched.shutdown(wait=True)
+    outbox.join(timeout=60)  # deliveries in flight finish and are recorded
     worker_thread.join(timeout=60)
     db.dispose()
     return 1 if dead else 0
@@ -285,7 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "send":
         args.port = settings.port if args.port is None else args.port
         args.called_aet = args.called_aet or settings.ae_title
-    return COMMANDS[args.command](settings, args)
+    try:
+        return COMMANDS[args.command](settings, args)
+    except SettingsError as exc:
+        print(f"cadnode: bad setting: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ class Listener:
             log.warning("could not persist %s: %s", sop_uid, exc)
             return self._refuse(OUT_OF_RESOURCES, f"could not persist instance: {exc}", study_uid)
         except Exception as exc:  # a bug: not "try again later", which a sender does forever
-            final.unlink(missing_ok=True)
+            # the file stays: it may replace an instance acknowledged (and recorded) before
             log.exception("internal error storing %s", sop_uid)
             return self._refuse(UNABLE_TO_PROCESS, f"internal error storing the instance "
                                 f"({type(exc).__name__}: {exc}); see the node's log", study_uid)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,20 +43,29 @@ _LAST = 0x02
 
 class ReceivingFile:
     """A dataset file being received; after a failed write or past ``limit`` bytes it keeps
-    nothing and records why (``refused``)."""
+    nothing and records why (``refused``). Given a ``refused`` reason, it creates no file
+    and drops everything from the start."""
 
-    def __init__(self, folder: Path, limit: int) -> None:
+    def __init__(self, folder: Path, limit: int, header: bytes = b"",
+                 refused: str = "") -> None:
         self.limit = limit
         self.size = 0
         self.refused = ""
         self._fd: int | None = None
-        try:
-            self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
-        except OSError as exc:
-            name = str(folder / "(not created)")
-            self._refuse(f"cannot create a file to receive into: {exc.strerror or exc}")
+        self._close_fd: Callable[[], Any] = lambda: None
+        name = str(folder / "(not created)")
+        if refused:
+            self._refuse(refused)
+        else:
+            try:
+                self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+                # closed even if the association's thread dies without telling anyone
+                self._close_fd = weakref.finalize(self, os.close, self._fd)
+            except OSError as exc:
+                self._refuse(f"cannot create a file to receive into: {exc.strerror or exc}")
         self.path = Path(name)
         self.name = name  # pynetdicom unlinks ``name`` after the C-STORE handler
+        self.write(header, counted=False)
 
     def write(self, data: bytes, counted: bool = True) -> None:
         if self.refused:
@@ -82,9 +93,8 @@ class ReceivingFile:
         """Nothing is buffered (``os.write``)."""
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_fd()  # once: later calls do nothing
+        self._fd = None
 
     def discard(self, why: str) -> None:
         """Keep nothing of this dataset (its space back now) and remember why."""
@@ -132,14 +142,21 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
             self._open_dataset_file(message)
 
     def _open_dataset_file(self, message: C_STORE_RQ) -> None:
-        """Start the file a C-STORE's dataset goes to, with pynetdicom's File Meta header."""
-        target = ReceivingFile(self._incoming, self._limit)
+        """Start the file a C-STORE's dataset goes to, with pynetdicom's File Meta header; a
+        request that names no accepted context or no SOP instance gets no file at all."""
         cs = message.command_set
-        cx = self.assoc._accepted_cx[cast(int, message.context_id)]
-        meta = create_file_meta(sop_class_uid=cs.AffectedSOPClassUID,
-                                sop_instance_uid=cs.AffectedSOPInstanceUID,
-                                transfer_syntax=cx.transfer_syntax[0])
-        target.write(b"\x00" * 128 + b"DICM" + _encoded_meta(meta), counted=False)
+        try:
+            cx = self.assoc._accepted_cx[cast(int, message.context_id)]
+            meta = create_file_meta(sop_class_uid=cs.AffectedSOPClassUID,
+                                    sop_instance_uid=cs.AffectedSOPInstanceUID,
+                                    transfer_syntax=cx.transfer_syntax[0])
+            header = b"\x00" * 128 + b"DICM" + _encoded_meta(meta)
+        except (KeyError, AttributeError, ValueError, TypeError) as exc:
+            target = ReceivingFile(self._incoming, self._limit, refused=(
+                f"the C-STORE request cannot be stored ({type(exc).__name__}: {exc}): no "
+                "accepted presentation context or no SOP instance UID"))
+        else:
+            target = ReceivingFile(self._incoming, self._limit, header)
         message._data_set_file = target  # type: ignore[assignment]
         message._data_set_path = target.path
 

@@ -125,7 +125,7 @@ def send_files(
                 break
             try:
                 status = assoc.send_c_store(path)
-            except (ValueError, AttributeError, RuntimeError) as exc:
+            except (ValueError, AttributeError, RuntimeError, OSError) as exc:  # file gone, say
                 results.append(SendResult(path, None, str(exc)))
                 continue
             code = int(status.Status) if "Status" in status else None

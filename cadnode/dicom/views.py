@@ -56,7 +56,8 @@ __all__ = [
 #: treated as absent ("unknown" in the clinical text). Any other exception is a bug and is
 #: not hidden (in the text it would change the model's input silently).
 MALFORMED_VALUE = (ValueError, TypeError, IndexError, KeyError, OverflowError, OSError,
-                   NotImplementedError, struct.error, InvalidDicomError, BytesLengthException)
+                   EOFError, NotImplementedError, struct.error, InvalidDicomError,
+                   BytesLengthException)
 
 
 @dataclass(frozen=True)

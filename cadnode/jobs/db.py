@@ -207,11 +207,21 @@ class Database:
         return str(full)
 
     def file_path(self, stored: str) -> Path:
-        """The file a path read from the database names."""
+        """The file a path read from the database names.
+
+        Versions before paths were stored relative to the home wrote them relative to the
+        node's working directory, with the home's own relative name in front (``var/spool/
+        ...`` for the old default home ``var``): such a path is found under the first parent
+        of the home it exists in."""
         path = Path(stored)
         if path.is_absolute() or self.home is None:
             return path
-        return self.home / path
+        under_home = self.home / path
+        if not under_home.exists():
+            for parent in self.home.parents:
+                if (parent / path).exists():
+                    return parent / path
+        return under_home
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -14,7 +14,13 @@ import threading
 from cadnode.config import parse_destinations
 from cadnode.dicom.sender import DeliveryError, client_ssl_context, send_files
 from cadnode.jobs.db import Database
-from cadnode.jobs.queue import DEFAULT_RETRY, RetryPolicy, due_deliveries, mark_delivery
+from cadnode.jobs.queue import (
+    DEFAULT_RETRY,
+    RetryPolicy,
+    due_deliveries,
+    due_destinations,
+    mark_delivery,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ class Outbox:
         """Start a delivery thread for each destination with due deliveries that has none
         running; returns the threads started (the scheduler does not wait for them)."""
         started = []
-        destinations = sorted({d.destination for d in due_deliveries(self.db)})
+        destinations = due_destinations(self.db)
         with self._lock:
             for dest in destinations:
                 running = self._busy.get(dest)

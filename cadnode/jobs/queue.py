@@ -260,13 +260,20 @@ def renew_lease(db: Database, job: ClaimedJob, lease_seconds: float,
         _fenced(s, job, lease_until=now + lease_seconds)
 
 
+def _locked_study(s: Any, study_id: int) -> Study:
+    """The study row, read afresh and locked for this transaction (PostgreSQL): a concurrent
+    ``record_instance`` that reopens it either commits first and is seen, or waits."""
+    study = s.get(Study, study_id, with_for_update=True, populate_existing=True)
+    assert study is not None
+    return study
+
+
 def _finish(s: Any, job: Job, state: JobState, now: float) -> Study:
     job.state = state
     job.finished_at = now
     job.lease_owner = None
     job.lease_until = None
-    study = s.get(Study, job.study_id)
-    assert study is not None
+    study = _locked_study(s, job.study_id)
     # A new instance may have reopened the study meanwhile; then leave it receiving.
     if study.state == StudyState.RUNNING:
         study.state = StudyState(state.value)
@@ -377,9 +384,8 @@ def _fail(s: Any, job: Job, error: str, max_attempts: int, permanent: bool,
     job.state = JobState.QUEUED
     job.lease_owner = None
     job.lease_until = None
-    waiting = s.get(Study, job.study_id)
-    assert waiting is not None
-    waiting.state = StudyState.QUEUED
+    waiting = _locked_study(s, job.study_id)
+    waiting.state = StudyState.QUEUED  # the next run reads every image, a late one included
     add_event(s, "retry", f"job {job.id} attempt {job.attempts}: {error}", waiting.study_uid,
               "warning")
     return JobState.QUEUED
@@ -394,6 +400,7 @@ def expire_leases(db: Database, max_attempts: int, now: float | None = None) -> 
     with db.session() as s:
         stale = s.scalars(
             select(Job.id).where(Job.state == JobState.RUNNING, Job.lease_until < now)
+            .order_by(Job.id)  # one lock order for every node sharing the database
         ).all()
         for job_id in stale:
             if cast(CursorResult[Any], s.execute(
@@ -408,6 +415,14 @@ def expire_leases(db: Database, max_attempts: int, now: float | None = None) -> 
                   False, now)
             taken += 1
     return taken
+
+
+def due_destinations(db: Database, now: float | None = None) -> list[str]:
+    """Every destination with at least one delivery due now."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        return sorted(s.scalars(select(Delivery.destination).distinct().where(
+            Delivery.state == DeliveryState.PENDING, Delivery.next_attempt <= now)).all())
 
 
 def due_deliveries(db: Database, now: float | None = None, limit: int = 100,

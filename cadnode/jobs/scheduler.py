@@ -16,7 +16,19 @@ from cadnode.jobs.queue import RetryPolicy, assemble_studies, expire_leases
 log = logging.getLogger(__name__)
 
 
-def create_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
+def create_outbox(settings: Settings, db: Database) -> Outbox:
+    """The outbox the scheduler ticks (TLS client context made once, when a destination
+    needs it)."""
+    retry = RetryPolicy(settings.delivery_max_attempts, settings.retry_base_seconds,
+                        settings.retry_cap_seconds)
+    tls = None
+    if any(d.tls for d in settings.destinations):
+        tls = client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
+                                 settings.send_tls_key)
+    return Outbox(db, settings.ae_title, retry, tls=tls)
+
+
+def create_scheduler(settings: Settings, db: Database, outbox: Outbox) -> BackgroundScheduler:
     """A scheduler whose jobs never overlap themselves and never pile up after a pause."""
     sched = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -31,12 +43,5 @@ def create_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
         expire_leases, "interval", seconds=max(every, 10.0), id="leases",
         args=[db, settings.max_attempts], next_run_time=datetime.now(),
     )
-    retry = RetryPolicy(settings.delivery_max_attempts, settings.retry_base_seconds,
-                        settings.retry_cap_seconds)
-    tls = None
-    if any(d.tls for d in settings.destinations):
-        tls = client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
-                                 settings.send_tls_key)
-    outbox = Outbox(db, settings.ae_title, retry, tls=tls)
     sched.add_job(outbox.tick, "interval", seconds=every, id="outbox")
     return sched

@@ -115,7 +115,8 @@ class Worker:
                     failures = 0
                 except Exception:
                     failures += 1
-                    delay = min(MAX_BACKOFF, self.settings.poll_seconds * 2 ** failures)
+                    delay = min(MAX_BACKOFF,
+                                self.settings.poll_seconds * 2 ** min(failures, 16))
                     log.exception("worker: an iteration failed (%d in a row); retrying in "
                                   "%.1f s", failures, delay)
                     self.healthy = False
@@ -233,13 +234,11 @@ class Worker:
             "objects": {r.kind: r.version_doc() for r in results},
             "seconds": clock.laps,
         }
-        try:  # fenced: nothing is recorded, nothing enters the outbox, if the lease was lost
-            state = complete_job(self.db, job, scores_doc, sorted(selection.chosen),
-                                 m.version, results, partial=findings.incomplete)
-        except LeaseLost:
-            for r in results:  # another worker owns the study now: leave it no stray objects
-                Path(r.path).unlink(missing_ok=True)
-            raise
+        # Fenced: if the lease was lost nothing is recorded and nothing enters the outbox. The
+        # files just written stay: their names come from their content, so the worker that
+        # holds the job now writes (and sends) the very same files.
+        state = complete_job(self.db, job, scores_doc, sorted(selection.chosen), m.version,
+                             results, partial=findings.incomplete)
         log.info("study %s %s: read %s%s%s; exam cancer %.1f %%; %.1f s", job.study_uid,
                  state.value, ",".join(sorted(selection.chosen)),
                  f"; missing {','.join(selection.missing)}" if selection.missing else "",

@@ -98,14 +98,14 @@ def run_kill_test(root: Path, kills: int, senders: int, studies: int, seed: int 
 
         all_done = wait_until(
             lambda: all(len(delivered()[s]) == PER_STUDY for s in study_uids), 240)
-        db = Database(f"sqlite:///{root / 'node' / 'cadnode.db'}")
-        with db.session() as s:
-            rows = {r.sop_instance_uid: r.path for r in s.scalars(select(Instance))}
+        db = Database(f"sqlite:///{root / 'node' / 'cadnode.db'}", home=root / "node")
+        with db.session() as s:  # paths are stored relative to the node's home
+            rows = {r.sop_instance_uid: db.file_path(r.path) for r in s.scalars(select(Instance))}
             attempts = sorted(s.scalars(select(Job.attempts)).all())
         db.dispose()
         whole = 0
         for uid in acked:
-            if uid in rows and Path(rows[uid]).is_file():
+            if uid in rows and rows[uid].is_file():
                 ds = pydicom.dcmread(rows[uid])
                 if ds.pixel_array.shape == (ds.Rows, ds.Columns):
                     whole += 1

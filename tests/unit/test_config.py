@@ -105,3 +105,15 @@ def test_a_relative_home_is_made_absolute_at_load_time(tmp_path, monkeypatch) ->
     assert s.home == tmp_path / "node"
     assert s.spool_dir == tmp_path / "node" / "spool"
     assert s.database_url == f"sqlite:///{tmp_path / 'node' / 'cadnode.db'}"
+
+
+def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cadnode", "jobs"], cwd=tmp_path, capture_output=True, text=True,
+        env={"CADNODE_HOME": str(blocker / "home"), "PATH": "/usr/bin:/bin"}, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"cadnode: bad setting: CADNODE_HOME: cannot create {blocker / 'home'}: Not a directory"]

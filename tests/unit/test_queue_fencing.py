@@ -117,3 +117,16 @@ def test_concurrent_inserts_of_one_study_all_succeed(db: Database, same_instance
         with db.session() as s:  # the next round races on a new study again
             s.execute(Instance.__table__.delete())
             s.execute(Study.__table__.delete())
+
+
+def test_paths_are_stored_relative_to_the_home_and_found_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "srv" / "var"
+    db = Database(f"sqlite:///{tmp_path / 'j.db'}", home=home)
+    (home / "spool" / "1").mkdir(parents=True)
+    (home / "spool" / "1" / "a.dcm").write_bytes(b"x")
+    assert db.stored_path(home / "spool" / "1" / "a.dcm") == "spool/1/a.dcm"
+    assert db.stored_path("/elsewhere/b.dcm") == "/elsewhere/b.dcm"  # outside the home
+    assert db.file_path("spool/1/a.dcm") == home / "spool" / "1" / "a.dcm"
+    # written by an earlier version, relative to the working directory (home "var"):
+    assert db.file_path("var/spool/1/a.dcm") == home / "spool" / "1" / "a.dcm"
+    db.dispose()
