@@ -306,6 +306,7 @@ class Listener:
             final = spool_path(self.spool_root, study_uid, sop_uid)
         except SpoolError as exc:
             return self._refuse(CANNOT_UNDERSTAND, str(exc))
+        replaces = final.exists()  # a repeat of an instance acknowledged before
         try:
             commit_file(tmp, final)
             stored = StoredInstance(
@@ -332,7 +333,8 @@ class Listener:
             log.warning("could not persist %s: %s", sop_uid, exc)
             return self._refuse(OUT_OF_RESOURCES, f"could not persist instance: {exc}", study_uid)
         except Exception as exc:  # a bug: not "try again later", which a sender does forever
-            # the file stays: it may replace an instance acknowledged (and recorded) before
+            if not replaces:  # never acknowledged: no file without a row; a repeat's stays
+                final.unlink(missing_ok=True)
             log.exception("internal error storing %s", sop_uid)
             return self._refuse(UNABLE_TO_PROCESS, f"internal error storing the instance "
                                 f"({type(exc).__name__}: {exc}); see the node's log", study_uid)

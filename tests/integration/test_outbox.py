@@ -53,10 +53,18 @@ def states(db: Database) -> list[tuple[str, int]]:
         return [(d.state, d.attempts) for d in s.scalars(select(Delivery).order_by(Delivery.id))]
 
 
+def wait_due(db: Database) -> None:
+    """Until a delivery's (short, FAST) backoff has run out, or none is pending."""
+    def ready() -> bool:
+        pending = any(state == "pending" for state, _ in states(db))
+        return not pending or bool(queue.due_destinations(db))
+    assert wait_until(ready, 5, interval=0.01)
+
+
 def drain(db: Database, rounds: int) -> None:
     for _ in range(rounds):
         deliver_due(db, "CADNODE", FAST, timeout=2)
-        time.sleep(0.05)
+        wait_due(db)
 
 
 @pytest.fixture
@@ -94,7 +102,7 @@ def test_refused_then_up_delivers_each_once(outbox: Database, demo_study, tmp_pa
     pacs = DemoPACS(tmp_path / "pacs", ae_title="PACS")
     pacs.start(port)
     try:
-        time.sleep(0.05)
+        wait_due(outbox)
         deliver_due(outbox, "CADNODE")
         assert states(outbox) == [("sent", 2), ("sent", 2)]
         deliver_due(outbox, "CADNODE")  # nothing left: nothing sent twice
