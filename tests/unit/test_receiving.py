@@ -7,7 +7,6 @@ must leave no file and no open descriptor behind (a peer could otherwise exhaust
 
 from __future__ import annotations
 
-import gc
 import os
 from io import BytesIO
 from pathlib import Path
@@ -51,8 +50,18 @@ def _pdata(context_id: int, max_pdu: int = 1024) -> tuple[list, Dataset]:  # typ
     return list(message.encode_msg(context_id, max_pdu)), ds
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_under(folder: Path) -> list[str]:
+    """Files under ``folder`` this process holds open (other tests' sockets come and go, so
+    counting every descriptor would not say anything)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
 
 
 def test_a_dataset_arrives_whole_in_the_listeners_folder(tmp_path: Path) -> None:
@@ -66,6 +75,7 @@ def test_a_dataset_arrives_whole_in_the_listeners_folder(tmp_path: Path) -> None
     assert path.parent == tmp_path
     assert isinstance(request._dataset_file, ReceivingFile)
     assert request._dataset_file.refused == ""
+    assert _open_under(tmp_path) == []  # closed once the dataset ended
     got = pydicom.dcmread(path)
     assert got.file_meta.TransferSyntaxUID == EXPLICIT
     assert got.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
@@ -74,13 +84,10 @@ def test_a_dataset_arrives_whole_in_the_listeners_folder(tmp_path: Path) -> None
 
 def test_a_request_on_an_unaccepted_context_leaves_nothing_behind(tmp_path: Path) -> None:
     provider = _provider(tmp_path)
-    before = _open_fds()
     pdata, _ = _pdata(3)  # context 3 was never accepted
     for p in pdata:
         provider.receive_primitive(p)
     _, request = provider.msg_queue.get_nowait()
     assert "presentation context" in request._dataset_file.refused
     assert list(tmp_path.iterdir()) == []
-    del request
-    gc.collect()
-    assert _open_fds() == before
+    assert _open_under(tmp_path) == []
