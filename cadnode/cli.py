@@ -61,7 +61,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     removed = cleanup_incoming(settings.spool_dir)
     if removed:
         db.log("startup", f"removed {removed} partial file(s) that were never acknowledged")
-    worker = Worker(settings, db)  # loads the model first: a bad package stops start-up here
+    from cadnode.runtime import BackendUnavailable
+
+    try:  # the model first: a backend that cannot run stops start-up here, in one line
+        worker = Worker(settings, db)
+    except BackendUnavailable as exc:
+        raise SettingsError(f"CADNODE_BACKEND={settings.backend}, CADNODE_DEVICE="
+                            f"{settings.device}: {exc}") from None
     listener = Listener(
         settings.spool_dir,
         on_stored=lambda stored: record_instance(db, stored),
@@ -77,10 +83,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     worker_thread = threading.Thread(target=worker.run_forever, name="worker", daemon=True)
     worker_thread.start()
     m = worker.engine.manifest
-    db.log("startup", f"serving as {settings.ae_title} on port {port}, model {m.name} {m.version}")
+    runs_on = f"{worker.engine.backend} ({', '.join(worker.engine.providers)})"
+    db.log("startup", f"serving as {settings.ae_title} on port {port}, model {m.name} "
+           f"{m.version} on {runs_on}")
     print(
         f"cadnode: listening as {settings.ae_title} on {settings.host}:{port}; "
-        f"home {settings.home}; model {m.name} {m.version}; "
+        f"home {settings.home}; model {m.name} {m.version} on {runs_on}; "
         f"destinations {', '.join(map(str, settings.destinations)) or 'none'}",
         flush=True,
     )

@@ -16,10 +16,11 @@ from typing import Any
 
 from cadnode.dicom.selection import ImplantPolicy
 from cadnode.results.enum import ResultKind
+from cadnode.runtime.enum import Backend
 from cadnode.uid import is_valid_uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
-BACKENDS: tuple[str, ...] = ("onnxruntime",)  # the engines cadnode.runtime.load_engine knows
+BACKENDS: tuple[str, ...] = tuple(b.value for b in Backend)  # CADNODE_BACKEND values
 
 
 class SettingsError(ValueError):
@@ -52,6 +53,7 @@ class Settings:
     destinations: tuple[Destination, ...] = ()
     db_url: str = field(default="", repr=False)  # empty: a SQLite file under home; a secret
     backend: str = "onnxruntime"
+    device: str = "auto"  # auto | cpu | gpu (gpu: refuse to start without one)
     model: str = ""  # empty: the packaged demonstration model
     stable_seconds: float = 300.0  # quiet time after which a study runs with whatever arrived
     complete_seconds: float = 5.0  # quiet time after the four standard views are in
@@ -222,6 +224,8 @@ def validate(s: Settings) -> None:
         raise SettingsError(
             f"CADNODE_BACKEND: {s.backend!r} is not one of {', '.join(BACKENDS)}"
         )
+    if s.device not in ("auto", "cpu", "gpu"):
+        raise SettingsError(f"CADNODE_DEVICE: {s.device!r} is not one of auto, cpu, gpu")
     if s.db_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", s.db_url):
         raise SettingsError("CADNODE_DB_URL: must start with sqlite:// or postgresql+psycopg://")
     if s.model and not Path(s.model).is_dir():

@@ -72,7 +72,7 @@ class _View:
 
 def load_model(settings: Settings) -> tuple[Engine, ClinicalTokenizer]:
     package = Path(settings.model) if settings.model else DEFAULT_MODEL_PACKAGE
-    engine = load_engine(package, settings.backend)
+    engine = load_engine(package, settings.backend, device=settings.device)
     return engine, ClinicalTokenizer.from_file(package / "tokenizer.json")
 
 

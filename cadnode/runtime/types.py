@@ -26,6 +26,8 @@ class Engine(Protocol):
     """What the worker needs from any backend (ONNX Runtime, TensorRT, torch, Triton)."""
 
     manifest: ModelManifest
+    backend: str  # a cadnode.runtime.enum.Backend value
+    providers: list[str]  # what it runs on, most preferred first (e.g. CUDA, then CPU)
 
     def predict(self, images: np.ndarray, input_ids: np.ndarray,
                 attention_mask: np.ndarray) -> ViewOutputs: ...

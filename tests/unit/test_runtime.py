@@ -163,3 +163,54 @@ def test_aggregate_max_per_breast_and_exam() -> None:
     assert aggregate({}) == ({}, {})
     with pytest.raises(ValueError, match="not of the form"):
         aggregate({"CC": {"cancer": 0.1}})
+
+
+def test_the_providers_taken_are_reported(engine) -> None:
+    """On this CPU-only machine ONNX Runtime takes the CPU provider, and says so."""
+    from cadnode.runtime.onnx import gpu_providers
+
+    assert engine.backend == "onnxruntime"
+    assert engine.providers[-1] == "CPUExecutionProvider"
+    if not gpu_providers():
+        assert engine.providers == ["CPUExecutionProvider"]
+
+
+def test_auto_takes_what_the_machine_can_run_and_says_why(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from cadnode.runtime.onnx import gpu_providers
+
+    with caplog.at_level(logging.INFO, logger="cadnode.runtime"):
+        auto = load_engine(DEFAULT_MODEL_PACKAGE, "auto", intra_op_threads=1)
+    reason = next(m for r in caplog.records if (m := r.getMessage()).startswith("backend auto"))
+    if gpu_providers():
+        assert "ONNX Runtime with" in reason
+    else:
+        assert "on the CPU (no GPU execution provider" in reason
+        assert auto.providers == ["CPUExecutionProvider"]
+
+
+def test_a_gpu_that_is_not_there_is_refused_saying_what_is_missing() -> None:
+    from cadnode.runtime import BackendUnavailable
+    from cadnode.runtime.onnx import gpu_providers
+
+    if gpu_providers():
+        pytest.skip("this ONNX Runtime has GPU providers: the refusal needs a CPU-only build")
+    with pytest.raises(BackendUnavailable, match="install onnxruntime-gpu"):
+        load_engine(DEFAULT_MODEL_PACKAGE, device="gpu")
+
+
+def test_serve_refuses_to_start_without_the_gpu_it_was_told_to_use(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cadnode.runtime.onnx import gpu_providers
+
+    if gpu_providers():
+        pytest.skip("this ONNX Runtime has GPU providers: the refusal needs a CPU-only build")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cadnode", "serve"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
+        env={"CADNODE_HOME": str(tmp_path / "home"), "CADNODE_PORT": "0",
+             "CADNODE_DEVICE": "gpu", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("cadnode: bad setting: CADNODE_BACKEND=onnxruntime, "
+                           "CADNODE_DEVICE=gpu: no GPU execution provider"), line

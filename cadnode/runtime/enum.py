@@ -1,0 +1,17 @@
+"""The inference backends: the one list ``CADNODE_BACKEND`` takes (cheap to import: config and
+the CLI read it without loading any engine)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Backend(StrEnum):
+    """An engine that runs a model package (docs/architecture.md, "cadnode.runtime")."""
+
+    ONNXRUNTIME = "onnxruntime"  # CPU; CUDA / TensorRT execution providers with onnxruntime-gpu
+    AUTO = "auto"  # the best of the above this machine can run, and why, in the log
+
+
+class BackendUnavailable(RuntimeError):
+    """The chosen backend cannot run here; the message says exactly what is missing."""
