@@ -42,8 +42,8 @@ test: test-deps $(VENV)/.test-stamp
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-stamp
-	$(BIN)/ruff check cadnode tests train
-	$(BIN)/mypy cadnode train
+	$(BIN)/ruff check cadnode tests train trt_engines
+	$(BIN)/mypy cadnode train trt_engines
 
 # Retrain the committed default package (cadnode/models/demo) by its documented command.
 model: $(VENV)/.test-stamp

@@ -279,11 +279,43 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="node + demo PACS + a real 4-view exam, end to end")
     d.add_argument("--keep", action="store_true", help="keep the temporary home")
     d.add_argument("--timeout", type=float, default=300.0)
+    e = sub.add_parser("engine", help="model repositories and engines for GPU servers")
+    esub = e.add_subparsers(dest="engine_command", required=True)
+    t = esub.add_parser("triton-repo", help="a Triton model repository for a model package",
+                        description="Write OUT/<model>/config.pbtxt and OUT/<model>/1/ for a "
+                        "Triton Inference Server (see trt_engines/README.md).")
+    t.add_argument("--package", default=None, help="model package (default: CADNODE_MODEL, "
+                   "else the packaged demonstration model)")
+    t.add_argument("--out", required=True, help="the model repository folder")
+    t.add_argument("--platform", default="onnxruntime_onnx",
+                   choices=["onnxruntime_onnx", "tensorrt_plan"])
+    t.add_argument("--plan", default=None, help="the TensorRT engine, for tensorrt_plan")
+    t.add_argument("--max-views", type=int, default=8, help="max_batch_size (views)")
+    t.add_argument("--kind", default="gpu", choices=["gpu", "cpu"], help="instance_group kind")
     return p
 
 
+def cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
+    from cadnode.runtime import DEFAULT_MODEL_PACKAGE
+    from trt_engines.triton_repo import RepositoryOptions, write_repository
+
+    package = args.package or settings.model or str(DEFAULT_MODEL_PACKAGE)
+    options = RepositoryOptions(platform=args.platform, max_views=args.max_views, kind=args.kind)
+    try:
+        folder = write_repository(package, args.out, options, plan=args.plan)
+    except ImportError as exc:
+        print(f"cadnode engine triton-repo: needs tritonclient ({exc.name} missing): "
+              "pip install 'cadnode[triton]'", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"cadnode engine triton-repo: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder / 'config.pbtxt'} and {folder / str(options.version)}/")
+    return 0
+
+
 COMMANDS = {"serve": cmd_serve, "jobs": cmd_jobs, "send": cmd_send, "retry": cmd_retry,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "engine": cmd_engine}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
