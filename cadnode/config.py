@@ -16,7 +16,7 @@ from typing import Any
 
 from cadnode.dicom.selection import ImplantPolicy
 from cadnode.results.enum import ResultKind
-from cadnode.runtime.enum import Backend
+from cadnode.runtime.enum import DEVICES, Backend
 from cadnode.uid import is_valid_uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
@@ -224,8 +224,8 @@ def validate(s: Settings) -> None:
         raise SettingsError(
             f"CADNODE_BACKEND: {s.backend!r} is not one of {', '.join(BACKENDS)}"
         )
-    if s.device not in ("auto", "cpu", "gpu"):
-        raise SettingsError(f"CADNODE_DEVICE: {s.device!r} is not one of auto, cpu, gpu")
+    if s.device not in DEVICES:
+        raise SettingsError(f"CADNODE_DEVICE: {s.device!r} is not one of {', '.join(DEVICES)}")
     if s.db_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", s.db_url):
         raise SettingsError("CADNODE_DB_URL: must start with sqlite:// or postgresql+psycopg://")
     if s.model and not Path(s.model).is_dir():

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cadnode.runtime.enum import Backend, BackendUnavailable
+from cadnode.runtime.enum import DEVICES, Backend, BackendUnavailable
 from cadnode.runtime.manifest import ModelManifest, read_manifest
 from cadnode.runtime.types import Engine, ViewOutputs
 
@@ -23,8 +23,9 @@ DEFAULT_MODEL_PACKAGE: Path = Path(__file__).resolve().parent.parent / "models" 
 
 
 def load_engine(package: str | Path = DEFAULT_MODEL_PACKAGE, backend: str = "onnxruntime",
-                **options: Any) -> Engine:
-    """Open a package with a backend; ``options`` go to the engine (e.g. intra_op_threads)."""
+                *, device: str = "auto", **options: Any) -> Engine:
+    """Open a package with a backend on ``device`` (one of DEVICES); ``options`` go to the
+    engine (e.g. intra_op_threads)."""
     try:
         chosen = Backend(backend)
     except ValueError:
@@ -33,14 +34,19 @@ def load_engine(package: str | Path = DEFAULT_MODEL_PACKAGE, backend: str = "onn
     from cadnode.runtime.onnx import OnnxEngine, gpu_providers
 
     if chosen is Backend.AUTO:
-        gpu = gpu_providers()
-        why = (f"ONNX Runtime with {', '.join(gpu)}" if gpu else
-               "ONNX Runtime on the CPU (no GPU execution provider: onnxruntime-gpu and an "
-               "NVIDIA GPU are needed for CUDA)")
-        log.info("backend auto: %s", why)
-        return OnnxEngine(package, device="gpu" if gpu else "cpu", **options)
-    return OnnxEngine(package, **options)
+        log.info("backend auto: %s", _auto_reason(device, gpu_providers()))
+    return OnnxEngine(package, device=device, **options)
 
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "Backend", "BackendUnavailable", "Engine", "ModelManifest",
-           "ViewOutputs", "load_engine", "read_manifest"]
+def _auto_reason(device: str, gpu: list[str]) -> str:
+    """What ``auto`` takes on this machine, and why (one log line)."""
+    if device == "cpu":
+        return "ONNX Runtime on the CPU (CADNODE_DEVICE=cpu)"
+    if gpu:
+        return f"ONNX Runtime with {', '.join(gpu)}"
+    return ("ONNX Runtime on the CPU (no GPU execution provider: onnxruntime-gpu and an "
+            "NVIDIA GPU are needed for CUDA)")
+
+
+__all__ = ["DEFAULT_MODEL_PACKAGE", "DEVICES", "Backend", "BackendUnavailable", "Engine",
+           "ModelManifest", "ViewOutputs", "load_engine", "read_manifest"]

@@ -13,5 +13,10 @@ class Backend(StrEnum):
     AUTO = "auto"  # the best of the above this machine can run, and why, in the log
 
 
+#: ``CADNODE_DEVICE`` values: "auto" (a GPU when one can run, else the CPU), "cpu", "gpu"
+#: (refuse to start without one).
+DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
+
+
 class BackendUnavailable(RuntimeError):
     """The chosen backend cannot run here; the message says exactly what is missing."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cadnode.runtime.enum import BackendUnavailable
+from cadnode.runtime.enum import DEVICES, BackendUnavailable
 from cadnode.runtime.manifest import INPUT_NAMES, ModelManifest, read_manifest
 from cadnode.runtime.types import ViewOutputs
 
@@ -26,7 +26,6 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 #: Device memory the CUDA provider may hold for its arena (the arena grows by what is asked for,
 #: not by doubling, so a 4-view batch does not reserve twice its need).
 CUDA_MEMORY_LIMIT = 8 * 2**30
-DEVICES = ("auto", "cpu", "gpu")
 
 
 def gpu_providers() -> list[str]:

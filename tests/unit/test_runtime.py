@@ -180,8 +180,8 @@ def test_auto_takes_what_the_machine_can_run_and_says_why(caplog) -> None:  # ty
 
     from cadnode.runtime.onnx import gpu_providers
 
-    with caplog.at_level(logging.INFO, logger="cadnode.runtime"):
-        auto = load_engine(DEFAULT_MODEL_PACKAGE, "auto", intra_op_threads=1)
+    with caplog.at_level(logging.INFO, logger="cadnode.runtime"):  # as the worker calls it
+        auto = load_engine(DEFAULT_MODEL_PACKAGE, "auto", device="auto", intra_op_threads=1)
     reason = next(m for r in caplog.records if (m := r.getMessage()).startswith("backend auto"))
     if gpu_providers():
         assert "ONNX Runtime with" in reason
@@ -214,3 +214,16 @@ def test_serve_refuses_to_start_without_the_gpu_it_was_told_to_use(tmp_path) -> 
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("cadnode: bad setting: CADNODE_BACKEND=onnxruntime, "
                            "CADNODE_DEVICE=gpu: no GPU execution provider"), line
+
+
+def test_the_worker_loads_the_auto_backend_with_its_device_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """CADNODE_BACKEND=auto with CADNODE_DEVICE (its default included) opens the model the
+    way serve does (before: the device was passed twice and serve could not start)."""
+    from cadnode.config import load_settings
+    from cadnode.jobs.worker import load_model
+
+    for device in ("auto", "cpu"):
+        settings = load_settings(environ={"CADNODE_HOME": str(tmp_path), "CADNODE_BACKEND":
+                                          "auto", "CADNODE_DEVICE": device})
+        engine, _ = load_model(settings)
+        assert engine.providers[-1] == "CPUExecutionProvider"
