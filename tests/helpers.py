@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,21 @@ def require(*commands: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"missing real peer(s): {', '.join(missing)}")
         pytest.skip(f"missing real peer(s): {', '.join(missing)}")
+
+
+@contextmanager
+def small_file_system(folder: Path, size: str) -> Iterator[Path]:
+    """``folder`` as a tmpfs of ``size`` (e.g. "4m") for the block: a disk that really fills
+    up. Mounting needs root (as here and in CI); elsewhere the test is skipped, saying why."""
+    folder.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {r.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def port_answers(port: int, host: str = "127.0.0.1") -> bool:

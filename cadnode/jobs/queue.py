@@ -236,19 +236,24 @@ def claim_next_job(
         return ClaimedJob(job.id, job.study_id, study.study_uid, job.attempts, owner)
 
 
+def _running(s: Any, job_id: int, *conditions: Any, **values: Any) -> Job | None:
+    """Set ``values`` on a running job that meets ``conditions`` in one guarded UPDATE (which
+    also locks its row for this transaction) and return the row read afresh; None when the
+    job no longer qualifies (finished, requeued, renewed or taken by another worker)."""
+    updated = cast(CursorResult[Any], s.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING, *conditions)
+        .values(**values))).rowcount
+    if updated != 1:
+        return None
+    return cast(Job, s.get(Job, job_id, populate_existing=True))
+
+
 def _fenced(s: Any, job: ClaimedJob, **values: Any) -> Job:
-    """Lock the job's row for this transaction if ``job.owner`` still holds its lease (and
-    set ``values``), else raise LeaseLost: the fence every change of a running job goes
-    through."""
-    held = cast(CursorResult[Any], s.execute(
-        update(Job).where(Job.id == job.id, Job.state == JobState.RUNNING,
-                          Job.lease_owner == job.owner)
-        .values(lease_owner=job.owner, **values))).rowcount
-    if held != 1:
+    """The job's row, locked, if ``job.owner`` still holds its lease (and ``values`` set),
+    else LeaseLost: the fence every change of a running job goes through."""
+    row = _running(s, job.id, Job.lease_owner == job.owner, lease_owner=job.owner, **values)
+    if row is None:
         raise LeaseLost(f"job {job.id}: the lease of {job.owner} was lost")
-    row = s.get(Job, job.id)
-    assert row is not None
-    s.refresh(row)
     return row
 
 
@@ -403,14 +408,9 @@ def expire_leases(db: Database, max_attempts: int, now: float | None = None) -> 
             .order_by(Job.id)  # one lock order for every node sharing the database
         ).all()
         for job_id in stale:
-            if cast(CursorResult[Any], s.execute(
-                    update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING,
-                                      Job.lease_until < now)
-                    .values(lease_owner=None))).rowcount != 1:
+            job = _running(s, job_id, Job.lease_until < now, lease_owner=None)
+            if job is None:
                 continue  # finished or renewed since the select
-            job = s.get(Job, job_id)
-            assert job is not None
-            s.refresh(job)
             _fail(s, job, "lease expired (worker stopped or overran its lease)", max_attempts,
                   False, now)
             taken += 1

@@ -101,7 +101,6 @@ class Worker:
         self.decoder = DecodePool(settings.decode_memory_mb)
         self._stop = threading.Event()
         self.healthy = True  # False while iterations fail (database down, disk full)
-        self.last_iteration = time.monotonic()
 
     def run_forever(self) -> None:
         """Run jobs until stopped. Nothing that goes wrong in one iteration ends the loop: a
@@ -123,7 +122,6 @@ class Worker:
                     self._stop.wait(delay)
                     continue
                 self.healthy = True
-                self.last_iteration = time.monotonic()
                 if not busy:
                     self._stop.wait(self.settings.poll_seconds)
         finally:

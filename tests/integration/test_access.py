@@ -13,7 +13,7 @@ from sqlalchemy import select
 from cadnode.dicom.listener import Listener, Policy, server_ssl_context
 from cadnode.jobs.db import Database, Event, Instance
 from cadnode.jobs.queue import record_instance
-from tests.helpers import require, wait_until
+from tests.helpers import require, small_file_system, wait_until
 
 StartNode = Callable[[Policy], int]
 
@@ -141,16 +141,8 @@ def test_low_disk_refuses_with_out_of_resources(start_node, demo_study, tmp_path
 @pytest.fixture
 def small_spool(tmp_path: Path) -> Iterator[Path]:
     """The spool on its own 4 MiB file system (a tmpfs; mounting needs root)."""
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(spool)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here: {r.stderr.strip()}")
-    try:
+    with small_file_system(tmp_path / "spool", "4m") as spool:
         yield spool
-    finally:
-        subprocess.run(["umount", "-l", str(spool)], check=True)
 
 
 def test_disk_full_mid_transfer_answers_out_of_resources(start_node, small_spool, demo_study,  # type: ignore[no-untyped-def]

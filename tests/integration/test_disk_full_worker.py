@@ -9,7 +9,6 @@ filler is deleted the study completes without anyone restarting anything.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -24,23 +23,15 @@ from cadnode.dicom.sender import send_files
 from cadnode.jobs import queue
 from cadnode.jobs.db import Database, Study
 from cadnode.jobs.worker import Worker
-from tests.helpers import wait_until, write_small_study
+from tests.helpers import small_file_system, wait_until, write_small_study
 
 STUDY = "1.2.826.0.1.3680043.10.1.312"
 
 
 @pytest.fixture
 def small_home(tmp_path: Path) -> Iterator[Path]:
-    home = tmp_path / "home"
-    home.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(home)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here: {r.stderr.strip()}")
-    try:
+    with small_file_system(tmp_path / "home", "24m") as home:
         yield home
-    finally:
-        subprocess.run(["umount", "-l", str(home)], check=True)
 
 
 def _fill(folder: Path) -> Path:
