@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cadnode.config import Settings, SettingsError, load_settings
+from cadnode.runtime.enum import PRECISIONS, Backend
 
 
 def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
@@ -292,14 +293,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plan", default=None, help="the TensorRT engine, for tensorrt_plan")
     t.add_argument("--max-views", type=int, default=8, help="max_batch_size (views)")
     t.add_argument("--kind", default="gpu", choices=["gpu", "cpu"], help="instance_group kind")
+    b = esub.add_parser("build", help="a TensorRT engine for this GPU from a package's ONNX",
+                        description="Build (or find up to date) the TensorRT plan of a model "
+                        "package for this GPU and TensorRT version, under CADNODE_HOME/engines "
+                        "(see trt_engines/README.md). Needs an NVIDIA GPU, TensorRT and "
+                        "cuda-python.")
+    b.add_argument("--package", default=None, help="model package (default: CADNODE_MODEL, "
+                   "else the packaged demonstration model)")
+    b.add_argument("--precision", default="fp16", choices=[p.value for p in
+                                                           PRECISIONS[Backend.TENSORRT]])
+    b.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                   help="same as --precision fp16 (the default)")
+    b.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                   help="same as --precision int8 (needs --calibration)")
+    b.add_argument("--calibration", default=None,
+                   help="int8: a folder of this site's own DICOM mammograms")
+    b.add_argument("--max-views", type=int, default=None,
+                   help="largest batch of the profile (default: CADNODE_MAX_VIEWS)")
+    b.add_argument("--workspace-mb", type=int, default=4096, help="builder workspace limit")
     return p
 
 
 def cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
     from cadnode.runtime import DEFAULT_MODEL_PACKAGE
-    from trt_engines.triton_repo import RepositoryOptions, write_repository
 
     package = args.package or settings.model or str(DEFAULT_MODEL_PACKAGE)
+    if args.engine_command == "build":
+        return _engine_build(settings, args, package)
+    from trt_engines.triton_repo import RepositoryOptions, write_repository
+
     options = RepositoryOptions(platform=args.platform, max_views=args.max_views, kind=args.kind)
     try:
         folder = write_repository(package, args.out, options, plan=args.plan)
@@ -311,6 +333,22 @@ def cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
         print(f"cadnode engine triton-repo: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {folder / 'config.pbtxt'} and {folder / str(options.version)}/")
+    return 0
+
+
+def _engine_build(settings: Settings, args: argparse.Namespace, package: str) -> int:
+    from cadnode.runtime import BackendUnavailable
+    from trt_engines.build import build_engine
+
+    try:
+        plan = build_engine(package, home=settings.home, precision=args.precision,
+                            max_views=args.max_views or settings.max_views,
+                            workspace_mb=args.workspace_mb,
+                            calibration=Path(args.calibration) if args.calibration else None)
+    except (BackendUnavailable, ValueError, OSError) as exc:
+        print(f"cadnode engine build: {exc}", file=sys.stderr)
+        return 2
+    print(f"engine {plan}")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from cadnode.dicom.selection import ImplantPolicy
 from cadnode.results.enum import ResultKind
-from cadnode.runtime.enum import DEVICES, Backend
+from cadnode.runtime.enum import DEVICES, PRECISIONS, Backend, Precision
 from cadnode.uid import is_valid_uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
@@ -54,6 +54,11 @@ class Settings:
     db_url: str = field(default="", repr=False)  # empty: a SQLite file under home; a secret
     backend: str = "onnxruntime"
     device: str = "auto"  # auto | cpu | gpu (gpu: refuse to start without one)
+    precision: str = ""  # fp32 | fp16 | bf16 | int8; empty: the backend's default
+    max_views: int = 8  # views in one engine call: the TensorRT profile's largest batch
+    triton_url: str = ""  # backend triton: http://host:8000 or grpc://host:8001
+    triton_model: str = ""  # empty: the package's name, as `cadnode engine triton-repo` writes
+    triton_timeout: float = 30.0  # seconds for one inference request to the server
     model: str = ""  # empty: the packaged demonstration model
     stable_seconds: float = 300.0  # quiet time after which a study runs with whatever arrived
     complete_seconds: float = 5.0  # quiet time after the four standard views are in
@@ -216,6 +221,30 @@ def load_settings(
     return settings
 
 
+def _check_precision(s: Settings) -> None:
+    if not s.precision:
+        return
+    if s.precision not in [p.value for p in Precision]:
+        raise SettingsError(f"CADNODE_PRECISION: {s.precision!r} is not one of "
+                            f"{', '.join(p.value for p in Precision)}")
+    offered = ([p.value for ps in PRECISIONS.values() for p in ps] if s.backend == Backend.AUTO
+               else [p.value for p in PRECISIONS[Backend(s.backend)]])
+    if s.precision not in offered:
+        raise SettingsError(f"CADNODE_PRECISION: backend {s.backend} computes in "
+                            f"{', '.join(dict.fromkeys(offered))}, not {s.precision}")
+
+
+def engine_options(s: Settings) -> dict[str, object]:
+    """What ``cadnode.runtime.load_engine`` takes from the settings, whatever the backend."""
+    options: dict[str, object] = {"home": s.home, "max_views": s.max_views,
+                                  "timeout_s": s.triton_timeout}
+    if s.triton_url:
+        options["url"] = s.triton_url
+    if s.triton_model:
+        options["model"] = s.triton_model
+    return options
+
+
 def validate(s: Settings) -> None:
     """Check values that parse but cannot work."""
     _check_ae(s.ae_title, "CADNODE_AE_TITLE")
@@ -226,6 +255,13 @@ def validate(s: Settings) -> None:
         )
     if s.device not in DEVICES:
         raise SettingsError(f"CADNODE_DEVICE: {s.device!r} is not one of {', '.join(DEVICES)}")
+    _check_precision(s)
+    if not 1 <= s.max_views <= 64:
+        raise SettingsError("CADNODE_MAX_VIEWS: must be between 1 and 64")
+    if s.backend == Backend.TRITON and not re.match(r"^(https?|grpc)://[^/\s]+$|^[^/\s:]+:\d+$",
+                                                     s.triton_url):
+        raise SettingsError(f"CADNODE_TRITON_URL: {s.triton_url!r} is not http://host:port, "
+                            "https://host:port or grpc://host:port (backend triton needs it)")
     if s.db_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", s.db_url):
         raise SettingsError("CADNODE_DB_URL: must start with sqlite:// or postgresql+psycopg://")
     if s.model and not Path(s.model).is_dir():

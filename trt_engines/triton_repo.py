@@ -16,13 +16,13 @@ concurrent studies.
 
 from __future__ import annotations
 
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cadnode.runtime.manifest import ModelManifest, read_manifest
+from cadnode.runtime.triton import model_name
 
 PLATFORMS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 KINDS = ("gpu", "cpu")
@@ -41,11 +41,6 @@ class RepositoryOptions:
     kind: str = "gpu"  # instance_group kind
     instances: int = 1  # model instances per device
     version: int = 1
-
-
-def model_name(manifest: ModelManifest) -> str:
-    """Triton model names are folder names: the package's name, made safe."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", manifest.name)
 
 
 def _graph_io(manifest: ModelManifest) -> tuple[dict[str, tuple[str, list[Any]]],

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from cadnode.config import Settings
+from cadnode.config import Settings, engine_options
 from cadnode.dicom.pixels import (
     PixelDecodeError,
     PreparedImage,
@@ -28,6 +28,7 @@ from cadnode.dicom.spool import write_durably
 from cadnode.dicom.views import MALFORMED_VALUE, ViewInfo
 from cadnode.jobs.db import Database, Instance
 from cadnode.jobs.decoding import DecodePool
+from cadnode.jobs.inputs import encode_texts
 from cadnode.jobs.queue import (
     ClaimedJob,
     LeaseLost,
@@ -44,7 +45,6 @@ from cadnode.results.findings import NotAnalysed, StudyFindings, ViewFinding
 from cadnode.results.uids import DEFAULT_UID_ROOT, result_identity
 from cadnode.runtime import DEFAULT_MODEL_PACKAGE, Engine, load_engine
 from cadnode.runtime.scoring import aggregate
-from cadnode.text.clinical import build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class _View:
 
 def load_model(settings: Settings) -> tuple[Engine, ClinicalTokenizer]:
     package = Path(settings.model) if settings.model else DEFAULT_MODEL_PACKAGE
-    engine = load_engine(package, settings.backend, device=settings.device)
+    engine = load_engine(package, settings.backend, device=settings.device,
+                         precision=settings.precision, **engine_options(settings))
     return engine, ClinicalTokenizer.from_file(package / "tokenizer.json")
 
 
@@ -281,10 +282,7 @@ class Worker:
 
     def _encode_text(self, ok: list[_View]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask of each view's clinical text (from its header)."""
-        encoded = [self.tokenizer.encode(build_clinical_text(v.header, v.info)) for v in ok]
-        ids = np.stack([e[0] for e in encoded]).astype(np.int64)
-        mask = np.stack([e[1] for e in encoded]).astype(np.int64)
-        return ids, mask
+        return encode_texts(self.tokenizer, [(v.header, v.info) for v in ok])
 
     @staticmethod
     def _finding(

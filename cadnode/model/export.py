@@ -1,19 +1,21 @@
-"""torch model -> model package (model.onnx + tokenizer.json + manifest.json), parity-checked.
+"""torch model -> model package (model.onnx + model.pt2 + tokenizer.json + manifest.json),
+parity-checked.
 
 ``python -m cadnode.model.export --model cadnode-effb0-cpu --out DIR [--checkpoint CKPT]
 [--version V] [--demo]``
 
 The graph takes images in [0, 1] and applies the intensity normalisation itself (recorded in the
 manifest), and outputs probabilities: ``cancer`` (B,), ``calcification`` (B,), ``heatmap`` (B,h,w).
-Only the batch axis is dynamic. After writing, the package is opened with the node's own runtime
-(ONNX Runtime, CPU) and compared with torch on random real-sized inputs; a difference above
-``PARITY_TOLERANCE`` fails the export.
+Only the batch axis is dynamic. ``model.pt2`` is the same wrapper as a ``torch.export`` program
+(the torch backend's reference, which serving loads without this module). After writing, the
+package is opened with the node's own engines (ONNX Runtime and the torch program, CPU) and
+compared with torch on random real-sized inputs; a difference above ``PARITY_TOLERANCE`` fails
+the export.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import warnings
@@ -33,7 +35,10 @@ from cadnode.runtime.manifest import (
     MODEL_NAME,
     OUTPUT_NAMES,
     TOKENIZER_NAME,
+    TORCH_PROGRAM_NAME,
+    sha256,
 )
+from cadnode.runtime.types import Engine
 from cadnode.text.clinical import TEXT_TEMPLATE_VERSION, template_vocabulary
 from cadnode.text.tokenizer import ClinicalTokenizer
 
@@ -84,13 +89,26 @@ def export_onnx(model: FusedVLM, path: Path, opset: int = DEFAULT_OPSET, batch: 
                           opset_version=opset, do_constant_folding=True, dynamo=False)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def export_torch_program(model: FusedVLM, path: Path, max_views: int = 64) -> None:
+    """The probability wrapper as a ``torch.export`` program with a dynamic batch of 1 to
+    ``max_views`` views, traced in eval mode on the CPU (serving moves it to a GPU)."""
+    cfg = model.cfg
+    h, w = cfg.input_size
+    wrapper = ProbabilityWrapper(model).eval()
+    image = torch.rand(2, 1, h, w)
+    ids = torch.randint(5, 64, (2, cfg.max_text_len), dtype=torch.int64)
+    mask = torch.ones(2, cfg.max_text_len, dtype=torch.int64)
+    batch = torch.export.Dim("batch", min=1, max=max_views)
+    with torch.no_grad():
+        program = torch.export.export(wrapper, (image, ids, mask),
+                                      dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+    torch.export.save(program, str(path))
 
 
 def parity(model: FusedVLM, package: Path, tokenizer: ClinicalTokenizer, batch: int = 3,
            seed: int = 1) -> float:
-    """Max |onnxruntime - torch| over all outputs on random real-sized inputs (batch != trace)."""
+    """Max |engine - torch| over all outputs on random real-sized inputs (batch != trace), for
+    ONNX Runtime and, when the package has one, the torch program."""
     from cadnode.runtime.onnx import OnnxEngine
 
     gen = torch.Generator().manual_seed(seed)
@@ -101,16 +119,27 @@ def parity(model: FusedVLM, package: Path, tokenizer: ClinicalTokenizer, batch: 
     with torch.no_grad():
         ref = ProbabilityWrapper(model).eval()(image, torch.from_numpy(ids_np),
                                                torch.from_numpy(mask_np))
-    out = OnnxEngine(package).predict(image.numpy(), ids_np, mask_np)
-    got = (out.cancer, out.calcification, out.heatmap)
-    return max(float(np.max(np.abs(g - r.numpy()))) for g, r in zip(got, ref, strict=True))
+    worst = 0.0
+    engines: list[Engine] = [OnnxEngine(package)]
+    if (package / TORCH_PROGRAM_NAME).is_file():
+        from cadnode.runtime.torch_program import TorchEngine
+
+        engines.append(TorchEngine(package, device="cpu"))
+    for engine in engines:
+        out = engine.predict(image.numpy(), ids_np, mask_np)
+        got = (out.cancer, out.calcification, out.heatmap)
+        worst = max(worst, *(float(np.max(np.abs(g - r.numpy())))
+                             for g, r in zip(got, ref, strict=True)))
+    return worst
 
 
 def export_package(model: FusedVLM, out: str | Path, *, version: str, demo: bool,
                    training: str, opset: int = DEFAULT_OPSET,
                    thresholds: dict[str, float] | None = None,
-                   tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
-    """Write the three package files into ``out`` and check parity; returns the manifest."""
+                   tolerance: float = PARITY_TOLERANCE,
+                   torch_program: bool = True) -> dict[str, Any]:
+    """Write the package files into ``out`` (``model.pt2`` too unless ``torch_program`` is
+    False) and check parity; returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -121,6 +150,12 @@ def export_package(model: FusedVLM, out: str | Path, *, version: str, demo: bool
                          f"only {cfg.vocab_size}")
     tokenizer.save(out / TOKENIZER_NAME)
     export_onnx(model, out / MODEL_NAME, opset=opset)
+    files = [MODEL_NAME, TOKENIZER_NAME]
+    if torch_program:
+        export_torch_program(model, out / TORCH_PROGRAM_NAME)
+        files.append(TORCH_PROGRAM_NAME)
+    else:
+        (out / TORCH_PROGRAM_NAME).unlink(missing_ok=True)
     h, w = cfg.input_size
     stride = model.heatmap_stride
     manifest: dict[str, Any] = {
@@ -143,15 +178,15 @@ def export_package(model: FusedVLM, out: str | Path, *, version: str, demo: bool
         "architecture": {k: v for k, v in cfg.to_dict().items()
                          if k not in ("backbone_checkpoint", "extra")},
         "opset": opset,
-        "sha256": {MODEL_NAME: _sha256(out / MODEL_NAME),
-                   TOKENIZER_NAME: _sha256(out / TOKENIZER_NAME)},
+        "sha256": {name: sha256(out / name) for name in files},
     }
     if demo:
         manifest["notice"] = DEMO_NOTICE
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     diff = parity(model, out, tokenizer)
     if not diff <= tolerance:
-        raise RuntimeError(f"ONNX parity failed: max abs diff {diff:.3g} > {tolerance:g}")
+        raise RuntimeError("parity failed (ONNX Runtime or the torch program vs torch): max abs "
+                           f"diff {diff:.3g} > {tolerance:g}")
     manifest["parity_max_abs_diff"] = float(f"{diff:.3g}")
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -168,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random init seed (no checkpoint)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--training", help="training summary for the manifest")
+    parser.add_argument("--no-torch-program", action="store_true",
+                        help=f"leave out {TORCH_PROGRAM_NAME} (the torch backend's program)")
     args = parser.parse_args(argv)
     if args.opset < 17:
         parser.error("opset must be >= 17")
@@ -182,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         training = args.training or f"untrained: random initialisation (seed {args.seed})"
     manifest = export_package(model, args.out, version=args.version, demo=args.demo,
-                              training=training, opset=args.opset)
+                              training=training, opset=args.opset,
+                              torch_program=not args.no_torch_program)
     sizes = {p.name: p.stat().st_size for p in sorted(args.out.iterdir()) if p.is_file()}
     print(json.dumps({"package": str(args.out), "files": sizes,
                       "parity_max_abs_diff": manifest["parity_max_abs_diff"]}, indent=2))

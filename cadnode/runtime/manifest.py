@@ -1,6 +1,7 @@
 """Model package manifest (``manifest.json``): what the node needs to know to run a package.
 
-A package is one folder: ``model.onnx``, ``tokenizer.json``, ``manifest.json``. The reader
+A package is one folder: ``model.onnx``, ``tokenizer.json``, ``manifest.json``, and optionally
+``model.pt2`` (the same weights as a ``torch.export`` program, for the torch backend). The reader
 refuses (ValueError naming the reason) any manifest it does not fully understand, rather than
 guessing: unknown ``format_version``, a missing or mistyped key, a missing file, a checksum
 mismatch, or a text template other than the one this node builds.
@@ -23,6 +24,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
+TORCH_PROGRAM_NAME = "model.pt2"  # optional
 INPUT_NAMES: tuple[str, ...] = ("image", "input_ids", "attention_mask")
 OUTPUT_NAMES: tuple[str, ...] = ("cancer", "calcification", "heatmap")
 DEMO_NOTICE = "demonstration model - not for clinical use"
@@ -59,6 +61,7 @@ class ModelManifest:
     demo: bool
     training: str
     notice: str | None = None
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> hex digest
     heatmap_size: tuple[int, int] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -71,12 +74,17 @@ class ModelManifest:
     def tokenizer_path(self) -> Path:
         return self.package / TOKENIZER_NAME
 
+    @property
+    def torch_program_path(self) -> Path:
+        return self.package / TORCH_PROGRAM_NAME
+
 
 def _refuse(where: Path, reason: str) -> ValueError:
     return ValueError(f"model package {where}: {reason}")
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex digest of a file, read in 1 MiB pieces."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -161,12 +169,14 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
         raise _refuse(package, "sha256 must map file names to hex digests")
     if verify_checksums:
         for name, digest in sorted(checksums.items()):
-            if name not in (MODEL_NAME, TOKENIZER_NAME):
+            if name == TORCH_PROGRAM_NAME and not (package / name).is_file():
+                raise _refuse(package, f"missing file {name} (listed in sha256)")
+            if name not in (MODEL_NAME, TOKENIZER_NAME, TORCH_PROGRAM_NAME):
                 continue
-            if _sha256(package / name) != digest:
+            if sha256(package / name) != digest:
                 raise _refuse(package, f"checksum mismatch for {name} (file changed or corrupt)")
 
-    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice"}
+    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice", "sha256"}
     return ModelManifest(
         package=package,
         name=data["name"],
@@ -181,5 +191,6 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
         training=data["training"],
         notice=data.get("notice"),
         heatmap_size=heatmap_size,
+        sha256={str(k): str(v) for k, v in checksums.items()},
         extra={k: v for k, v in data.items() if k not in known},
     )

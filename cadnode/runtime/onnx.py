@@ -3,7 +3,9 @@
 On the CPU by default; with ``onnxruntime-gpu`` installed and a CUDA device present, the
 TensorRT and CUDA execution providers are taken in that order (``providers`` says which ONNX
 Runtime actually used: it falls back to the CPU when a provider's libraries or device are
-missing, so the request alone proves nothing).
+missing, so the request alone proves nothing). ``precision="int8"`` runs the package's
+quantised variant, made on this machine by ``cadnode engine quantize`` and kept under the
+node's home only when it scores the benchmark as well as fp32 (see ``int8_model_path``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cadnode.runtime.enum import DEVICES, BackendUnavailable
-from cadnode.runtime.manifest import INPUT_NAMES, ModelManifest, read_manifest
+from cadnode.runtime.enum import DEVICES, Backend, BackendUnavailable, Precision, precision_for
+from cadnode.runtime.feeds import check_feeds
+from cadnode.runtime.manifest import INPUT_NAMES, MODEL_NAME, ModelManifest, read_manifest, sha256
 from cadnode.runtime.types import ViewOutputs
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,14 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 #: Device memory the CUDA provider may hold for its arena (the arena grows by what is asked for,
 #: not by doubling, so a 4-view batch does not reserve twice its need).
 CUDA_MEMORY_LIMIT = 8 * 2**30
+
+
+def int8_model_path(manifest: ModelManifest, home: Path) -> Path:
+    """Where the quantised variant of ``manifest``'s ONNX lives: named by the ONNX file's
+    sha256, so a changed model never meets an old quantisation."""
+    digest = manifest.sha256.get(MODEL_NAME) or sha256(manifest.model_path)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in manifest.name)
+    return Path(home) / "engines" / f"{safe}-{digest[:12]}-ort-int8.onnx"
 
 
 def gpu_providers() -> list[str]:
@@ -68,16 +79,30 @@ def _requested(device: str) -> list[str | tuple[str, dict[str, object]]]:
 class OnnxEngine:
     """Runs a model package's model.onnx with ONNX Runtime."""
 
-    backend = "onnxruntime"
+    backend = Backend.ONNXRUNTIME.value
 
     def __init__(self, package: str | Path | ModelManifest, *, intra_op_threads: int = 0,
-                 verify_checksums: bool = True, device: str = "auto") -> None:
+                 verify_checksums: bool = True, device: str = "auto", precision: str = "",
+                 home: str | Path | None = None) -> None:
         """``device``: "auto" (a GPU provider when one can run, else the CPU), "cpu", or
-        "gpu" (BackendUnavailable when no GPU provider is taken)."""
+        "gpu" (BackendUnavailable when no GPU provider is taken); ``precision`` fp32 or int8
+        (the quantised variant under ``home``)."""
         self.manifest = (package if isinstance(package, ModelManifest)
                          else read_manifest(package, verify_checksums=verify_checksums))
+        self.precision = precision_for(Backend.ONNXRUNTIME, precision)
+        model = self.manifest.model_path
+        if self.precision is Precision.INT8:
+            if home is None:
+                raise BackendUnavailable("int8 needs the node's home, where the quantised "
+                                         "model is kept")
+            model = int8_model_path(self.manifest, Path(home))
+            if not model.is_file():
+                raise BackendUnavailable(
+                    f"no int8 model for {self.manifest.name} {self.manifest.version} at "
+                    f"{model}; make it with: cadnode engine quantize --package "
+                    f"{self.manifest.package}")
         requested = _requested(device)
-        self.session = ort.InferenceSession(str(self.manifest.model_path),
+        self.session = ort.InferenceSession(str(model),
                                             sess_options=session_options(intra_op_threads),
                                             providers=requested)
         #: the execution providers ONNX Runtime took, in order of preference
@@ -86,8 +111,9 @@ class OnnxEngine:
             raise BackendUnavailable(
                 "ONNX Runtime offers a GPU provider but could not use it (no CUDA device, or "
                 f"its libraries are missing); it took only {', '.join(self.providers)}")
-        log.info("model %s %s on ONNX Runtime %s (%s)", self.manifest.name,
-                 self.manifest.version, ort.__version__, ", ".join(self.providers))
+        log.info("model %s %s (%s) on ONNX Runtime %s (%s)", self.manifest.name,
+                 self.manifest.version, self.precision.value, ort.__version__,
+                 ", ".join(self.providers))
         self._inputs = [i.name for i in self.session.get_inputs()]
         unknown = sorted(set(self._inputs) - set(INPUT_NAMES))
         if unknown:
@@ -98,28 +124,12 @@ class OnnxEngine:
             raise ValueError(f"model package {self.manifest.package}: graph outputs "
                              f"{sorted(outputs)} lack {list(self.manifest.outputs)}")
 
-    def _check(self, images: np.ndarray, input_ids: np.ndarray,
-               attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        h, w = self.manifest.input_size
-        if images.ndim != 4 or images.shape[1:] != (1, h, w):
-            raise ValueError(f"images must be (B, 1, {h}, {w}), got {images.shape}")
-        length = self.manifest.max_text_len
-        b = images.shape[0]
-        for name, arr in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-            if arr.shape != (b, length):
-                raise ValueError(f"{name} must be ({b}, {length}), got {arr.shape}")
-        feeds = {"image": images, "input_ids": input_ids, "attention_mask": attention_mask}
-        return {name: feeds[name] for name in self._inputs}
-
     def predict(self, images: np.ndarray, input_ids: np.ndarray,
                 attention_mask: np.ndarray) -> ViewOutputs:
         """images float32 (B,1,H,W) in [0,1]; tokens int64 (B,L) -> probabilities per view."""
-        feeds = self._check(images, input_ids, attention_mask)
+        feeds = check_feeds(self.manifest, images, input_ids, attention_mask)
         names = ["cancer", "calcification", "heatmap"]
-        cancer, calc, heat = self.session.run(names, feeds)
+        cancer, calc, heat = self.session.run(names, {n: feeds[n] for n in self._inputs})
         return ViewOutputs(cancer=np.asarray(cancer, dtype=np.float32).reshape(-1),
                            calcification=np.asarray(calc, dtype=np.float32).reshape(-1),
                            heatmap=np.asarray(heat, dtype=np.float32))

@@ -82,19 +82,22 @@ def test_export_parity(tmp_path) -> None:
     model = create_model("cadnode-effb0-cpu", **TINY)
     manifest = export_package(model, tmp_path, version="t", demo=True, training="test")
     assert manifest["parity_max_abs_diff"] <= 1e-4
-    assert {p.name for p in tmp_path.iterdir()} == {"model.onnx", "tokenizer.json",
+    assert {p.name for p in tmp_path.iterdir()} == {"model.onnx", "model.pt2", "tokenizer.json",
                                                     "manifest.json"}
-    engine = load_engine(tmp_path)
-    assert engine.manifest.input_size == (128, 64) and engine.manifest.heatmap_size == (4, 2)
-    # independent parity check with a different batch size than the exporter used
+    assert set(manifest["sha256"]) == {"model.onnx", "model.pt2", "tokenizer.json"}
+    # independent parity check with a different batch size than the exporter used, for the
+    # ONNX graph and the torch.export program
     image, ids, mask = _inputs(b=5)
     with torch.no_grad():
         ref = model.eval()(image, ids, mask)
-    out = engine.predict(image.numpy(), ids.numpy(), mask.numpy())
-    assert np.abs(out.cancer - torch.sigmoid(ref["cancer_logit"]).numpy()).max() <= 1e-4
-    assert np.abs(out.calcification
-                  - torch.sigmoid(ref["calcification_logit"]).numpy()).max() <= 1e-4
-    assert np.abs(out.heatmap - ref["heatmap"][:, 0].numpy()).max() <= 1e-4
+    for backend in ("onnxruntime", "torch"):
+        engine = load_engine(tmp_path, backend, device="cpu")
+        assert engine.manifest.input_size == (128, 64) and engine.manifest.heatmap_size == (4, 2)
+        out = engine.predict(image.numpy(), ids.numpy(), mask.numpy())
+        assert np.abs(out.cancer - torch.sigmoid(ref["cancer_logit"]).numpy()).max() <= 1e-4
+        assert np.abs(out.calcification
+                      - torch.sigmoid(ref["calcification_logit"]).numpy()).max() <= 1e-4
+        assert np.abs(out.heatmap - ref["heatmap"][:, 0].numpy()).max() <= 1e-4
     import onnx
 
     graph = onnx.load(str(tmp_path / "model.onnx"))

@@ -183,10 +183,15 @@ def test_auto_takes_what_the_machine_can_run_and_says_why(caplog) -> None:  # ty
     with caplog.at_level(logging.INFO, logger="cadnode.runtime"):  # as the worker calls it
         auto = load_engine(DEFAULT_MODEL_PACKAGE, "auto", device="auto", intra_op_threads=1)
     reason = next(m for r in caplog.records if (m := r.getMessage()).startswith("backend auto"))
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "passed over TensorRT: the tensorrt module is not installed" in reason
     if gpu_providers():
         assert "ONNX Runtime with" in reason
     else:
-        assert "on the CPU (no GPU execution provider" in reason
+        assert "ONNX Runtime with CPUExecutionProvider" in reason
+        assert "ONNX Runtime CUDA: no GPU execution provider" in reason
         assert auto.providers == ["CPUExecutionProvider"]
 
 
