@@ -258,10 +258,10 @@ def validate(s: Settings) -> None:
     _check_precision(s)
     if not 1 <= s.max_views <= 64:
         raise SettingsError("CADNODE_MAX_VIEWS: must be between 1 and 64")
-    if s.backend == Backend.TRITON and not re.match(r"^(https?|grpc)://[^/\s]+$|^[^/\s:]+:\d+$",
+    if s.backend == Backend.TRITON and not re.match(r"^(http|grpc)://[^/\s]+$|^[^/\s:]+:\d+$",
                                                      s.triton_url):
-        raise SettingsError(f"CADNODE_TRITON_URL: {s.triton_url!r} is not http://host:port, "
-                            "https://host:port or grpc://host:port (backend triton needs it)")
+        raise SettingsError(f"CADNODE_TRITON_URL: {s.triton_url!r} is not http://host:port or "
+                            "grpc://host:port (backend triton needs it)")
     if s.db_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", s.db_url):
         raise SettingsError("CADNODE_DB_URL: must start with sqlite:// or postgresql+psycopg://")
     if s.model and not Path(s.model).is_dir():

@@ -23,3 +23,20 @@ def check_feeds(manifest: ModelManifest, images: np.ndarray, input_ids: np.ndarr
         if arr.shape != (b, length):
             raise ValueError(f"{name} must be ({b}, {length}), got {arr.shape}")
     return {"image": images, "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+#: The dtype of every tensor a package's model takes or gives.
+TENSOR_DTYPES: dict[str, np.dtype] = {
+    "image": np.dtype(np.float32), "input_ids": np.dtype(np.int64),
+    "attention_mask": np.dtype(np.int64), "cancer": np.dtype(np.float32),
+    "calcification": np.dtype(np.float32), "heatmap": np.dtype(np.float32)}
+
+
+def view_shapes(manifest: ModelManifest) -> dict[str, tuple[int, ...] | None]:
+    """Per-view shape (the batch dimension left out) of every tensor; None for a heatmap whose
+    size the manifest does not record. Engines check a compiled or served model against it."""
+    h, w = manifest.input_size
+    length = manifest.max_text_len
+    return {"image": (1, h, w), "input_ids": (length,), "attention_mask": (length,),
+            "cancer": (), "calcification": (),
+            "heatmap": tuple(manifest.heatmap_size) if manifest.heatmap_size else None}

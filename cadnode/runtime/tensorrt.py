@@ -27,8 +27,8 @@ from cadnode.runtime.engine_cache import (
     other_plans,
     sidecar_problem,
 )
-from cadnode.runtime.enum import BackendUnavailable
-from cadnode.runtime.feeds import check_feeds
+from cadnode.runtime.enum import Backend, BackendUnavailable
+from cadnode.runtime.feeds import TENSOR_DTYPES, check_feeds, view_shapes
 from cadnode.runtime.manifest import INPUT_NAMES, ModelManifest, read_manifest
 from cadnode.runtime.types import ViewOutputs
 
@@ -68,24 +68,14 @@ def build_command(package: Path, precision: str, max_views: int) -> str:
 
 def expected_io(manifest: ModelManifest) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
     """Per-view (dtype, shape) of every tensor the package defines (batch dimension left out)."""
-    h, w = manifest.input_size
-    length = manifest.max_text_len
-    io: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {
-        "image": (np.dtype(np.float32), (1, h, w)),
-        "input_ids": (np.dtype(np.int64), (length,)),
-        "attention_mask": (np.dtype(np.int64), (length,)),
-        "cancer": (np.dtype(np.float32), ()),
-        "calcification": (np.dtype(np.float32), ()),
-    }
-    if manifest.heatmap_size is not None:
-        io["heatmap"] = (np.dtype(np.float32), tuple(manifest.heatmap_size))
-    return io
+    return {name: (TENSOR_DTYPES[name], shape)
+            for name, shape in view_shapes(manifest).items() if shape is not None}
 
 
 class TensorRTEngine:
     """Runs a TensorRT plan of a model package's model.onnx on one NVIDIA GPU."""
 
-    backend = "tensorrt"
+    backend = Backend.TENSORRT.value
 
     def __init__(self, package: str | Path | ModelManifest, *, home: Path,
                  precision: str = TRT_PRECISIONS[0], max_views: int = 8,

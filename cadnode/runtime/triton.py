@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from cadnode.runtime.enum import BackendUnavailable
-from cadnode.runtime.feeds import check_feeds
+from cadnode.runtime.enum import Backend, BackendUnavailable
+from cadnode.runtime.feeds import check_feeds, view_shapes
 from cadnode.runtime.manifest import INPUT_NAMES, ModelManifest, read_manifest
 from cadnode.runtime.types import ViewOutputs
 
@@ -72,16 +72,6 @@ def _endpoint(url: str, protocol: str | None) -> _Endpoint:
     return _Endpoint(chosen, parts.hostname, port)
 
 
-def _expected_shapes(manifest: ModelManifest) -> dict[str, tuple[int, ...] | None]:
-    """Per-view shape (after the batch dimension) of each tensor; None where the manifest does
-    not say (a heatmap of unrecorded size)."""
-    h, w = manifest.input_size
-    length = manifest.max_text_len
-    return {"image": (1, h, w), "input_ids": (length,), "attention_mask": (length,),
-            "cancer": (), "calcification": (),
-            "heatmap": manifest.heatmap_size}
-
-
 def _shape_matches(served: list[int], expected: tuple[int, ...] | None) -> bool:
     """A served shape, batch dimension first, against a per-view shape; -1 matches any size,
     and a scalar per view may be served as (1,) (as Triton's config needs one dimension)."""
@@ -99,7 +89,7 @@ def _shape_matches(served: list[int], expected: tuple[int, ...] | None) -> bool:
 class TritonEngine:
     """Runs a model package's model on a Triton / KServe-v2 server."""
 
-    backend = "triton"
+    backend = Backend.TRITON.value
 
     def __init__(self, package: str | Path | ModelManifest, *, url: str,
                  protocol: str | None = None, model: str | None = None,
@@ -184,7 +174,7 @@ class TritonEngine:
 
     def _check_metadata(self, metadata: dict[str, Any]) -> None:
         """The served tensors must be the package's: names, datatypes, per-view shapes."""
-        expected = _expected_shapes(self.manifest)
+        expected = view_shapes(self.manifest)
         where = f"model {self.model!r} on {self.endpoint}"
         served_in = {t["name"]: t for t in metadata.get("inputs", [])}
         served_out = {t["name"]: t for t in metadata.get("outputs", [])}

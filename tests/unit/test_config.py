@@ -44,6 +44,12 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"CADNODE_NETWORK_TIMEOUT": "0"}, "CADNODE_NETWORK_TIMEOUT"),
         ({"CADNODE_ACSE_TIMEOUT": "99999"}, "CADNODE_ACSE_TIMEOUT"),
         ({"CADNODE_MAX_ASSOCIATIONS_PER_PEER": "0"}, "CADNODE_MAX_ASSOCIATIONS_PER_PEER"),
+        ({"CADNODE_PRECISION": "fp8"}, "CADNODE_PRECISION"),
+        ({"CADNODE_BACKEND": "torch", "CADNODE_PRECISION": "int8"}, "CADNODE_PRECISION"),
+        ({"CADNODE_BACKEND": "onnxruntime", "CADNODE_PRECISION": "fp16"}, "CADNODE_PRECISION"),
+        ({"CADNODE_MAX_VIEWS": "0"}, "CADNODE_MAX_VIEWS"),
+        ({"CADNODE_BACKEND": "triton"}, "CADNODE_TRITON_URL"),
+        ({"CADNODE_BACKEND": "triton", "CADNODE_TRITON_URL": "ftp://x:1"}, "CADNODE_TRITON_URL"),
     ],
 )
 def test_bad_setting_names_itself(env: dict[str, str], named: str, tmp_path: Path) -> None:
@@ -60,6 +66,23 @@ def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         "cadnode: bad setting: CADNODE_PORT: 'eleven' is not a valid int"
     ]
+
+
+def test_engine_settings_reach_every_backend_that_takes_them(tmp_path: Path) -> None:
+    from cadnode.config import engine_options
+    from cadnode.runtime import OPTIONS
+
+    s = load_settings(environ={"CADNODE_HOME": str(tmp_path), "CADNODE_BACKEND": "triton",
+                               "CADNODE_TRITON_URL": "grpc://gpu:8001", "CADNODE_PRECISION": "",
+                               "CADNODE_TRITON_MODEL": "m", "CADNODE_TRITON_TIMEOUT": "5",
+                               "CADNODE_MAX_VIEWS": "4"})
+    options = engine_options(s)
+    assert options == {"home": tmp_path, "max_views": 4, "timeout_s": 5.0,
+                       "url": "grpc://gpu:8001", "model": "m"}
+    taken = {name for names in OPTIONS.values() for name in names}
+    assert set(options) <= taken  # load_engine refuses options no backend takes
+    assert load_settings(environ={"CADNODE_BACKEND": "tensorrt", "CADNODE_PRECISION": "int8",
+                                  "CADNODE_HOME": str(tmp_path)}).precision == "int8"
 
 
 def test_secret_from_file_is_never_echoed(tmp_path: Path) -> None:

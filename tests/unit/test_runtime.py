@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -14,7 +15,13 @@ import pytest
 from pydicom.dataset import Dataset
 
 from cadnode.dicom.views import ViewInfo
-from cadnode.runtime import DEFAULT_MODEL_PACKAGE, ViewOutputs, load_engine, read_manifest
+from cadnode.runtime import (
+    DEFAULT_MODEL_PACKAGE,
+    BackendUnavailable,
+    ViewOutputs,
+    load_engine,
+    read_manifest,
+)
 from cadnode.runtime.scoring import aggregate
 from cadnode.text.clinical import TEXT_TEMPLATE_VERSION, build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
@@ -232,3 +239,42 @@ def test_the_worker_loads_the_auto_backend_with_its_device_setting(tmp_path) -> 
                                           "auto", "CADNODE_DEVICE": device})
         engine, _ = load_model(settings)
         assert engine.providers[-1] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"CADNODE_BACKEND": "torch"}, "has no model.pt2"),
+    ({"CADNODE_BACKEND": "tensorrt"}, "no TensorRT Python module"),
+    ({"CADNODE_BACKEND": "triton", "CADNODE_TRITON_URL": "http://127.0.0.1:9"},
+     "Triton server at http://127.0.0.1:9 is unreachable"),
+    ({"CADNODE_PRECISION": "int8"}, "cadnode engine quantize --package"),
+])
+def test_serve_refuses_a_backend_that_cannot_run_in_one_line(env, says, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each backend's missing piece stops start-up, named, before any study is accepted."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cadnode", "serve"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
+        env={"CADNODE_HOME": str(tmp_path / "home"), "CADNODE_PORT": "0", "PATH": "/usr/bin:/bin",
+             **env})
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("cadnode: bad setting: CADNODE_BACKEND=") and says in line, line
+
+
+def test_engine_build_without_tensorrt_says_what_to_install(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    proc = subprocess.run([sys.executable, "-m", "cadnode", "engine", "build"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={"CADNODE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cadnode engine build: no TensorRT Python module: pip install tensorrt-cu12 (or "
+        "tensorrt-cu13, to match the NVIDIA driver's CUDA), TensorRT 10 or later, on a machine "
+        "with an NVIDIA GPU"]
+
+
+def test_load_engine_refuses_options_no_backend_takes() -> None:
+    with pytest.raises(TypeError, match="unknown engine option"):
+        load_engine(DEFAULT_MODEL_PACKAGE, intra_op_thread=1)
+    with pytest.raises(BackendUnavailable, match="TensorRT runs only on an NVIDIA GPU"):
+        load_engine(DEFAULT_MODEL_PACKAGE, "tensorrt", device="cpu")
