@@ -311,6 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-views", type=int, default=None,
                    help="largest batch of the profile (default: CADNODE_MAX_VIEWS)")
     b.add_argument("--workspace-mb", type=int, default=4096, help="builder workspace limit")
+    q = esub.add_parser("quantize", help="an int8 ONNX model for CPUs, kept only if it scores "
+                        "the benchmark as well as fp32",
+                        description="Quantise a package's model.onnx to int8 with ONNX Runtime "
+                        "and keep it under CADNODE_HOME/engines only if view AUROC (cancer and "
+                        "calcification) stays within --max-auroc-drop of fp32 on the benchmark; "
+                        "CADNODE_PRECISION=int8 then serves it (see trt_engines/README.md).")
+    q.add_argument("--package", default=None, help="model package (default: CADNODE_MODEL, "
+                   "else the packaged demonstration model)")
+    q.add_argument("--benchmark", default=None, help="a labelled DICOM folder (labels.csv as "
+                   "train/synthetic.py writes it); default: a held-out synthetic set")
+    q.add_argument("--calibration", default=None, help="DICOM files for static int8 ranges "
+                   "(default: a small synthetic set)")
+    q.add_argument("--max-auroc-drop", type=float, default=0.005)
+    q.add_argument("--method", default="auto", choices=["auto", "dynamic", "static"])
     return p
 
 
@@ -320,6 +334,8 @@ def cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
     package = args.package or settings.model or str(DEFAULT_MODEL_PACKAGE)
     if args.engine_command == "build":
         return _engine_build(settings, args, package)
+    if args.engine_command == "quantize":
+        return _engine_quantize(settings, args, package)
     from trt_engines.triton_repo import RepositoryOptions, write_repository
 
     options = RepositoryOptions(platform=args.platform, max_views=args.max_views, kind=args.kind)
@@ -350,6 +366,21 @@ def _engine_build(settings: Settings, args: argparse.Namespace, package: str) ->
         return 2
     print(f"engine {plan}")
     return 0
+
+
+def _engine_quantize(settings: Settings, args: argparse.Namespace, package: str) -> int:
+    from trt_engines.quantize import quantize_package
+
+    try:
+        report = quantize_package(
+            package, home=settings.home, max_auroc_drop=args.max_auroc_drop, method=args.method,
+            benchmark=Path(args.benchmark) if args.benchmark else None,
+            calibration=Path(args.calibration) if args.calibration else None)
+    except (ValueError, OSError) as exc:
+        print(f"cadnode engine quantize: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0 if report.kept else 1
 
 
 COMMANDS = {"serve": cmd_serve, "jobs": cmd_jobs, "send": cmd_send, "retry": cmd_retry,

@@ -103,6 +103,10 @@ def build_model(name: str, size: Size, seed: int = 0) -> Any:
     return model
 
 
+def package_folder(cache: Path, name: str, size: Size, seed: int = 0) -> Path:
+    return cache / f"{name}-{size_label(size)}-seed{seed}"
+
+
 def package(cache: Path, name: str, size: Size, seed: int = 0) -> tuple[Path, Any]:
     """A package of ``name`` at ``size`` under ``cache`` (exported once, then reused: the
     weights are kept beside it) and the eager model with the same weights."""
@@ -110,7 +114,7 @@ def package(cache: Path, name: str, size: Size, seed: int = 0) -> tuple[Path, An
 
     from cadnode.model.export import export_package
 
-    folder = cache / f"{name}-{size_label(size)}-seed{seed}"
+    folder = package_folder(cache, name, size, seed)
     weights = folder / "weights.pt"
     model = build_model(name, size, seed)
     if weights.is_file() and (folder / "manifest.json").is_file():
