@@ -329,56 +329,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
-    from cadnode.runtime import DEFAULT_MODEL_PACKAGE
+    """The ``engine`` subcommands; whatever stops one is one line on stderr, exit 2."""
+    from cadnode.runtime import DEFAULT_MODEL_PACKAGE, BackendUnavailable
 
     package = args.package or settings.model or str(DEFAULT_MODEL_PACKAGE)
-    if args.engine_command == "build":
-        return _engine_build(settings, args, package)
-    if args.engine_command == "quantize":
-        return _engine_quantize(settings, args, package)
+    actions = {"build": _engine_build, "quantize": _engine_quantize,
+               "triton-repo": _engine_triton_repo}
+    try:
+        return actions[args.engine_command](settings, args, package)
+    except ImportError as exc:
+        extra = " (pip install 'cadnode[triton]')" if (exc.name or "").startswith("tritonclient") \
+            else ""
+        print(f"cadnode engine {args.engine_command}: needs the Python module {exc.name}{extra}",
+              file=sys.stderr)
+    except (BackendUnavailable, ValueError, OSError) as exc:
+        print(f"cadnode engine {args.engine_command}: {exc}", file=sys.stderr)
+    return 2
+
+
+def _engine_triton_repo(settings: Settings, args: argparse.Namespace, package: str) -> int:
     from trt_engines.triton_repo import RepositoryOptions, write_repository
 
     options = RepositoryOptions(platform=args.platform, max_views=args.max_views, kind=args.kind)
-    try:
-        folder = write_repository(package, args.out, options, plan=args.plan)
-    except ImportError as exc:
-        print(f"cadnode engine triton-repo: needs tritonclient ({exc.name} missing): "
-              "pip install 'cadnode[triton]'", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:
-        print(f"cadnode engine triton-repo: {exc}", file=sys.stderr)
-        return 2
+    folder = write_repository(package, args.out, options, plan=args.plan)
     print(f"wrote {folder / 'config.pbtxt'} and {folder / str(options.version)}/")
     return 0
 
 
 def _engine_build(settings: Settings, args: argparse.Namespace, package: str) -> int:
-    from cadnode.runtime import BackendUnavailable
     from trt_engines.build import build_engine
 
-    try:
-        plan = build_engine(package, home=settings.home, precision=args.precision,
-                            max_views=args.max_views or settings.max_views,
-                            workspace_mb=args.workspace_mb,
-                            calibration=Path(args.calibration) if args.calibration else None)
-    except (BackendUnavailable, ValueError, OSError) as exc:
-        print(f"cadnode engine build: {exc}", file=sys.stderr)
-        return 2
+    plan = build_engine(package, home=settings.home, precision=args.precision,
+                        max_views=args.max_views or settings.max_views,
+                        workspace_mb=args.workspace_mb,
+                        calibration=Path(args.calibration) if args.calibration else None)
     print(f"engine {plan}")
     return 0
 
 
 def _engine_quantize(settings: Settings, args: argparse.Namespace, package: str) -> int:
+    """Exit 1 when the int8 model was refused (the summary says why)."""
     from trt_engines.quantize import quantize_package
 
-    try:
-        report = quantize_package(
-            package, home=settings.home, max_auroc_drop=args.max_auroc_drop, method=args.method,
-            benchmark=Path(args.benchmark) if args.benchmark else None,
-            calibration=Path(args.calibration) if args.calibration else None)
-    except (ValueError, OSError) as exc:
-        print(f"cadnode engine quantize: {exc}", file=sys.stderr)
-        return 2
+    report = quantize_package(
+        package, home=settings.home, max_auroc_drop=args.max_auroc_drop, method=args.method,
+        benchmark=Path(args.benchmark) if args.benchmark else None,
+        calibration=Path(args.calibration) if args.calibration else None)
     print(report.summary())
     return 0 if report.kept else 1
 

@@ -8,6 +8,9 @@ keep the file under ~90 s on 2 cores; the full default benchmark is run by hand 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +81,14 @@ def test_node_serves_the_kept_model(quantized: tuple[QuantizeReport, Path],
 
 def test_impossible_limit_is_refused_and_leaves_nothing(sets: tuple[Path, Path],
                                                          tmp_path: Path) -> None:
-    report = quantize_package(DEFAULT_MODEL_PACKAGE, home=tmp_path, benchmark=sets[0],
-                              max_auroc_drop=-1, method="dynamic")
-    assert not report.kept and "refused" in report.summary()
-    assert report.refused.keys() == {"dynamic"}
-    assert not report.path.exists() and not report.path.with_suffix(".json").exists()
-    assert list(report.path.parent.iterdir()) == []
+    """Through the command an admin runs: exit 1, the summary says refused, no file is left."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cadnode", "engine", "quantize", "--benchmark", str(sets[0]),
+         "--max-auroc-drop", "-1", "--method", "dynamic"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=300, env={**os.environ, "CADNODE_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 1, proc.stderr
+    assert "refused" in proc.stdout and "dynamic" in proc.stdout
+    assert list((tmp_path / "home" / "engines").iterdir()) == []
 
 
 def test_missing_int8_model_names_the_command(tmp_path: Path) -> None:
