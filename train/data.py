@@ -217,18 +217,36 @@ def _patient_hash(patient_id: str, seed: int) -> float:
 
 
 def patient_split(samples: Sequence[Sample], fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                  seed: int = 0) -> dict[str, list[int]]:
+                  seed: int = 0, official: bool = True) -> dict[str, list[int]]:
     """Indices of train / val / test; all views of a patient land in one split.
 
     A patient's split depends only on (seed, patient id), so adding patients never moves others.
+    Where the dataset publishes a split (``Sample.official_split``, and ``official``), it is
+    used so figures compare with published ones: a patient with any official test view is test
+    (no patient on both sides), the others are train, and validation is carved from them by
+    patient with the share ``fractions[1] / (fractions[0] + fractions[1])``. Patients without an
+    official split follow ``fractions``.
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError("fractions must be three numbers summing to 1")
     edges = (fractions[0], fractions[0] + fractions[1])
+    val_share = fractions[1] / max(edges[1], 1e-12)
+    published: dict[str, str] = {}
+    if official:
+        for s in samples:
+            if s.official_split is not None and published.get(s.patient_id) != "test":
+                published[s.patient_id] = "test" if s.official_split == "test" else "train"
     out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for i, s in enumerate(samples):
         u = _patient_hash(s.patient_id, seed)
-        out["train" if u < edges[0] else "val" if u < edges[1] else "test"].append(i)
+        given = published.get(s.patient_id)
+        if given == "test":
+            name = "test"
+        elif given == "train":
+            name = "val" if u < val_share else "train"
+        else:
+            name = "train" if u < edges[0] else "val" if u < edges[1] else "test"
+        out[name].append(i)
     return out
 
 

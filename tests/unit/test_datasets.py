@@ -594,3 +594,81 @@ def test_cbis_ddsm_roi_masks_become_lesions(tmp_path: Path) -> None:
     ds.save_as(folder / "1.000000-ROI mask images-2" / "1-2.dcm", enforce_file_format=True)
     with pytest.raises(DatasetError, match="ROI mask .* is empty"):
         cbis_ddsm.load(tmp_path, lesions=True)
+
+
+# --- official splits and adapter fixes (issue 13) ------------------------------------------
+
+
+def test_vindr_official_split_and_boxes_clipped_to_the_image(tmp_path: Path) -> None:
+    vindr_tree(tmp_path, [["s1", "se1", "a4", "R", "MLO", 64, 32, "BI-RADS 1", "DENSITY C",
+                           "['Mass']", "BI-RADS 3", -4, -2.5, 40, 70, "training"]])
+    samples = by_key(vindr.load(tmp_path))
+    assert samples[("s1", "L-CC")].official_split == "train"
+    assert samples[("s2", "L-MLO")].official_split == "test"
+    # negative corner -> 0; beyond width 32 / height 64 -> last pixel
+    assert samples[("s1", "R-MLO")].lesions == [Lesion("mass", (0.0, 0.0, 31.0, 63.0), False)]
+
+
+def test_cbis_ddsm_official_split_from_file_or_image_path(tmp_path: Path) -> None:
+    cbis_tree(tmp_path)
+    rows = list(csv.reader((tmp_path / "mass_case_description_train_set.csv").read_text()
+                           .splitlines()))
+    (tmp_path / "mass_case_description_train_set.csv").unlink()
+    # the P_00003 row (a Mass-Test image) in a file whose name says no split
+    write_csv(tmp_path / "mass_case_description.csv", CBIS_MASS,
+              [r for r in rows[1:] if r and r[0].startswith("P_")])
+    samples = by_key(cbis_ddsm.load(tmp_path, files=["mass_case_description.csv",
+                                                     "calc_case_description_train_set.csv"]))
+    assert samples[("P_00003", "R-CC")].official_split == "test"  # "Mass-Test_..." path
+    assert samples[("P_00001", "L-CC")].official_split == "train"  # "Mass-Training_..." path
+    assert samples[("P_00002", "R-MLO")].official_split == "train"  # *_train_set.csv
+
+
+def test_embed_pathology_follows_the_biopsied_side(tmp_path: Path) -> None:
+    embed_tree(tmp_path)
+    clinical = [  # finding on the left, but the biopsy that found cancer was of the right
+        [4, 400, "2020-01-01", "L", "S", 0, "", "", 60, 2, "R", "MG Diagnostic Bilateral"],
+    ]
+    _embed_exam(tmp_path, clinical, 4, 400)
+    labels = {s.view.laterality: s.cancer for s in embed.load(tmp_path) if s.exam_id == "400"}
+    # the cancer is the right breast's; the left's BI-RADS 4 has no pathology of its own: unknown
+    assert labels == {"R": 1, "L": None}
+
+
+def test_embed_recalled_screening_exam_takes_its_workup_outcome(tmp_path: Path) -> None:
+    embed_tree(tmp_path)
+    clinical = [
+        [4, 400, "2020-01-01", "L", "A", "", "", "", 60, 2, "", "MG Screening Bilateral"],
+        [4, 401, "2020-01-20", "L", "S", 1, "", "", 60, 2, "L", "MG Diagnostic Left"],
+        [5, 500, "2020-01-01", "R", "A", "", "", "", 55, 2, "", "MG Screening Bilateral"],
+        [5, 501, "2020-02-01", "R", "B", "", "", "", 55, 2, "", "MG Diagnostic Right"],
+        [6, 600, "2020-01-01", "R", "A", "", "", "", 55, 2, "", "MG Screening Bilateral"],
+        [6, 601, "2021-06-01", "R", "S", 0, "", "", 56, 2, "R", "MG Diagnostic Right"],
+    ]
+    for patient in (4, 5, 6):
+        _embed_exam(tmp_path, clinical if patient == 4 else [], patient, patient * 100)
+    samples = embed.load(tmp_path)
+    got = {(s.exam_id, s.view.laterality): s.cancer for s in samples}
+    assert got[("400", "L")] == 1 and got[("400", "R")] == 0  # screen-detected, in situ
+    assert got[("500", "R")] == 0  # recall resolved benign (BI-RADS 2 at workup)
+    assert got[("600", "R")] is None  # cancer 17 months later: outside the follow-up window
+    assert {s.groups["exam_type"] for s in samples if s.exam_id in ("400", "500")} == {
+        "screening"}
+    screening = embed.load(tmp_path, exam_types=("screening",))
+    assert {s.exam_id for s in screening} == {"400", "500", "600"}  # no desc: not kept
+
+
+def _embed_exam(root: Path, clinical: list[list[Any]], patient: int, acc: int) -> None:
+    """Adds clinical rows (with ``bside`` and ``desc``) and an L-CC + R-CC exam to a tree."""
+    path = root / "EMBED_OpenData_clinical.csv"
+    rows = list(csv.reader(path.read_text().splitlines()))
+    header = rows[0] if "bside" in rows[0] else rows[0] + ["bside", "desc"]
+    body = [r if len(r) == len(header) else r + ["", ""] for r in rows[1:]]
+    write_csv(path, header, body + clinical)
+    meta_path = root / "EMBED_OpenData_metadata.csv"
+    meta = list(csv.reader(meta_path.read_text().splitlines()))
+    for side in ("L", "R"):
+        name = f"cohort_3/{patient}/{acc}_{side}.dcm"
+        write_dicom(root / name, ImageLaterality=side, ViewPosition="CC")
+        meta.append([str(patient), str(acc), f"{SERVER}/{name}", side, "CC", "2D", "GE", "", "0"])
+    write_csv(meta_path, meta[0], meta[1:])

@@ -79,3 +79,25 @@ def test_patient_split_and_pos_weight() -> None:
     pw = pos_weights(samples)
     pos = sum(s.cancer for s in samples)
     assert pw[0].item() == pytest.approx((len(samples) - pos) / pos)
+
+
+def test_official_split_is_honoured_by_patient() -> None:
+    from dataclasses import replace
+
+    base = list(generate(SyntheticConfig(n_exams=30, seed=3)))
+    patients = sorted({s.patient_id for s in base})
+    test_ids = set(patients[:8])
+    samples = [replace(s, official_split="test" if s.patient_id in test_ids else "train")
+               for s in base]
+    split = patient_split(samples, (0.6, 0.2, 0.2), seed=0)
+    assert {samples[i].patient_id for i in split["test"]} == test_ids
+    assert split["val"] and split["train"]
+    val_ids = {samples[i].patient_id for i in split["val"]}
+    assert not val_ids & test_ids and not val_ids & {samples[i].patient_id
+                                                    for i in split["train"]}
+    # a patient with one official test view goes to test whole (no patient on both sides)
+    mixed = [replace(samples[0], official_split="test")] + samples[1:]
+    moved = patient_split(mixed, (0.6, 0.2, 0.2), seed=0)
+    assert {mixed[i].patient_id for i in moved["test"]} == test_ids | {samples[0].patient_id}
+    ignored = patient_split(samples, (0.6, 0.2, 0.2), seed=0, official=False)
+    assert ignored == patient_split(base, (0.6, 0.2, 0.2), seed=0)

@@ -46,3 +46,4 @@ class Sample:
     density: str | None = None  # "A".."D" when the dataset provides it
     groups: dict[str, str] = field(default_factory=dict)  # subgroup keys: manufacturer, age_band
     lesions: list[Lesion] = field(default_factory=list)  # marked findings, when the data has them
+    official_split: str | None = None  # "train" | "test" where the dataset publishes a split

