@@ -166,20 +166,44 @@ def run_train(config: dict[str, Any], out: str | Path, resume: bool = False,
     if rank == 0 and done:
         result["report"] = evaluate_run(out, experiment=exp)
         if config.get("export"):
-            result["package"] = export_run(out, **config["export"])
+            result["package"] = export_run(out, **config["export"],
+                                           domain=training_domain(exp, cfg))
     return result
 
 
+#: Training views summarised into a package's domain (spread evenly over the training split).
+DOMAIN_VIEWS = 400
+
+
+def training_domain(exp: Experiment, cfg: TrainConfig) -> dict[str, Any]:
+    """The manifest's ``domain`` (cadnode.jobs.domain): headers and prepared images of up to
+    DOMAIN_VIEWS training views, at the model's input size, as the model saw them."""
+    from cadnode.jobs.domain import domain_from_views
+
+    size = get_config(cfg.model, **dict(cfg.model_overrides)).input_size
+    idx = exp.split["train"]
+    chosen = [exp.samples[i] for i in idx[::max(1, len(idx) // DOMAIN_VIEWS)][:DOMAIN_VIEWS]]
+    prepared = [prepare_sample(s, size) for s in chosen]
+    source = f"{len(chosen)} of the {len(idx)} training views of {exp.summary}"
+    return domain_from_views([s.header for s in chosen], prepared, source).as_json()
+
+
 def export_run(run: str | Path, out: str | Path, version: str = "0.1.0", demo: bool = True,
-               checkpoint: str = BEST) -> dict[str, Any]:
-    """Model package of a run's checkpoint; the manifest says what it was trained on."""
+               checkpoint: str = BEST, domain: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Model package of a run's checkpoint; the manifest says what it was trained on, and
+    (``domain``, default: made again from the run's saved config) the views it was trained on."""
     from cadnode.model.export import export_package
 
     model, blob = load_run_model(run, checkpoint)
     training = str(blob.get("training_summary") or f"trained weights from {run}")
     if blob.get("epoch"):
         training += f"; checkpoint of epoch {blob['epoch']}"
-    return export_package(model, out, version=version, demo=demo, training=training)
+    if domain is None:
+        config = load_config(Path(run) / CONFIG_NAME)
+        exp = Experiment(config)
+        domain = training_domain(exp, exp.train_config())
+    return export_package(model, out, version=version, demo=demo, training=training,
+                          domain=domain)
 
 
 def load_run_model(run: str | Path, checkpoint: str = BEST) -> tuple[FusedVLM,

@@ -28,6 +28,7 @@ from cadnode.dicom.spool import write_durably
 from cadnode.dicom.views import MALFORMED_VALUE, ViewInfo
 from cadnode.jobs.db import Database, Instance
 from cadnode.jobs.decoding import DecodePool
+from cadnode.jobs.domain import outside_domain
 from cadnode.jobs.inputs import encode_texts
 from cadnode.jobs.queue import (
     ClaimedJob,
@@ -187,19 +188,28 @@ class Worker:
         self._heartbeat(job, clock, "model")
         findings_by_key: dict[str, ViewFinding] = {}
         view_scores: dict[str, dict[str, float]] = {}
+        m = self.engine.manifest
+        unlike: dict[str, list[str]] = {}  # view -> why it is outside the training domain
         for i, v in enumerate(ok):
             assert v.prepared is not None
             heat = np.asarray(out.heatmap[i], dtype=np.float32)
             centre, outline = peak_and_outline(heat, v.prepared)
             scores = {"cancer": float(out.cancer[i]), "calcification": float(out.calcification[i])}
             view_scores[v.key] = scores
+            reasons = outside_domain(m.domain, v.header, v.prepared)
+            if reasons:
+                unlike[v.key] = reasons
             findings_by_key[v.key] = self._finding(v, scores, centre, outline,
-                                                   heatmap_to_original(v.prepared, heat))
+                                                   heatmap_to_original(v.prepared, heat),
+                                                   tuple(reasons))
         for v in views:
             if v.prepared is None:
                 findings_by_key[v.key] = self._finding(v, None, None, [], None)
+        if unlike:
+            log.warning("study %s: %d of %d view(s) outside the model's validated domain: %s",
+                        job.study_uid, len(unlike), len(ok), "; ".join(
+                            f"{k}: {', '.join(r)}" for k, r in sorted(unlike.items())))
         breasts, exam = aggregate(view_scores)
-        m = self.engine.manifest
         not_analysed = [_not_analysed(d, headers.get(d.candidate.ref))
                         for d in selection.not_analysed] + unreadable
         findings = StudyFindings(
@@ -222,6 +232,7 @@ class Worker:
             "breasts": breasts,
             "exam": exam,
             "failed_views": {v.key: v.error for v in views if v.error},
+            "outside_domain": unlike,
             "errors": {v.key: v.detail for v in views if v.detail},
             "selection": {
                 "read": {v.key: {"sop_instance_uid": str(v.header.SOPInstanceUID),
@@ -291,6 +302,7 @@ class Worker:
         centre: tuple[float, float] | None,
         outline: list[tuple[float, float]],
         heatmap: np.ndarray | None,
+        unlike: tuple[str, ...] = (),
     ) -> ViewFinding:
         ds = v.header
         return ViewFinding(
@@ -310,6 +322,7 @@ class Worker:
             display=None if v.prepared is None else v.prepared.display,
             error=v.error,
             selected_because=v.selected_because,
+            outside_domain=unlike,
         )
 
     def _write_results(self, findings: StudyFindings, sources: list[Dataset]) -> list[ResultFile]:

@@ -137,9 +137,12 @@ def export_package(model: FusedVLM, out: str | Path, *, version: str, demo: bool
                    training: str, opset: int = DEFAULT_OPSET,
                    thresholds: dict[str, float] | None = None,
                    tolerance: float = PARITY_TOLERANCE,
-                   torch_program: bool = True) -> dict[str, Any]:
+                   torch_program: bool = True,
+                   domain: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the package files into ``out`` (``model.pt2`` too unless ``torch_program`` is
-    False) and check parity; returns the manifest."""
+    False) and check parity; returns the manifest. ``domain`` is the training domain, as
+    ``cadnode.jobs.domain.domain_from_views(...).as_json()`` computes it from the training
+    views; without it the node flags every view as outside an unknown domain."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -182,6 +185,8 @@ def export_package(model: FusedVLM, out: str | Path, *, version: str, demo: bool
     }
     if demo:
         manifest["notice"] = DEMO_NOTICE
+    if domain is not None:
+        manifest["domain"] = domain
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     diff = parity(model, out, tokenizer)
     if not diff <= tolerance:

@@ -40,7 +40,11 @@ __all__ = [
     "VIEW",
     "CALCIFICATION_NO_LOCATION",
     "NO_REGION",
+    "OUTSIDE_DOMAIN",
     "cancer_label",
+    "domain_scope_text",
+    "domain_summary",
+    "domain_text",
     "completeness_lines",
     "missing_line",
     "read_line",
@@ -284,6 +288,31 @@ def clean_code(code: Code) -> Code:
 #: What every object says of the calcification score, which the model gives per image only.
 CALCIFICATION_NO_LOCATION = "no location: the model's calcification score is image-level"
 NO_REGION = "no region marked: cancer suspicion below the operating threshold"
+
+
+#: What every object says next to a score the model gave an image unlike its training images.
+OUTSIDE_DOMAIN = "outside the model's validated domain"
+
+
+def domain_text(v: ViewFinding) -> str:
+    """"outside the model's validated domain: <reasons>" for a flagged view, else ""."""
+    return f"{OUTSIDE_DOMAIN}: " + "; ".join(v.outside_domain) if v.outside_domain else ""
+
+
+def domain_scope_text(views: Iterable[ViewFinding]) -> str:
+    """For a breast or exam score built from flagged views: which ones ("" when none)."""
+    flagged = [v.view_key for v in views if v.outside_domain]
+    return f"{OUTSIDE_DOMAIN}: built from {', '.join(flagged)}, outside it" if flagged else ""
+
+
+def domain_summary(findings: StudyFindings) -> str:
+    """The exam-level statement ("" when every scored view is inside): the breast and exam
+    scores are built from the flagged views' scores, so they are not validated either."""
+    flagged = [v.view_key for v in findings.views if not v.failed and v.outside_domain]
+    if not flagged:
+        return ""
+    return (f"{OUTSIDE_DOMAIN.upper()}: {', '.join(flagged)} - these scores, and the breast "
+            "and exam scores built from them, are not validated")
 
 
 def score_phrase(name: str, p: float, threshold: float | None) -> str:

@@ -36,6 +36,8 @@ class ViewFinding:
     display: np.ndarray | None = None  # uint8 (h', w') whole image, original orientation
     error: str | None = None  # why the view failed, one line for a reader (no exception text)
     selected_because: str = ""  # why this image was read for its view (cadnode.dicom.selection)
+    #: why the image is unlike the model's training images (cadnode.jobs.domain); empty: inside
+    outside_domain: tuple[str, ...] = ()
 
     @property
     def failed(self) -> bool:
@@ -100,15 +102,16 @@ class StudyFindings:
 
     def content_key(self) -> str:
         """A digest of what the objects say: the images read and passed over, the missing
-        views, the rounded scores and failures, the thresholds, the model and cadnode's own
-        version. Result UIDs derive from it, so they change exactly when the content does."""
+        views, the rounded scores, failures and training-domain flags, the thresholds, the
+        model and cadnode's own version. Result UIDs derive from it, so they change exactly
+        when the content does."""
         doc = {
             "cadnode": __version__,
             "model": [self.model_name, self.model_version, self.demo_model],
             "thresholds": sorted((k, round(v, 6)) for k, v in self.thresholds.items()),
             "views": sorted(
                 (v.view_key, v.sop_instance_uid, _pct(v.cancer), _pct(v.calcification),
-                 v.error or "", v.marked(self.thresholds))
+                 v.error or "", v.marked(self.thresholds), list(v.outside_domain))
                 for v in self.views),
             "breasts": sorted((s, sorted((k, _pct(p)) for k, p in d.items()))
                               for s, d in self.breasts.items()),

@@ -9,6 +9,11 @@ mismatch, or a text template other than the one this node builds.
 Image intensity contract (format 1): the engine is fed float32 images in [0, 1] (after VOI LUT and
 MONOCHROME1 inversion); the graph itself applies ``(x - mean) / std`` from ``normalisation``, which
 is recorded for other engines and for training.
+
+Training domain (optional key ``domain``, parsed into :class:`TrainingDomain`): what the training
+images were like, so that the worker can say when a view is unlike all of them (see
+``cadnode.jobs.domain``, which both computes a domain from training views and checks a view
+against it). A package without it has an unknown domain, and every view is flagged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ INPUT_NAMES: tuple[str, ...] = ("image", "input_ids", "attention_mask")
 OUTPUT_NAMES: tuple[str, ...] = ("cancer", "calcification", "heatmap")
 DEMO_NOTICE = "demonstration model - not for clinical use"
 
+#: ``domain`` keys that list the header values seen in training ("" = the attribute was absent).
+DOMAIN_VALUE_KEYS: tuple[str, ...] = (
+    "manufacturers", "models", "conversion_types", "presentation_intents",
+)
+#: ``domain`` keys that hold a [min, max] range (null: not constrained).
+DOMAIN_RANGE_KEYS: tuple[str, ...] = ("rows", "columns", "pixel_spacing_mm")
+#: Statistics of the prepared model input that ``domain.image_statistics`` may bound.
+IMAGE_STATISTICS: tuple[str, ...] = ("mean", "std", "median", "dark_fraction")
+
 #: key -> accepted JSON types
 REQUIRED_KEYS: dict[str, tuple[type, ...]] = {
     "format_version": (int,),
@@ -43,6 +57,42 @@ REQUIRED_KEYS: dict[str, tuple[type, ...]] = {
     "demo": (bool,),
     "training": (str,),
 }
+
+
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class TrainingDomain:
+    """The images a package was trained on, as the manifest's ``domain`` records them.
+
+    Value lists hold what the training headers said ("" where an attribute was absent); None
+    means "not constrained". Ranges are inclusive [min, max]; ``image_statistics`` bound the
+    prepared model input (after cropping, windowing and resizing), so they describe what the
+    model saw, whatever the header claims.
+    """
+
+    source: str  # where the domain was computed from, for a reader
+    views: int = 0  # how many training views it summarises
+    manufacturers: tuple[str, ...] | None = None
+    models: tuple[str, ...] | None = None  # ManufacturerModelName
+    conversion_types: tuple[str, ...] | None = None  # ("",): none converted or digitised
+    presentation_intents: tuple[str, ...] | None = None  # "presentation" / "processing" / ""
+    bits_stored: tuple[int, ...] | None = None
+    rows: Range | None = None  # decoded image size in pixels
+    columns: Range | None = None
+    pixel_spacing_mm: Range | None = None
+    image_statistics: dict[str, Range] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The manifest's ``domain`` object (what :func:`read_manifest` parses back)."""
+        out: dict[str, Any] = {"source": self.source, "views": self.views}
+        for key in DOMAIN_VALUE_KEYS + ("bits_stored",) + DOMAIN_RANGE_KEYS:
+            value = getattr(self, key)
+            whole = key in ("rows", "columns")  # pixel counts
+            out[key] = None if value is None else [int(v) if whole else v for v in value]
+        out["image_statistics"] = {k: list(v) for k, v in self.image_statistics.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -64,6 +114,7 @@ class ModelManifest:
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> hex digest
     heatmap_size: tuple[int, int] | None = None
     format_version: int = FORMAT_VERSION
+    domain: TrainingDomain | None = None  # None: the package records no training domain
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,6 +148,61 @@ def _size_pair(where: Path, key: str, value: Any) -> tuple[int, int]:
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         raise _refuse(where, f"{key} must be [H, W] positive integers, got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _range(where: Path, key: str, value: Any) -> Range | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2 or not all(map(_number, value))
+            or value[0] > value[1]):
+        raise _refuse(where, f"domain.{key} must be [min, max] numbers or null, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _domain(where: Path, data: Any) -> TrainingDomain:
+    """Validate the ``domain`` object; refuses unknown keys, as the rest of the manifest does."""
+    if not isinstance(data, dict) or not isinstance(data.get("source"), str):
+        raise _refuse(where, "domain must be an object with a 'source' string")
+    known = {"source", "views", "bits_stored", "image_statistics",
+             *DOMAIN_VALUE_KEYS, *DOMAIN_RANGE_KEYS}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise _refuse(where, f"domain has unknown key(s): {', '.join(unknown)}")
+    views = data.get("views", 0)
+    if not isinstance(views, int) or isinstance(views, bool) or views < 0:
+        raise _refuse(where, f"domain.views must be a count, got {views!r}")
+    values: dict[str, tuple[str, ...] | None] = {}
+    for key in DOMAIN_VALUE_KEYS:
+        value = data.get(key)
+        if value is not None and (not isinstance(value, list)
+                                  or not all(isinstance(v, str) for v in value)):
+            raise _refuse(where, f"domain.{key} must be a list of strings or null")
+        values[key] = None if value is None else tuple(value)
+    bits = data.get("bits_stored")
+    if bits is not None and (not isinstance(bits, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bits)):
+        raise _refuse(where, "domain.bits_stored must be a list of positive integers or null")
+    stats = data.get("image_statistics") or {}
+    if not isinstance(stats, dict) or not set(stats) <= set(IMAGE_STATISTICS):
+        raise _refuse(where, "domain.image_statistics must map some of "
+                             f"{', '.join(IMAGE_STATISTICS)} to [min, max]")
+    ranges = {key: _range(where, key, data.get(key)) for key in DOMAIN_RANGE_KEYS}
+    return TrainingDomain(
+        source=data["source"], views=views,
+        manufacturers=values["manufacturers"], models=values["models"],
+        conversion_types=values["conversion_types"],
+        presentation_intents=values["presentation_intents"],
+        bits_stored=None if bits is None else tuple(bits),
+        rows=ranges["rows"], columns=ranges["columns"],
+        pixel_spacing_mm=ranges["pixel_spacing_mm"],
+        image_statistics={k: r for k, v in stats.items()
+                          if (r := _range(where, f"image_statistics.{k}", v)) is not None},
+    )
 
 
 def read_manifest(path: str | Path, *, verify_checksums: bool = True,
@@ -176,7 +282,8 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
             if sha256(package / name) != digest:
                 raise _refuse(package, f"checksum mismatch for {name} (file changed or corrupt)")
 
-    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice", "sha256"}
+    domain = _domain(package, data["domain"]) if data.get("domain") is not None else None
+    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice", "sha256", "domain"}
     return ModelManifest(
         package=package,
         name=data["name"],
@@ -192,5 +299,6 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
         notice=data.get("notice"),
         heatmap_size=heatmap_size,
         sha256={str(k): str(v) for k, v in checksums.items()},
+        domain=domain,
         extra={k: v for k, v in data.items() if k not in known},
     )

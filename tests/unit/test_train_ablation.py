@@ -46,4 +46,7 @@ def test_ablate_writes_one_table_then_export_loads_in_the_node(tmp_path) -> None
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert manifest["demo"] is True and "synthetic benchmark" in manifest["training"]
     assert manifest["input_size"] == [64, 32] and manifest["parity_max_abs_diff"] <= 1e-4
+    # the package records the views it was trained on, as the node's domain check reads them
+    assert manifest["domain"]["views"] > 0 and "training views" in manifest["domain"]["source"]
+    assert engine.manifest.domain is not None and engine.manifest.domain.manufacturers
     assert engine is not None

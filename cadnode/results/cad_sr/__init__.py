@@ -19,9 +19,11 @@ Content tree (TID numbers of PS3.16 in brackets)::
           CONTAINS  TEXT Impression Description (breast level, failed views named)
           CONTAINS  CODE Composite Feature = Selected region (cancer, breast level)  [4004]
             HAS PROPERTIES  Certainty of Feature, Probability of cancer, algorithm  [4019]
+            HAS PROPERTIES  TEXT Comment "outside the model's validated domain: ..." (if so)
             INFERRED FROM  CODE Single Image Finding = Selected region, one per view  [4006]
               HAS CONCEPT MOD  Rendering Intent
               HAS PROPERTIES  algorithm, Certainty of Finding, Probability of cancer
+              HAS PROPERTIES  TEXT Comment "outside the model's validated domain: <reasons>"
               HAS PROPERTIES  SCOORD Center (POINT) / Outline (closed POLYLINE)     [4021]
                 R-SELECTED FROM  -> Image Library entry
           CONTAINS  CODE Composite Feature = Calcification Cluster (same shape, no geometry)
@@ -41,6 +43,9 @@ Choices worth knowing:
 - An exam with a missing or undecodable standard view is "Not all algorithms succeeded"; the
   exam-level Impression Descriptions say INCOMPLETE EXAM, name each missing view and each
   received image that was not analysed, with why (``StudyFindings.missing``/``not_analysed``).
+- A view unlike the model's training images (``ViewFinding.outside_domain``) keeps its scores,
+  but a TEXT Comment next to them says "outside the model's validated domain" with the
+  reasons, as do its view line and an exam-level Impression Description.
 - SCOORDs are clipped to the image (0..Columns, 0..Rows); outlines are closed (last = first).
 - A second version of the report names the first in the Predecessor Documents Sequence.
 """

@@ -28,6 +28,9 @@ from cadnode.results.common import (
     VIEW,
     clean_code,
     completeness_lines,
+    domain_scope_text,
+    domain_summary,
+    domain_text,
     percent,
     plain,
     read_line,
@@ -40,6 +43,7 @@ _DCM = codes.DCM
 MM = codes.UCUM.Millimeter
 CANCER_FINDING = _DCM.SelectedRegion  # CID 6014/6016: the model localises "a suspicious region"
 CALC_FINDING = codes.SCT.CalcificationCluster
+DOMAIN_NOTE = _DCM.Comment  # TEXT next to a score: the image is unlike the training images
 REQUIRED = _DCM.PresentationRequiredRenderingDeviceIsExpectedToPresent
 OPTIONAL = _DCM.PresentationOptionalRenderingDeviceMayPresent
 
@@ -196,6 +200,8 @@ def _single_image_finding(
     node.add(_num(_DCM.CertaintyOfFinding, percent(score), PERCENT, "HAS PROPERTIES"))
     if cancer:
         node.add(_num(_DCM.ProbabilityOfCancer, percent(score), PERCENT, "HAS PROPERTIES"))
+    if v.outside_domain:
+        node.add(_text(DOMAIN_NOTE, domain_text(v)[:1024], "HAS PROPERTIES"))
     if with_geometry and score >= threshold:  # regions below the operating point are not shown
         _geometry(node, v, entry)
     return node
@@ -221,6 +227,8 @@ def _composite(
     node.add(_num(_DCM.CertaintyOfFeature, percent(breast_score), PERCENT, "HAS PROPERTIES"))
     if cancer:
         node.add(_num(_DCM.ProbabilityOfCancer, percent(breast_score), PERCENT, "HAS PROPERTIES"))
+    if any(v.outside_domain for v in views):
+        node.add(_text(DOMAIN_NOTE, domain_scope_text(views)[:1024], "HAS PROPERTIES"))
     for v, s in zip(views, view_scores, strict=True):
         node.add(_single_image_finding(
             v, s, kind, threshold, findings, entries[v.sop_instance_uid],
@@ -251,7 +259,8 @@ def _view_text(v: ViewFinding, thresholds: dict[str, float]) -> str:
         v.view_key, {"cancer": float(v.cancer or 0.0)}
         | ({"calcification": v.calcification} if v.calcification is not None else {}),
         thresholds)
-    return text + ("" if v.marked(thresholds) else f"; {NO_REGION}")
+    text += "" if v.marked(thresholds) else f"; {NO_REGION}"
+    return text + (f"; {domain_text(v)}" if v.outside_domain else "")
 
 
 def _impressions(
@@ -281,7 +290,8 @@ def _impressions(
     if findings.demo_model:
         exam_text = f"{DEMO_TEXT.upper()}. {exam_text}"
     root.add(_text(_DCM.ImpressionDescription, exam_text, "HAS PROPERTIES"))
-    for line in completeness_lines(findings):
+    summary = domain_summary(findings)
+    for line in ([summary] if summary else []) + completeness_lines(findings):
         root.add(_text(_DCM.ImpressionDescription, line[:1024], "HAS PROPERTIES"))
 
     for side in ("R", "L"):

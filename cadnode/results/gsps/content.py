@@ -6,7 +6,8 @@ Per analysed view, on its own source image (PIXEL units, the image's pixel grid,
 - layer ``CAD_FINDINGS``: the finding outline (closed POLYLINE) and its centre (POINT), only
   where the cancer score reaches its operating threshold;
 - layer ``CAD_TEXT``: the scores with their thresholds as text, anchored at the centre when a
-  region is drawn ("R-CC cancer 55.0 % (threshold 50 %) !"; below it, "no region marked"),
+  region is drawn ("R-CC cancer 55.0 % (threshold 50 %) !"; below it, "no region marked";
+  for an image unlike the training images, "OUTSIDE THE MODEL'S VALIDATED DOMAIN: <reasons>"),
   for demonstration models, "DEMONSTRATION MODEL - NOT FOR CLINICAL USE" near the bottom of
   the displayed area (DISPLAY units), and for an incomplete exam its INCOMPLETE EXAM
   statement above that.
@@ -23,7 +24,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
-from cadnode.results.common import NO_REGION, cancer_label, completeness_lines
+from cadnode.results.common import NO_REGION, cancer_label, completeness_lines, domain_text
 from cadnode.results.findings import StudyFindings, ViewFinding
 from cadnode.results.uids import tracking_uid
 
@@ -65,6 +66,8 @@ def score_text(v: ViewFinding, thresholds: dict[str, float]) -> str:
         text += " !" if calc >= t_calc else ""
     if not v.marked(thresholds):
         text += f"; {NO_REGION}"
+    if v.outside_domain:
+        text += f"; {domain_text(v).upper()}"
     return text
 
 

@@ -7,7 +7,11 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cadnode.results.common import completeness_lines
+from cadnode.results.common import (
+    OUTSIDE_DOMAIN,
+    completeness_lines,
+    domain_summary,
+)
 from cadnode.results.findings import StudyFindings, ViewFinding
 
 HANGING = ("R-CC", "L-CC", "R-MLO", "L-MLO")
@@ -20,6 +24,9 @@ MAX_NOTES = 12
 BANNER_TEXT = "NOT FOR DIAGNOSTIC USE - DEMONSTRATION MODEL"
 FAILED_GREY = 110
 MISSING_GREY = 30
+DOMAIN_LINE_H = 26  # the outside-domain box at the bottom of a panel, 22 px text
+DOMAIN_WIDTH = 48  # characters per line that fit a panel at 22 px
+MAX_DOMAIN_LINES = 12
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -73,12 +80,31 @@ def _view_panel(v: ViewFinding, thresholds: dict[str, float]) -> tuple[Image.Ima
     if not marked:
         draw.text((16, PANEL_H - 40), "no region above threshold", fill=(200, 200, 200),
                   font=_font(24))
+    lines = domain_lines(v)
+    if lines:  # above the "no region" line, over the image: it must not be missed
+        top = PANEL_H - 56 - DOMAIN_LINE_H * len(lines)
+        draw.rectangle([8, top - 8, PANEL_W - 8, PANEL_H - 52], fill=(150, 0, 0))
+        draw.multiline_text((16, top), "\n".join(lines), fill=(255, 255, 255), font=_font(22),
+                            spacing=DOMAIN_LINE_H - 22)
     caption = f"{v.view_key} ...{v.sop_instance_uid[-8:]}\n" + _score_caption(
         "cancer", float(v.cancer or 0.0), thresholds)
     if v.calcification is not None:
         caption += "\n" + _score_caption("calc", float(v.calcification), thresholds,
                                          "calcification") + " (no location)"
     return panel, caption
+
+
+def domain_lines(v: ViewFinding) -> list[str]:
+    """The text burned in under a view whose image is unlike the training images: the
+    statement in capitals, then its reasons, wrapped to the panel ([] when inside)."""
+    if not v.outside_domain:
+        return []
+    lines = [OUTSIDE_DOMAIN.upper() + ":"]
+    for reason in v.outside_domain:
+        lines += textwrap.wrap(reason, width=DOMAIN_WIDTH, subsequent_indent="  ")
+    if len(lines) > MAX_DOMAIN_LINES:
+        lines = lines[: MAX_DOMAIN_LINES - 1] + ["... (all reasons in the SRs)"]
+    return lines
 
 
 def _score_caption(name: str, p: float, thresholds: dict[str, float], key: str = "") -> str:
@@ -135,14 +161,17 @@ def render_montage(findings: StudyFindings) -> np.ndarray:
     y = banner + HEADER_H + PANEL_H + 8
     draw.text((16, y), footer, fill=(255, 255, 255), font=small)
     for i, line in enumerate(notes):
-        colour = (255, 80, 80) if line.startswith("INCOMPLETE") else (230, 230, 230)
+        colour = ((255, 80, 80) if line.startswith(("INCOMPLETE", OUTSIDE_DOMAIN.upper()))
+                  else (230, 230, 230))
         draw.text((16, y + FOOTER_H - 8 + i * NOTE_H), line, fill=colour, font=_font(24))
     return np.asarray(canvas, dtype=np.uint8)
 
 
 def _notes(findings: StudyFindings) -> list[str]:
-    """The notes band: incompleteness first, then every image passed over, and why."""
-    lines = completeness_lines(findings)
+    """The notes band: views outside the training domain and incompleteness first, then
+    every image passed over, and why."""
+    summary = domain_summary(findings)
+    lines = ([summary] if summary else []) + completeness_lines(findings)
     if len(lines) > MAX_NOTES:
         lines = lines[: MAX_NOTES - 1] + [f"... and {len(lines) - MAX_NOTES + 1} more "
                                           "(in the SRs and in `cadnode jobs --json`)"]

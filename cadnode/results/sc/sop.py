@@ -14,6 +14,7 @@ from cadnode.results.common import (
     MANUFACTURER,
     contributing_equipment,
     copy_patient_study,
+    domain_text,
     hierarchical_references,
     referenced_series,
     result_character_set,
@@ -69,8 +70,11 @@ def build_secondary_capture(
         f"CAD montage R-CC L-CC R-MLO L-MLO, heatmap overlay, {findings.model_name} "
         f"{findings.model_version}" + (" - DEMONSTRATION MODEL" if findings.demo_model else "")
     )[:1024]
-    if findings.demo_model:
-        sc.ImageComments = BANNER_TEXT
+    comments = [BANNER_TEXT] if findings.demo_model else []
+    comments += [f"{v.view_key} {domain_text(v)}" for v in findings.views
+                 if v.outside_domain and not v.failed]  # what the pixels say, as text too
+    if comments:
+        sc.ImageComments = "\r\n".join(comments)[:10240]
     purpose = codes.DCM.SourceImageForImageProcessingOperation
     refs = referenced_series(sources, findings.views, findings.study_uid)
     sc.SourceImageSequence = []

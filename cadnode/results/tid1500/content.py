@@ -14,7 +14,9 @@ UID derived like the object UIDs, so re-processing keeps them):
   Detections = Failed" and a TEXT qualitative evaluation with the one-line reason;
 - "Exam completeness" (when anything was missing or passed over): Summary of Analyses =
   Partially Succeeded (or Succeeded when only extra images were passed over) and one TEXT row
-  per missing view and per received image that was not analysed, with why.
+  per missing view and per received image that was not analysed, with why;
+- a view unlike the model's training images: its groups (and the breast and exam groups built
+  from it) carry a TEXT row "outside the model's validated domain: <reasons>".
 
 Every group carries the finding site (breast, with laterality) and the algorithm
 identification (TID 4019: model name, version, and "demonstration model - not for clinical
@@ -38,6 +40,8 @@ from cadnode.results.common import (
     PERCENT,
     cancer_label,
     completeness_lines,
+    domain_scope_text,
+    domain_text,
     percent,
     read_line,
     score_phrase,
@@ -149,6 +153,7 @@ def _view_groups(uid_root: str, findings: StudyFindings, v: ViewFinding) -> list
     t = findings.thresholds
     statement = (f"{read_line(v)}; "
                  + score_phrase("cancer suspicion", float(v.cancer or 0.0), t.get("cancer")))
+    domain = [_text_item(domain_text(v))] if v.outside_domain else []
     if v.marked(t) and len(v.outline) >= 3:
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -163,12 +168,13 @@ def _view_groups(uid_root: str, findings: StudyFindings, v: ViewFinding) -> list
             finding_sites=_site(v.laterality),
             measurements=cancer,
         ))
-        groups[-1][0].ContentSequence.append(_text_item(statement))
+        groups[-1][0].ContentSequence.extend([_text_item(statement), *domain])
     else:  # below the threshold (or not localised): the score still belongs to the image
         groups.append(_image_group(
             uid_root, findings, label, CANCER_FINDING, v.laterality, [v], cancer
         ))
-        groups[-1][0].ContentSequence.append(_text_item(f"{statement}; {NO_REGION}"))
+        groups[-1][0].ContentSequence.extend([_text_item(f"{statement}; {NO_REGION}"),
+                                              *domain])
     if v.calcification is not None:
         groups.append(_image_group(
             uid_root, findings, f"{v.view_key} calcification", CALC_FINDING, v.laterality, [v],
@@ -177,6 +183,7 @@ def _view_groups(uid_root: str, findings: StudyFindings, v: ViewFinding) -> list
         groups[-1][0].ContentSequence.append(_text_item(
             score_phrase("calcification", float(v.calcification), t.get("calcification"))
             + f"; {CALCIFICATION_NO_LOCATION}"))
+        groups[-1][0].ContentSequence.extend(domain)
     return groups
 
 
@@ -228,6 +235,9 @@ def _scope_groups(
             uid_root, findings, f"{label} calcification", CALC_FINDING, side, views,
             [_score(CALC_SCORE, scores["calcification"])],
         ))
+    if any(v.outside_domain for v in views):
+        for group in groups:
+            group[0].ContentSequence.append(_text_item(domain_scope_text(views)))
     return groups
 
 
