@@ -47,6 +47,7 @@ __all__ = [
     "STANDARD_VIEW_KEYS",
     "ViewInfo",
     "detect_view",
+    "header_value",
     "orientation_directions",
     "presentation_intent",
     "view_modifiers",
@@ -140,12 +141,16 @@ _MG_PRESENTATION_CLASSES: dict[str, bool] = {
 }
 
 
-def _get(ds: Any, keyword: str) -> Any:
-    """``ds.keyword`` or None; a malformed element never raises."""
-    try:
-        return getattr(ds, keyword, None) if ds is not None else None
-    except Exception:  # noqa: BLE001 - bad VR/values in real files must not stop a study
+def header_value(ds: Any, keyword: str) -> Any:
+    """``ds.keyword``, or None when absent, empty or malformed: one header attribute read the
+    way view detection, the clinical text and the domain check all read it (never raises)."""
+    if ds is None:
         return None
+    try:
+        value = getattr(ds, keyword, None)
+    except MALFORMED_VALUE:  # pydicom raises on some malformed values when converting
+        return None
+    return None if value is None or value == "" else value
 
 
 def _strings(value: Any) -> list[str]:
@@ -206,12 +211,12 @@ def _first_item(seq: Any) -> Any:
 
 def _view_from_codes(ds: Dataset) -> str | None:
     try:
-        seq = _get(ds, "ViewCodeSequence")
+        seq = header_value(ds, "ViewCodeSequence")
         for item in seq or []:
-            code = str(_get(item, "CodeValue") or "").strip().upper()
+            code = str(header_value(item, "CodeValue") or "").strip().upper()
             if code in _VIEW_CODES:
                 return _VIEW_CODES[code]
-            meaning = _get(item, "CodeMeaning")
+            meaning = header_value(item, "CodeMeaning")
             if meaning:
                 _, view = _parse_text(str(meaning))
                 if view is not None:
@@ -223,9 +228,9 @@ def _view_from_codes(ds: Dataset) -> str | None:
 
 def _frame_laterality(ds: Dataset) -> str | None:
     for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        group = _first_item(_get(ds, seq_kw))
-        anatomy = _first_item(_get(group, "FrameAnatomySequence"))
-        side = _side(_get(anatomy, "FrameLaterality"))
+        group = _first_item(header_value(ds, seq_kw))
+        anatomy = _first_item(header_value(group, "FrameAnatomySequence"))
+        side = _side(header_value(anatomy, "FrameLaterality"))
         if side is not None:
             return side
     return None
@@ -238,7 +243,7 @@ def orientation_directions(ds: Dataset) -> tuple[str, str] | None:
     image) and of increasing row index; scanned film (CBIS-DDSM) stores a view code there
     instead, which is not a direction and gives None.
     """
-    vals = _strings(_get(ds, "PatientOrientation"))
+    vals = _strings(header_value(ds, "PatientOrientation"))
     if len(vals) == 2 and all(re.fullmatch(r"[APLRHF]+", v) for v in vals):
         return vals[0], vals[1]
     return None
@@ -263,7 +268,7 @@ def _orientation(ds: Dataset) -> tuple[str | None, str | None]:
     CBIS-DDSM stores the view there ("CC", "MLO"). For direction strings: in the standard display
     the chest wall of a left breast is on the image's left, of a right breast on its right.
     """
-    vals = _strings(_get(ds, "PatientOrientation"))
+    vals = _strings(header_value(ds, "PatientOrientation"))
     view = next((v for v in vals if v in _VIEW_TERMS), None)
     side = {False: "L", True: "R", None: None}[chest_wall_on_right(orientation_directions(ds))]
     return side, view
@@ -306,10 +311,10 @@ def _text(value: Any) -> str:
 def presentation_intent(ds: Dataset) -> Intent | None:
     """For Presentation or For Processing: the SOP class decides (it is the IOD), else
     ``PresentationIntentType``; None when the header says neither."""
-    sop = _text(_get(ds, "SOPClassUID")).strip()
+    sop = _text(header_value(ds, "SOPClassUID")).strip()
     if sop in _MG_PRESENTATION_CLASSES:
         return Intent.PRESENTATION if _MG_PRESENTATION_CLASSES[sop] else Intent.PROCESSING
-    intent = " ".join(_strings(_get(ds, "PresentationIntentType")))
+    intent = " ".join(_strings(header_value(ds, "PresentationIntentType")))
     if "PROCESSING" in intent:
         return Intent.PROCESSING
     if "PRESENTATION" in intent:
@@ -356,18 +361,18 @@ _MODIFIER_WORDS: dict[str, ViewModifier] = {
 
 
 def _modifier_item(item: Any) -> ViewModifier:
-    meaning = _text(_get(item, "CodeMeaning")).lower()
+    meaning = _text(header_value(item, "CodeMeaning")).lower()
     for key, modifier in _MODIFIER_KEYWORDS:
         if key in meaning:
             return modifier
-    code = _text(_get(item, "CodeValue")).strip().upper()
+    code = _text(header_value(item, "CodeValue")).strip().upper()
     return _MODIFIER_CODES.get(code, ViewModifier.OTHER)
 
 
 def _description_modifiers(ds: Dataset) -> list[ViewModifier]:
     """Modifier words of a SeriesDescription: SPOT, MAG..., EKLUND, IMPLANT DISPLACED, and
     "ID" only right after a view ("L CC ID", "LCCID"), never alone ("PATIENT ID 123")."""
-    text = _text(_get(ds, "SeriesDescription")).upper()
+    text = _text(header_value(ds, "SeriesDescription")).upper()
     words = [w for w in re.split(r"[^A-Z0-9]+", text) if w]
     found = [_MODIFIER_WORDS[w] for w in words if w in _MODIFIER_WORDS]
     view_word = re.compile(rf"[LR]?({_VIEW_ALT})|({_VIEW_ALT})[LR]")
@@ -393,19 +398,19 @@ def view_modifiers(ds: Dataset) -> tuple[ViewModifier, ...] | None:
     found: list[ViewModifier] = []
     known = False
     try:
-        view_codes = _get(ds, "ViewCodeSequence")
+        view_codes = header_value(ds, "ViewCodeSequence")
         sequences = []
         if view_codes is not None and len(view_codes) > 0:
             known = True
-            sequences.append(_get(view_codes[0], "ViewModifierCodeSequence"))
-        top = _get(ds, "ViewModifierCodeSequence")
+            sequences.append(header_value(view_codes[0], "ViewModifierCodeSequence"))
+        top = header_value(ds, "ViewModifierCodeSequence")
         if top is not None:
             known = True
             sequences.append(top)
         for seq in sequences:  # only real sequences: a wrong VR ("SPOT" as LO) is ignored
             if isinstance(seq, Sequence):
                 found.extend(_modifier_item(item) for item in seq)
-        found.extend(_view_position(_get(ds, "ViewPosition"))[1])
+        found.extend(_view_position(header_value(ds, "ViewPosition"))[1])
         if not known and not found:  # free text only where the codes and ViewPosition are silent
             found.extend(_description_modifiers(ds))
     except Exception:  # noqa: BLE001 - a malformed value is as good as absent
@@ -423,13 +428,14 @@ def detect_view(ds: Dataset) -> ViewInfo:
     side_src = "none"
 
     for kw in ("ViewPosition", "ViewCodeSequence"):
-        v = _view_position(_get(ds, kw))[0] if kw == "ViewPosition" else _view_from_codes(ds)
+        v = (_view_position(header_value(ds, kw))[0] if kw == "ViewPosition"
+             else _view_from_codes(ds))
         if v is not None:
             view, view_src = v, kw
             break
 
     for kw in ("ImageLaterality", "Laterality"):
-        s = _side(_get(ds, kw))
+        s = _side(header_value(ds, kw))
         if s is not None:
             side, side_src = s, kw
             break
@@ -448,7 +454,7 @@ def detect_view(ds: Dataset) -> ViewInfo:
     for kw in ("SeriesDescription", "ProtocolName", "StudyDescription"):
         if view is not None and side is not None:
             break
-        raw = _get(ds, kw)
+        raw = header_value(ds, kw)
         if not raw:
             continue
         try:

@@ -25,13 +25,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from cadnode.dicom.pixels import PreparedImage
-from cadnode.dicom.views import MALFORMED_VALUE, presentation_intent
+from cadnode.dicom.views import MALFORMED_VALUE, header_value, presentation_intent
 from cadnode.runtime.manifest import IMAGE_STATISTICS, Range, TrainingDomain
 
 NO_DOMAIN = "the model package records no training domain"
@@ -46,18 +45,9 @@ _LABELS = {
 }
 
 
-def _get(ds: Dataset, keyword: str) -> Any:
-    """A header value or None; a malformed one counts as absent (as in the clinical text)."""
-    try:
-        value = getattr(ds, keyword, None)
-    except MALFORMED_VALUE:
-        return None
-    return None if value is None or value == "" else value
-
-
 def _text(ds: Dataset, keyword: str) -> str:
     """A header attribute as one stripped string ("" when absent or malformed)."""
-    value = _get(ds, keyword)
+    value = header_value(ds, keyword)
     if value is None:
         return ""
     try:
@@ -72,7 +62,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
-        value = _get(ds, keyword)
+        value = header_value(ds, keyword)
         return None if value is None else int(value)
     except MALFORMED_VALUE:
         return None
@@ -82,7 +72,7 @@ def _spacing(ds: Dataset) -> tuple[float, float] | None:
     """Detector pixel spacing (ImagerPixelSpacing, else PixelSpacing), in mm, or None."""
     for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
         try:
-            value = _get(ds, keyword)
+            value = header_value(ds, keyword)
             pair = (float(value[0]), float(value[1])) if value is not None else None
         except MALFORMED_VALUE:
             pair = None

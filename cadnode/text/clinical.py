@@ -28,7 +28,12 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from cadnode.dicom.enum import View, ViewModifier
-from cadnode.dicom.views import MALFORMED_VALUE, presentation_intent, view_modifiers
+from cadnode.dicom.views import (
+    MALFORMED_VALUE,
+    header_value,
+    presentation_intent,
+    view_modifiers,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pydicom
@@ -129,17 +134,6 @@ _TEMPLATE_WORDS: tuple[str, ...] = (
 )
 
 
-def _get(ds: Any, keyword: str) -> Any:
-    """Attribute value or None; never raises (bad VRs, missing tags, odd dataset objects)."""
-    try:
-        value = getattr(ds, keyword, None)
-    except MALFORMED_VALUE:  # pydicom raises on some malformed values when converting
-        return None
-    if value is None or value == "":
-        return None
-    return value
-
-
 def _to_float(value: Any) -> float | None:
     """First value of a (possibly multi-valued) number; None when not a finite number."""
     try:
@@ -170,13 +164,14 @@ def _parse_da(value: Any) -> date | None:
 
 def _age_years(ds: Any) -> float | None:
     """PatientAge ('nnnY/M/W/D'), else StudyDate - PatientBirthDate."""
-    raw = _get(ds, "PatientAge")
+    raw = header_value(ds, "PatientAge")
     if raw is not None:
         match = re.fullmatch(r"\s*(\d{1,3})\s*([YMWDymwd]?)\s*", str(raw))
         if match:
             per_year = {"Y": 1.0, "": 1.0, "M": 12.0, "W": 365.25 / 7, "D": 365.25}
             return int(match.group(1)) / per_year[match.group(2).upper()]
-    birth, study = _parse_da(_get(ds, "PatientBirthDate")), _parse_da(_get(ds, "StudyDate"))
+    birth = _parse_da(header_value(ds, "PatientBirthDate"))
+    study = _parse_da(header_value(ds, "StudyDate"))
     if birth is None or study is None:
         return None
     years = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
@@ -188,7 +183,7 @@ def _words_of(text: Any) -> list[str]:
 
 
 def _manufacturer(ds: Any) -> str:
-    raw = _get(ds, "Manufacturer")
+    raw = header_value(ds, "Manufacturer")
     if raw is None:
         return UNKNOWN
     for token in _words_of(raw):
@@ -198,7 +193,7 @@ def _manufacturer(ds: Any) -> str:
 
 
 def _model(ds: Any) -> str:
-    raw = _get(ds, "ManufacturerModelName")
+    raw = header_value(ds, "ManufacturerModelName")
     if raw is None or not _words_of(raw):
         return UNKNOWN
     kept: list[str] = []
@@ -210,7 +205,7 @@ def _model(ds: Any) -> str:
 
 
 def _implant(ds: Any) -> str:
-    raw = _get(ds, "BreastImplantPresent")
+    raw = header_value(ds, "BreastImplantPresent")
     text = str(raw).strip().upper() if raw is not None else ""
     return {"YES": "yes", "NO": "no"}.get(text, UNKNOWN)
 
@@ -239,14 +234,14 @@ def _modifiers(ds: Any) -> str:
 
 
 def _exposure_mas(ds: Any) -> float | None:
-    micro = _to_float(_get(ds, "ExposureInuAs"))
+    micro = _to_float(header_value(ds, "ExposureInuAs"))
     if micro is not None:
         return micro / 1000.0
-    return _to_float(_get(ds, "Exposure"))
+    return _to_float(header_value(ds, "Exposure"))
 
 
 def _materials(ds: Any, keyword: str) -> str:
-    raw = _get(ds, keyword)
+    raw = header_value(ds, keyword)
     if raw is None:
         return UNKNOWN
     try:
@@ -288,11 +283,12 @@ def age_band(ds: pydicom.Dataset) -> str:
 def build_clinical_text(ds: pydicom.Dataset, view: ViewInfo) -> str:
     """Hierarchical text (exam, breast, view) from the header; deterministic, never raises."""
     age = age_band(ds)
-    thickness = _safe(lambda d: _bin(_to_float(_get(d, "BodyPartThickness")), THICKNESS_EDGES,
-                                     THICKNESS_WORDS, THICKNESS_RANGE), ds)
-    force = _safe(lambda d: _bin(_to_float(_get(d, "CompressionForce")), FORCE_EDGES,
+    thickness = _safe(lambda d: _bin(_to_float(header_value(d, "BodyPartThickness")),
+                                     THICKNESS_EDGES, THICKNESS_WORDS, THICKNESS_RANGE), ds)
+    force = _safe(lambda d: _bin(_to_float(header_value(d, "CompressionForce")), FORCE_EDGES,
                                  FORCE_WORDS, FORCE_RANGE), ds)
-    kvp = _safe(lambda d: _bin(_to_float(_get(d, "KVP")), KVP_EDGES, KVP_WORDS, KVP_RANGE), ds)
+    kvp = _safe(lambda d: _bin(_to_float(header_value(d, "KVP")), KVP_EDGES, KVP_WORDS,
+                               KVP_RANGE), ds)
     exposure = _safe(lambda d: _bin(_exposure_mas(d), EXPOSURE_EDGES, EXPOSURE_WORDS,
                                     EXPOSURE_RANGE), ds)
     exam = (f"exam: age {age} implant {_safe(_implant, ds)} "
