@@ -25,11 +25,10 @@ from cadnode.runtime.engine_cache import (
     EngineKey,
     check_precision,
     engines_dir,
-    file_sha256,
     sidecar_problem,
     write_atomically,
 )
-from cadnode.runtime.manifest import ModelManifest, read_manifest
+from cadnode.runtime.manifest import ModelManifest, read_manifest, sha256
 from cadnode.runtime.tensorrt import expected_io, import_tensorrt, trt_logger
 from trt_engines.calibration import calibration_cache_path, calibration_files, entropy_calibrator
 
@@ -136,7 +135,7 @@ def build_engine(package: str | Path | ModelManifest, *, home: Path, precision: 
     write_atomically(plan, memoryview(serialized))
     write_atomically(cache_file, memoryview(config.get_timing_cache().serialize()))
     settings["build_seconds"] = round(time.monotonic() - started, 1)
-    sidecar = {"format": SIDECAR_FORMAT, "key": key.to_json(), "plan_sha256": file_sha256(plan),
+    sidecar = {"format": SIDECAR_FORMAT, "key": key.to_json(), "plan_sha256": sha256(plan),
                "package": str(manifest.package), "model_version": manifest.version,
                "settings": settings}
     write_atomically(key.sidecar_path(home), json.dumps(sidecar, indent=2).encode())

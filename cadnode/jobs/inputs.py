@@ -45,6 +45,11 @@ def encode_texts(tokenizer: ClinicalTokenizer,
     return ids, mask
 
 
+def stack_images(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Prepared (H, W) model inputs as the (B, 1, H, W) float32 batch every engine takes."""
+    return np.stack(arrays)[:, None].astype(np.float32)
+
+
 def file_inputs(paths: Sequence[str | Path], manifest: ModelManifest,
                 tokenizer: ClinicalTokenizer) -> ModelInputs:
     """Read, decode and prepare each DICOM file in this process (no child, no limits: for
@@ -59,4 +64,4 @@ def file_inputs(paths: Sequence[str | Path], manifest: ModelManifest,
         views.append((ds, info))
         keys.append(info.key or Path(path).name)
     ids, mask = encode_texts(tokenizer, views)
-    return ModelInputs(np.stack(images)[:, None].astype(np.float32), ids, mask, tuple(keys))
+    return ModelInputs(stack_images(images), ids, mask, tuple(keys))

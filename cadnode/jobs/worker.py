@@ -29,7 +29,7 @@ from cadnode.dicom.views import MALFORMED_VALUE, ViewInfo
 from cadnode.jobs.db import Database, Instance
 from cadnode.jobs.decoding import DecodePool
 from cadnode.jobs.domain import outside_domain
-from cadnode.jobs.inputs import encode_texts
+from cadnode.jobs.inputs import encode_texts, stack_images
 from cadnode.jobs.queue import (
     ClaimedJob,
     LeaseLost,
@@ -183,7 +183,7 @@ class Worker:
                 f"{v.key}: {v.detail}" for v in views))
         ids, mask = self._encode_text(ok)
         self._heartbeat(job, clock, "text")
-        images = np.stack([v.prepared.array for v in ok])[:, None].astype(np.float32)  # type: ignore[union-attr]
+        images = stack_images([v.prepared.array for v in ok])  # type: ignore[union-attr]
         out = self.engine.predict(images, ids, mask)
         self._heartbeat(job, clock, "model")
         findings_by_key: dict[str, ViewFinding] = {}

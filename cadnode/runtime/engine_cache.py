@@ -11,7 +11,6 @@ module, so the two can never disagree about which file is whose.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Any
 
 from cadnode.runtime.cuda import DeviceInfo
 from cadnode.runtime.enum import PRECISIONS, Backend
-from cadnode.runtime.manifest import ModelManifest
+from cadnode.runtime.manifest import ModelManifest, sha256
 
 #: What a TensorRT engine can compute in, the default first (defined in cadnode.runtime.enum).
 TRT_PRECISIONS: tuple[str, ...] = tuple(p.value for p in PRECISIONS[Backend.TENSORRT])
@@ -30,13 +29,8 @@ TIMING_CACHE_NAME = "timing.cache"
 SIDECAR_FORMAT = 1
 
 
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file's bytes."""
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
+    """``text`` as a piece of a file name under the engines folder (lower case, no spaces)."""
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "x"
 
 
@@ -72,7 +66,7 @@ class EngineKey:
         built with this TensorRT for this GPU."""
         if max_views < 1:
             raise ValueError(f"max views must be at least 1, got {max_views}")
-        return cls(model=manifest.name, onnx_sha256=file_sha256(manifest.model_path),
+        return cls(model=manifest.name, onnx_sha256=sha256(manifest.model_path),
                    tensorrt_version=str(tensorrt_version), gpu_name=device.name,
                    capability=device.capability, precision=check_precision(precision),
                    max_views=int(max_views))
@@ -84,8 +78,8 @@ class EngineKey:
     @property
     def stem(self) -> str:
         """The file name without suffix; every field of the key is in it."""
-        return (f"{_slug(self.model)}-{self.onnx_sha256[:12]}-trt{_slug(self.tensorrt_version)}"
-                f"-{self.device.slug}-sm{self.device.sm}-{self.precision}-v{self.max_views}")
+        return (f"{file_slug(self.model)}-{self.onnx_sha256[:12]}"
+                f"-trt{file_slug(self.tensorrt_version)}-{self.device.slug}-sm{self.device.sm}-{self.precision}-v{self.max_views}")
 
     def plan_path(self, home: Path) -> Path:
         return engines_dir(home) / f"{self.stem}.plan"
@@ -95,7 +89,7 @@ class EngineKey:
 
     def model_prefix(self) -> str:
         """What every plan of this ONNX file starts with, whatever GPU or TensorRT built it."""
-        return f"{_slug(self.model)}-{self.onnx_sha256[:12]}-"
+        return f"{file_slug(self.model)}-{self.onnx_sha256[:12]}-"
 
     def describe(self) -> str:
         """One phrase for messages: GPU, compute capability, TensorRT version, precision."""
@@ -147,7 +141,7 @@ def sidecar_problem(key: EngineKey, home: Path) -> str | None:
     diff = differences(key, recorded)
     if diff:
         return f"engine {plan.name} was built for another setup: {'; '.join(diff)}"
-    if data.get("plan_sha256") != file_sha256(plan):
+    if data.get("plan_sha256") != sha256(plan):
         return f"engine {plan} is not the file its sidecar records (changed or corrupt)"
     return None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cadnode.runtime.engine_cache import engines_dir, file_slug
 from cadnode.runtime.enum import DEVICES, Backend, BackendUnavailable, Precision, precision_for
 from cadnode.runtime.feeds import check_feeds
 from cadnode.runtime.manifest import INPUT_NAMES, MODEL_NAME, ModelManifest, read_manifest, sha256
@@ -35,8 +36,7 @@ def int8_model_path(manifest: ModelManifest, home: Path) -> Path:
     """Where the quantised variant of ``manifest``'s ONNX lives: named by the ONNX file's
     sha256, so a changed model never meets an old quantisation."""
     digest = manifest.sha256.get(MODEL_NAME) or sha256(manifest.model_path)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in manifest.name)
-    return Path(home) / "engines" / f"{safe}-{digest[:12]}-ort-int8.onnx"
+    return engines_dir(Path(home)) / f"{file_slug(manifest.name)}-{digest[:12]}-ort-int8.onnx"
 
 
 def gpu_providers() -> list[str]:

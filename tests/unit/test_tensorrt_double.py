@@ -14,7 +14,8 @@ import pytest
 
 from cadnode.jobs.inputs import ModelInputs, file_inputs
 from cadnode.runtime import DEFAULT_MODEL_PACKAGE, BackendUnavailable, read_manifest
-from cadnode.runtime.engine_cache import EngineKey, file_sha256
+from cadnode.runtime.engine_cache import EngineKey
+from cadnode.runtime.manifest import sha256
 from cadnode.runtime.onnx import OnnxEngine
 from cadnode.runtime.tensorrt import TensorRTEngine
 from cadnode.text.tokenizer import ClinicalTokenizer
@@ -57,14 +58,14 @@ def test_build_with_tensorrt_double_sets_fp16_workspace_and_profile(double: Doub
     assert build["profiles"] == [{name: ((1, *s), (4, *s), (8, *s))
                                   for name, s in VIEW_SHAPES.items()}]
     assert build["calibration"] is None and build["calibration_profile"] is None
-    assert plan.is_file() and _sidecar(plan)["plan_sha256"] == file_sha256(plan)
+    assert plan.is_file() and _sidecar(plan)["plan_sha256"] == sha256(plan)
     assert _sidecar(plan)["settings"]["opt_views"] == 4
 
 
 def test_engine_cache_name_with_double_has_every_key_field(double: Double,
                                                            tmp_path: Path) -> None:
     plan = build_engine(PACKAGE, home=tmp_path, precision="bf16", max_views=6)
-    sha = file_sha256(read_manifest(PACKAGE).model_path)
+    sha = sha256(read_manifest(PACKAGE).model_path)
     assert plan.parent == tmp_path / "engines"
     assert plan.name == (f"cadnode-effb0-cpu-{sha[:12]}-trt{fake_tensorrt.VERSION}-nvidia-h200"
                          "-sm90-bf16-v6.plan")
