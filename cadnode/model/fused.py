@@ -4,14 +4,22 @@ Used by ``train/`` and by export only; the node serves the exported ONNX graph a
 this module. Blocks are small and composable so that variants (image-only, text-only, other
 backbones) are config flags rather than new code.
 
-Fusion: at each of ``fusion_stages`` (indices into the backbone's feature stages, default the last
-two), image tokens (the stage's feature map projected to ``dim``) attend to the text tokens, and the
-text tokens attend to the updated image tokens (residual + LayerNorm on both). The text tokens
-carry their update on to the next fused stage. Pooled image tokens (mean and max of each fused
-stage) and pooled text feed the two heads; the last stage's features and fused tokens, as a map,
-feed the heatmap head (detached, see :class:`HeatmapHead`).
-The backbone itself runs unchanged (fusion is a side branch), so any timm ``features_only``
-ConvNet works and a local ImageNet checkpoint loads without surgery.
+Fusion (``fusion="coattention"``, the paper's): the backbone runs stage by stage
+(:func:`backbone_segments`). At each of ``fusion_stages`` (indices into the backbone's feature
+stages, default the last three), image tokens (the stage's feature map projected to ``dim``)
+attend to the text tokens, and the text tokens attend to the updated image tokens (residual +
+LayerNorm on both). The text tokens carry their update on to the next fused stage, and the fused
+image tokens, projected back to the stage's channels by a zero-initialised 1x1 conv, are added to
+the feature map that the *next backbone stage* reads: the text conditions the image features
+from the first fused stage on (multi-stage co-attention, not a side branch). The zero start makes
+a fresh model compute exactly the unconditioned backbone, so a local ImageNet checkpoint loads
+without surgery. Pooled image tokens (mean and max of each fused stage) and pooled text feed the
+two heads; the last stage's features and fused tokens, as a map, feed the heatmap head (detached,
+see :class:`HeatmapHead`).
+
+``fusion="late"`` is the control every ablation keeps: an image-only branch and a text-only
+branch, each with its own neck and heads, whose logits are summed (no interaction between the
+modalities beyond addition).
 
 Attention is written out with matmul + softmax (no fused kernels) so that the legacy ONNX exporter
 and TensorRT take it without custom ops; padding is an additive -1e4 bias (fp16-safe).
@@ -27,6 +35,7 @@ from typing import Any, cast
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import Tensor, nn
 
 _NEG = -1.0e4
@@ -48,7 +57,9 @@ class FusedConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.1
-    fusion_stages: tuple[int, ...] = (-2, -1)
+    fusion_stages: tuple[int, ...] = (-3, -2, -1)
+    fusion: str = "coattention"  # or "late": sum of an image-only and a text-only model's logits
+    checkpointing: bool = False  # activation checkpointing per backbone block while training
     use_image: bool = True
     use_text: bool = True
     backbone_checkpoint: str | None = None  # local file only; never downloaded
@@ -56,8 +67,16 @@ class FusedConfig:
     head_prior: float = 0.05  # heads start at this probability (imbalanced data; calm demo)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: How the two modalities meet (FusedConfig.fusion).
+FUSIONS: tuple[str, ...] = ("coattention", "late")
 
 
 class MultiHeadAttention(nn.Module):
@@ -187,21 +206,61 @@ class ImageEncoder(nn.Module):
         self.body.load_state_dict(kept, strict=False)
         return len(kept)
 
-    def forward(self, image: Tensor) -> list[Tensor]:
-        return list(self.body(image))
+    def segments(self) -> list[list[nn.Module]]:
+        """The body's modules in order, split where each feature stage ends."""
+        return backbone_segments(self.body)
+
+
+def backbone_segments(body: nn.Module) -> list[list[nn.Module]]:
+    """timm ``features_only`` body -> one list of modules per feature stage, run in order.
+
+    Running the segments one after another computes what ``body(x)`` returns (the same modules,
+    so the same parameters and checkpoint keys), and lets the fusion change a stage's output
+    before the next stage reads it. Two timm layouts cover the backbones we use: EfficientNet's
+    features class (stem + ``blocks`` with ``_stage_out_idx``) and the generic
+    ``FeatureListNet`` (ResNet, ConvNeXt, ...; ``return_layers``).
+    """
+    segments: list[list[nn.Module]] = []
+    current: list[nn.Module] = []
+    stage_out = getattr(body, "_stage_out_idx", None)
+    if stage_out is not None and hasattr(body, "blocks"):
+        current = [cast(nn.Module, body.conv_stem), cast(nn.Module, body.bn1)]
+        if 0 in stage_out:
+            segments.append(current)
+            current = []
+        for i, block in enumerate(cast(nn.Sequential, body.blocks)):
+            current.append(block)
+            if i + 1 in stage_out:
+                segments.append(current)
+                current = []
+        return segments
+    return_layers = getattr(body, "return_layers", None)
+    if isinstance(body, nn.ModuleDict) and return_layers is not None:
+        for name, module in body.items():
+            current.append(module)
+            if name in return_layers:
+                segments.append(current)
+                current = []
+        return segments
+    raise ValueError(f"{type(body).__name__}: not a timm features-only layout cadnode can stage")
 
 
 class CoAttentionFusion(nn.Module):
     """One image stage <-> text co-attention; returns (fused image tokens (B, hw, D), text)."""
 
     def __init__(self, channels: int, dim: int, heads: int, mlp_ratio: float,
-                 dropout: float, cross: bool = True) -> None:
+                 dropout: float, cross: bool = True, feedback: bool = False) -> None:
         super().__init__()
         self.proj_in = nn.Conv2d(channels, dim, 1)
         self.norm_in = nn.LayerNorm(dim)
         self.cross = cross
+        self.feedback: nn.Conv2d | None = None
         if not cross:  # image-only variant: just the projection to pooled tokens
             return
+        if feedback:  # fused tokens back into the backbone; zero start = unconditioned backbone
+            self.feedback = nn.Conv2d(dim, channels, 1)
+            nn.init.zeros_(self.feedback.weight)
+            nn.init.zeros_(self.feedback.bias)
         self.img_from_text = MultiHeadAttention(dim, heads, dropout)
         self.norm_img = nn.LayerNorm(dim)
         self.text_from_img = MultiHeadAttention(dim, heads, dropout)
@@ -218,6 +277,13 @@ class CoAttentionFusion(nn.Module):
         text = self.norm_text(text + self.text_from_img(text, img))
         text = self.norm_text2(text + self.text_ffn(text))
         return img, text
+
+    def condition(self, feat: Tensor, img: Tensor) -> Tensor:
+        """The stage's feature map plus the fused tokens (as a map) projected back to it."""
+        if self.feedback is None:
+            return feat
+        b, _, h, w = feat.shape
+        return feat + self.feedback(img.transpose(1, 2).reshape(b, -1, h, w))
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -265,6 +331,27 @@ class HeatmapHead(nn.Module):
         return self.out(self.act(self.conv(torch.cat([local, late], dim=1))))
 
 
+class TaskHeads(nn.Module):
+    """Pooled features -> neck -> (cancer, calcification) logits, starting at ``prior``."""
+
+    def __init__(self, pooled: int, dim: int, dropout: float, prior: float) -> None:
+        super().__init__()
+        self.neck = nn.Sequential(nn.Linear(pooled, dim), nn.GELU(), nn.Dropout(dropout))
+        self.cancer = nn.Linear(dim, 1)
+        self.calcification = nn.Linear(dim, 1)
+        with torch.no_grad():
+            for head in (self.cancer, self.calcification):
+                head.bias.fill_(prior_logit(prior))
+
+    def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.neck(pooled)
+        return self.cancer(z).squeeze(1), self.calcification(z).squeeze(1)
+
+
+def prior_logit(prior: float) -> float:
+    return math.log(prior / (1.0 - prior))
+
+
 class FusedVLM(nn.Module):
     """image (B,1,H,W) in [0,1] + tokens (B,L) -> per-view logits and a coarse heatmap."""
 
@@ -278,6 +365,8 @@ class FusedVLM(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.image_std, dtype=torch.float32),
                              persistent=False)
         d = cfg.dim
+        late = cfg.fusion == "late" and cfg.use_image and cfg.use_text
+        cross = cfg.use_text and not late
         pooled = 0
         self.image: ImageEncoder | None = None
         self.text: TextEncoder | None = None
@@ -287,7 +376,7 @@ class FusedVLM(nn.Module):
             self.stage_ids = sorted({s % n for s in cfg.fusion_stages})
             self.fusions = nn.ModuleList(
                 CoAttentionFusion(self.image.channels[i], d, cfg.heads, cfg.mlp_ratio,
-                                  cfg.dropout, cross=cfg.use_text)
+                                  cfg.dropout, cross=cross, feedback=cross and i < n - 1)
                 for i in self.stage_ids)
             last = self.stage_ids[-1]
             # the stage 4x finer than the last (stride 8 for the usual 32), else the finest
@@ -298,27 +387,50 @@ class FusedVLM(nn.Module):
             steps = int(round(math.log2(reductions[last] / reductions[early])))
             self.heatmap_head = HeatmapHead(self.image.channels[early], steps,
                                             self.image.channels[last] + d, max(32, d // 2))
+            with torch.no_grad():
+                self.heatmap_head.out.bias.fill_(prior_logit(cfg.head_prior))
             pooled += 2 * d * len(self.stage_ids)  # mean + max of each fused stage
         if cfg.use_text:
             self.text = TextEncoder(cfg.vocab_size, cfg.max_text_len, d, cfg.text_layers,
                                     cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        # late fusion: ``heads`` reads the image alone, ``text_heads`` the text alone
+        self.text_heads: TaskHeads | None = None
+        if late:
+            self.text_heads = TaskHeads(d, d, cfg.dropout, cfg.head_prior)
+        elif cfg.use_text:
             pooled += d
-        self.neck = nn.Sequential(nn.Linear(pooled, d), nn.GELU(), nn.Dropout(cfg.dropout))
-        self.cancer_head = nn.Linear(d, 1)
-        self.calcification_head = nn.Linear(d, 1)
-        prior_logit = math.log(cfg.head_prior / (1.0 - cfg.head_prior))
-        heads: list[nn.Module] = [self.cancer_head, self.calcification_head]
-        if self.image is not None:
-            heads.append(self.heatmap_head.out)
-        with torch.no_grad():
-            for head in heads:
-                head.bias.fill_(prior_logit)  # type: ignore[operator]
+        self.heads = TaskHeads(pooled, d, cfg.dropout, cfg.head_prior)
 
     @property
     def heatmap_stride(self) -> int:
         if self.image is not None:
             return self.image.reductions[self.stage_ids[-1]]
         return self.cfg.heatmap_stride
+
+    def _run_backbone(self, image: Tensor, text: Tensor | None, bias: Tensor | None,
+                      parts: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor | None]:
+        """Backbone stage by stage, fusing (and conditioning) at the fused stages; returns the
+        stage outputs, the last fused stage's tokens and the text after the last fusion."""
+        assert self.image is not None
+        mean, std = cast(Tensor, self.mean), cast(Tensor, self.std)
+        x = (image - mean) / std
+        fusion_at = dict(zip(self.stage_ids, self.fusions, strict=True))
+        checkpointing = self.cfg.checkpointing and self.training and torch.is_grad_enabled()
+        feats: list[Tensor] = []
+        tokens = x.new_zeros(0)
+        for i, segment in enumerate(self.image.segments()):
+            for module in segment:
+                x = checkpoint(module, x, use_reentrant=False) if checkpointing else module(x)
+            if i in fusion_at:
+                fusion = cast(CoAttentionFusion, fusion_at[i])
+                tokens, fused_text = fusion(x, text, bias)
+                text = fused_text if fused_text is not None else text
+                parts += [tokens.mean(1), tokens.amax(1)]
+                x = fusion.condition(x, tokens)
+            feats.append(x)
+            if i == self.stage_ids[-1]:
+                break  # later stages (if any) feed nothing
+        return feats, tokens, text
 
     def forward(self, image: Tensor, input_ids: Tensor,
                 attention_mask: Tensor) -> dict[str, Tensor]:
@@ -330,21 +442,25 @@ class FusedVLM(nn.Module):
         parts: list[Tensor] = []
         heat_logit: Tensor
         if self.image is not None:
-            mean, std = cast(Tensor, self.mean), cast(Tensor, self.std)
-            feats = self.image((image - mean) / std)
-            for fusion, idx in zip(self.fusions, self.stage_ids, strict=True):
-                tokens, text = fusion(feats[idx], text, bias)
-                parts += [tokens.mean(1), tokens.amax(1)]
+            late = self.text_heads is not None
+            feats, tokens, fused_text = self._run_backbone(
+                image, None if late else text, None if late else bias, parts)
+            if not late:
+                text = fused_text
             last = feats[self.stage_ids[-1]]
             b, _, h, w = last.shape
             token_map = tokens.transpose(1, 2).reshape(b, -1, h, w)
             heat_logit = self.heatmap_head(feats[self.heatmap_early],
                                            torch.cat([last, token_map], dim=1))
-        if text is not None and attention_mask is not None:
-            parts.append(masked_mean(text, attention_mask))
-        z = self.neck(torch.cat(parts, dim=1))
-        cancer = self.cancer_head(z).squeeze(1)
-        calcification = self.calcification_head(z).squeeze(1)
+        text_pooled = masked_mean(text, attention_mask) if text is not None else None
+        if self.text_heads is not None and text_pooled is not None:
+            cancer_i, calc_i = self.heads(torch.cat(parts, dim=1))
+            cancer_t, calc_t = self.text_heads(text_pooled)
+            cancer, calcification = cancer_i + cancer_t, calc_i + calc_t
+        else:
+            if text_pooled is not None:
+                parts.append(text_pooled)
+            cancer, calcification = self.heads(torch.cat(parts, dim=1))
         if self.image is None:  # text-only: a flat map at the cancer score, on the usual grid
             s = self.heatmap_stride
             grid = F.avg_pool2d(image, kernel_size=s, stride=s, ceil_mode=True) * 0.0

@@ -98,7 +98,7 @@ def build_model(name: str, size: Size, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     model = create_model(name, input_size=size).eval()
     with torch.no_grad():
-        for head in (model.cancer_head, model.calcification_head):
+        for head in (model.heads.cancer, model.heads.calcification):
             head.weight.normal_(0, 0.5)
     return model
 

@@ -37,7 +37,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, o
     torch.manual_seed(0)
     model = create_model("cadnode-effb0-cpu", input_size=(512, 256)).eval()
     with torch.no_grad():  # spread the heads so that scores differ from view to view
-        for head in (model.cancer_head, model.calcification_head):
+        for head in (model.heads.cancer, model.heads.calcification):
             head.weight.normal_(0, 0.5)
     out = tmp_path_factory.mktemp("pkg")
     export_package(model, out, version="parity", demo=True,

@@ -77,9 +77,20 @@ def test_backward_reaches_both_encoders() -> None:
     assert stem.grad is not None and stem.grad.abs().sum() > 0
 
 
-def test_export_parity(tmp_path) -> None:
+def _wake_feedback(model) -> None:
+    """Non-zero feedback convs, so the graph's text-to-backbone path is exercised (a fresh
+    model starts them at zero)."""
+    with torch.no_grad():
+        for fusion in getattr(model, "fusions", []):
+            if fusion.feedback is not None:
+                fusion.feedback.weight.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize("fusion", ["coattention", "late"])
+def test_export_parity(tmp_path, fusion) -> None:
     torch.manual_seed(0)
-    model = create_model("cadnode-effb0-cpu", **TINY)
+    model = create_model("cadnode-effb0-cpu", **TINY, fusion=fusion)
+    _wake_feedback(model)
     manifest = export_package(model, tmp_path, version="t", demo=True, training="test")
     assert manifest["parity_max_abs_diff"] <= 1e-4
     assert {p.name for p in tmp_path.iterdir()} == {"model.onnx", "model.pt2", "tokenizer.json",
