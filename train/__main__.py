@@ -54,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_eval.add_argument("--run", type=Path, required=True)
     p_eval.add_argument("--split", default=None, help="train | val | test (default: config)")
     p_eval.add_argument("--checkpoint", default="best.pt")
-    p_abl = sub.add_parser("ablate", help="image-only vs text-only vs fused on one split")
+    p_abl = sub.add_parser("ablate", help="image-only, text-only, late fusion and co-attention "
+                                          "on one split, with text-shuffle and resolution "
+                                          "controls")
     p_abl.add_argument("--config", type=Path, default=DEFAULT_ABLATION)
     p_abl.add_argument("--out", type=Path, required=True)
     p_abl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -68,12 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_syn.add_argument("--out", type=Path, required=True)
     p_syn.add_argument("--n", type=int, default=100, help="number of exams (4 views each)")
     p_syn.add_argument("--seed", type=int, default=0)
+    p_syn.add_argument("--shape", type=int, nargs=2, default=(2048, 1024),
+                       metavar=("ROWS", "COLUMNS"), help="image size (default 2048 1024)")
     args = parser.parse_args(argv)
 
     if args.command == "synth":
         from train.synthetic import SyntheticConfig, write_dataset
 
-        labels = write_dataset(SyntheticConfig(n_exams=args.n, seed=args.seed), args.out)
+        labels = write_dataset(SyntheticConfig(n_exams=args.n, seed=args.seed,
+                                               shape=tuple(args.shape)), args.out)
         print(json.dumps({"labels": str(labels), "views": 4 * args.n}))
         return 0
 

@@ -11,6 +11,7 @@ report-style sentence made of template words. Inference (``augment=None``) is de
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,22 +90,37 @@ def sample_text(sample: Sample, augment: TextAugment | None = None,
     return augment.text(build_clinical_text(augment.header(sample.header, rng), sample.view), rng)
 
 
-def prepare_sample(sample: Sample, size: tuple[int, int]) -> PreparedImage:
-    """The node's model input of a sample (from a DICOM path, a PNG path, or a loader), with the
-    mapping back to the source grid that heatmap scoring needs."""
-    lat = sample.view.laterality
+@dataclass(frozen=True)
+class LoadedImage:
+    """A sample's image as read once: the dataset that describes it and, for images that are
+    not DICOM files (PNG exports, rendered arrays), its pixels."""
+
+    dataset: pydicom.Dataset
+    pixels: np.ndarray | None = None
+
+
+def load_image(sample: Sample) -> LoadedImage:
+    """Read a sample's image (a DICOM path, a PNG path, or a loader)."""
     source: Any = sample.image
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("I") if im.mode not in ("L", "I;16", "I") else im)
-            return prepare_image(sample.header, size, lat, pixels=arr.astype(np.float32))
-        return prepare_image(pydicom.dcmread(path), size, lat)
+            return LoadedImage(sample.header, arr.astype(np.float32))
+        return LoadedImage(pydicom.dcmread(path))
     loaded = source()
     if isinstance(loaded, pydicom.Dataset):
-        return prepare_image(loaded, size, lat)
-    return prepare_image(sample.header, size, lat, pixels=np.asarray(loaded, dtype=np.float32))
+        return LoadedImage(loaded)
+    return LoadedImage(sample.header, np.asarray(loaded, dtype=np.float32))
+
+
+def prepare_sample(sample: Sample, size: tuple[int, int],
+                   loaded: LoadedImage | None = None) -> PreparedImage:
+    """The node's model input of a sample, with the mapping back to the source grid that
+    heatmap scoring needs (``loaded``: the image already read, to prepare several sizes)."""
+    image = loaded or load_image(sample)
+    return prepare_image(image.dataset, size, sample.view.laterality, pixels=image.pixels)
 
 
 #: Lesion boxes a training item carries (rows beyond a sample's count are padding).
@@ -137,6 +153,104 @@ class CachedItem:
     lesions: np.ndarray
 
 
+class ImageCache:
+    """Prepared images per (input size, sample key), float16, shared by every dataset over the
+    same sample list (the models of an ablation, and the same views read at several sizes).
+
+    A miss reads the sample once and prepares it at every registered size, so an ablation that
+    compares 512, 1024 and 2048 reads decodes (or renders) each view once.
+    """
+
+    def __init__(self, sizes: Sequence[tuple[int, int]] = ()) -> None:
+        self.sizes: list[tuple[int, int]] = []
+        self.items: dict[tuple[tuple[int, int], int], CachedItem] = {}
+        for size in sizes:
+            self.register(size)
+
+    def register(self, size: tuple[int, int]) -> None:
+        size = (int(size[0]), int(size[1]))
+        if size not in self.sizes:
+            self.sizes.append(size)
+
+    def get(self, key: int, sample: Sample, size: tuple[int, int]) -> CachedItem:
+        size = (int(size[0]), int(size[1]))
+        if (size, key) not in self.items:
+            self.register(size)
+            loaded = load_image(sample)
+            for each in self.sizes:
+                if (each, key) not in self.items:
+                    self.items[(each, key)] = cached_item(sample, each, loaded)
+        return self.items[(size, key)]
+
+
+def cached_item(sample: Sample, size: tuple[int, int],
+                loaded: LoadedImage | None = None) -> CachedItem:
+    # float16 always (cached or not), so a fresh process and a warm cache feed the model
+    # identical values (exact resume); its ~5e-4 step is far below the image noise.
+    prepared = prepare_sample(sample, size, loaded)
+    return CachedItem(prepared.array.astype(np.float16), lesion_fractions(sample, prepared))
+
+
+@dataclass(frozen=True)
+class ImageAugment:
+    """Training-time image augmentation on the prepared model input (and its lesion boxes).
+
+    Only transforms that keep the input convention: a vertical flip (the chest wall stays on
+    the left; a horizontal flip would put it on the right, which the node never feeds), a small
+    affine (rotation, scale, shift; the uncovered border is background, 0), gamma and
+    contrast, and Gaussian noise.
+    """
+
+    vflip: float = 0.5
+    rotate_deg: float = 5.0
+    scale: float = 0.05
+    shift: float = 0.03
+    gamma: float = 0.2  # gamma drawn from [1 / (1 + g), 1 + g]
+    contrast: float = 0.05
+    noise: float = 0.01  # noise standard deviation drawn from [0, noise]
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) float32 in [0, 1] and (K, 4) box fractions -> both transformed."""
+        h, w = image.shape
+        boxes = boxes.copy()
+        if rng.random() < self.vflip:
+            image = image[::-1].copy()
+            boxes[:, [1, 3]] = 1.0 - boxes[:, [3, 1]]
+        angle = math.radians(rng.uniform(-self.rotate_deg, self.rotate_deg))
+        zoom = 1.0 + rng.uniform(-self.scale, self.scale)
+        dx, dy = rng.uniform(-self.shift, self.shift, 2) * (w, h)
+        if angle or zoom != 1.0 or dx or dy:
+            image, boxes = _affine(image, boxes, angle, zoom, float(dx), float(dy))
+        g = 1.0 + self.gamma
+        gamma = math.exp(rng.uniform(-math.log(g), math.log(g)))
+        image = np.clip(image, 0.0, 1.0) ** gamma
+        image = image * (1.0 + rng.uniform(-self.contrast, self.contrast))
+        image = image + rng.normal(0.0, rng.uniform(0.0, self.noise), image.shape)
+        return np.clip(image, 0.0, 1.0).astype(np.float32), boxes
+
+
+def _affine(image: np.ndarray, boxes: np.ndarray, angle: float, zoom: float, dx: float,
+            dy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate by ``angle`` and scale by ``zoom`` about the centre, then shift by (dx, dy) px."""
+    h, w = image.shape
+    cx, cy = w / 2.0, h / 2.0
+    cos, sin = math.cos(angle) * zoom, math.sin(angle) * zoom
+    forward = np.array([[cos, -sin, cx + dx - cos * cx + sin * cy],
+                        [sin, cos, cy + dy - sin * cx - cos * cy], [0.0, 0.0, 1.0]])
+    inverse = np.linalg.inv(forward)  # PIL maps each output pixel back to the input
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    out = pil.transform((w, h), Image.Transform.AFFINE, tuple(inverse[:2].ravel()),
+                        resample=Image.Resampling.BILINEAR, fillcolor=0.0)
+    moved = boxes.copy()
+    for k, (u0, v0, u1, v1) in enumerate(boxes):
+        corners = np.array([[u0 * w, v0 * h, 1], [u1 * w, v0 * h, 1], [u0 * w, v1 * h, 1],
+                            [u1 * w, v1 * h, 1]]) @ forward.T
+        moved[k] = (corners[:, 0].min() / w, corners[:, 1].min() / h, corners[:, 0].max() / w,
+                    corners[:, 1].max() / h)
+    return np.asarray(out, dtype=np.float32), np.clip(moved, 0.0, 1.0)
+
+
 def _label(value: int | None) -> tuple[float, float]:
     return (0.0, 0.0) if value is None else (float(value), 1.0)
 
@@ -144,16 +258,19 @@ def _label(value: int | None) -> tuple[float, float]:
 class SampleDataset(TorchDataset):
     """Map-style dataset of view samples -> dict of tensors.
 
-    ``cache`` (a dict shared between datasets over the same sample list, e.g. the three ablation
-    models) keeps prepared images as float16 (and their lesion boxes) so each image is decoded
-    once per process.
+    ``cache`` (an :class:`ImageCache` shared between datasets over the same sample list, e.g.
+    the ablation's models) keeps prepared images as float16 (and their lesion boxes) so each
+    image is decoded once per process. ``text_from`` (a control): item i reads the text of
+    sample ``text_from[i]`` instead of its own.
     Augmentation randomness is keyed by (seed, epoch, index), so a resumed run draws the same.
     """
 
     def __init__(self, samples: Sequence[Sample], size: tuple[int, int],
                  tokenizer: ClinicalTokenizer, augment: TextAugment | None = None,
-                 seed: int = 0, cache: dict[int, CachedItem] | None = None,
-                 keys: Sequence[int] | None = None) -> None:
+                 seed: int = 0, cache: ImageCache | None = None,
+                 keys: Sequence[int] | None = None,
+                 image_augment: ImageAugment | None = None,
+                 text_from: Sequence[int] | None = None) -> None:
         self.samples = list(samples)
         self.size = (int(size[0]), int(size[1]))
         self.tokenizer = tokenizer
@@ -162,6 +279,8 @@ class SampleDataset(TorchDataset):
         self.epoch = 0
         self.cache = cache
         self.keys = list(keys) if keys is not None else list(range(len(self.samples)))
+        self.image_augment = image_augment
+        self.text_from = list(text_from) if text_from is not None else None
         self._text_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -171,25 +290,18 @@ class SampleDataset(TorchDataset):
         return len(self.samples)
 
     def item(self, index: int) -> CachedItem:
-        key = self.keys[index]
-        if self.cache is not None and key in self.cache:
-            return self.cache[key]
-        # float16 always (cached or not), so a fresh process and a warm cache feed the model
-        # identical values (exact resume); its ~5e-4 step is far below the image noise.
-        prepared = prepare_sample(self.samples[index], self.size)
-        item = CachedItem(prepared.array.astype(np.float16),
-                          lesion_fractions(self.samples[index], prepared))
         if self.cache is not None:
-            self.cache[key] = item
-        return item
+            return self.cache.get(self.keys[index], self.samples[index], self.size)
+        return cached_item(self.samples[index], self.size)
 
     def tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        source = self.samples[index if self.text_from is None else self.text_from[index]]
         if self.augment is None:
             if index not in self._text_cache:
-                self._text_cache[index] = self.tokenizer.encode(sample_text(self.samples[index]))
+                self._text_cache[index] = self.tokenizer.encode(sample_text(source))
             return self._text_cache[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.tokenizer.encode(sample_text(self.samples[index], self.augment, rng))
+        return self.tokenizer.encode(sample_text(source, self.augment, rng))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
@@ -197,12 +309,16 @@ class SampleDataset(TorchDataset):
         cancer, cancer_known = _label(sample.cancer)
         calc, calc_known = _label(sample.calcification)
         item = self.item(index)
+        image, lesions = item.image.astype(np.float32), item.lesions
+        if self.image_augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            image, lesions = self.image_augment(image, lesions, rng)
         boxes = np.full((MAX_LESIONS, 4), -1.0, dtype=np.float32)
-        boxes[: len(item.lesions)] = item.lesions
+        boxes[: len(lesions)] = lesions
         return {
-            "image": torch.from_numpy(item.image.astype(np.float32))[None],
+            "image": torch.from_numpy(image)[None],
             "lesion_boxes": torch.from_numpy(boxes),
-            "lesion_count": torch.tensor(len(item.lesions), dtype=torch.int64),
+            "lesion_count": torch.tensor(len(lesions), dtype=torch.int64),
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask),
             "targets": torch.tensor([cancer, calc], dtype=torch.float32),
@@ -267,3 +383,22 @@ def sample_weights(samples: Sequence[Sample]) -> np.ndarray:
     n_pos = max(int(pos.sum()), 1)
     n_neg = max(int((~pos).sum()), 1)
     return np.where(pos, 0.5 / n_pos, 0.5 / n_neg).astype(np.float64)
+
+
+def shuffled_text_sources(samples: Sequence[Sample], seed: int = 0) -> list[int]:
+    """For each sample, the index of the same view (laterality and projection) of another
+    patient, whose text it is to read: the text-shuffle control. Patients are paired by a
+    seeded rotation of a shuffled order, so no patient keeps their own text."""
+    patients = sorted({s.patient_id for s in samples})
+    if len(patients) < 2:
+        raise ValueError("the text-shuffle control needs at least two patients")
+    order = np.random.default_rng(seed).permutation(len(patients))
+    donor = {patients[order[k]]: patients[order[(k + 1) % len(patients)]]
+             for k in range(len(patients))}
+    same_view: dict[tuple[str, str | None, str | None], int] = {}
+    first_view: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        same_view.setdefault((s.patient_id, s.view.laterality, s.view.view), i)
+        first_view.setdefault(s.patient_id, i)
+    return [same_view.get((donor[s.patient_id], s.view.laterality, s.view.view),
+                          first_view[donor[s.patient_id]]) for s in samples]

@@ -30,12 +30,14 @@ import torch
 from cadnode.model.factory import create_model, get_config
 from cadnode.model.fused import FusedVLM
 from train.data import (
-    CachedItem,
+    ImageAugment,
+    ImageCache,
     SampleDataset,
     TextAugment,
     make_tokenizer,
     patient_split,
     prepare_sample,
+    shuffled_text_sources,
 )
 from train.datasets.base import Sample
 from train.evaluate import (
@@ -47,16 +49,19 @@ from train.evaluate import (
     write_report,
 )
 from train.loop import BEST, TrainConfig, dist_info, predict, train
-from train.synthetic import SyntheticConfig, generate
+from train.synthetic import BENCHMARK_VERSION, RULE, SyntheticConfig, generate
 
 CONFIG_NAME = "config.json"
-VARIANTS: dict[str, dict[str, bool]] = {
+#: The ablation's models; "fused" is the co-attention model the others are compared with, and
+#: "late-fusion" (the sum of an image-only and a text-only model's logits) its control.
+VARIANTS: dict[str, dict[str, Any]] = {
     "image-only": {"use_image": True, "use_text": False},
     "text-only": {"use_image": False, "use_text": True},
-    "fused": {"use_image": True, "use_text": True},
+    "late-fusion": {"use_image": True, "use_text": True, "fusion": "late"},
+    "fused": {"use_image": True, "use_text": True, "fusion": "coattention"},
 }
-SYNTHETIC_RULE = ("cancer = mass visible AND age >= 60; calcification = microcalcification "
-                  "cluster visible AND no implant; 3% label noise per breast and task")
+#: Evaluated again with the text of other patients (the text-shuffle control).
+SHUFFLED = ("late-fusion", "fused")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -64,7 +69,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     for key in raw:
-        if key not in ("data", "train", "eval", "export"):
+        if key not in ("data", "train", "eval", "export", "ablate"):
             raise ValueError(f"{path}: unknown section {key!r}")
     return raw
 
@@ -90,8 +95,9 @@ def load_samples(data: dict[str, Any]) -> list[Sample]:
 def data_summary(data: dict[str, Any], samples: list[Sample], split: dict[str, list[int]]) -> str:
     sizes = ", ".join(f"{k} {len(v)}" for k, v in split.items())
     if data.get("source", "synthetic") == "synthetic":
-        return (f"synthetic benchmark (train/synthetic.py, seed {data.get('seed', 0)}, "
-                f"{len(samples)} views; {sizes} views by patient); labels: {SYNTHETIC_RULE}")
+        return (f"synthetic benchmark v{BENCHMARK_VERSION} (train/synthetic.py, seed "
+                f"{data.get('seed', 0)}, {len(samples)} views; {sizes} views by patient); "
+                f"labels: {RULE}")
     official = data.get("official_split", True) and any(s.official_split for s in samples)
     rule = "test = the dataset's official test split, val from its training part" if official \
         else "by patient"
@@ -108,21 +114,28 @@ class Experiment:
         self.split = patient_split(self.samples, self.data.get("split", (0.7, 0.15, 0.15)),
                                    self.data.get("split_seed", 0),
                                    official=bool(self.data.get("official_split", True)))
-        self.cache: dict[int, CachedItem] = {}
+        self.cache = ImageCache()
         self.summary = data_summary(self.data, self.samples, self.split)
 
-    def train_config(self, **model_overrides: bool) -> TrainConfig:
+    def train_config(self, **model_overrides: Any) -> TrainConfig:
         cfg = TrainConfig.from_dict(dict(self.config.get("train", {})))
         cfg.model_overrides = {**cfg.model_overrides, **model_overrides}
         return cfg
 
-    def dataset(self, name: str, cfg: TrainConfig, train: bool = False) -> SampleDataset:
-        size = get_config(cfg.model, **dict(cfg.model_overrides)).input_size
+    def dataset(self, name: str, cfg: TrainConfig, train: bool = False,
+                shuffle_text: bool = False) -> SampleDataset:
+        """The split ``name`` as ``cfg``'s model reads it; ``shuffle_text``: every view reads
+        the text of the same view of another patient (the text-shuffle control)."""
+        model = get_config(cfg.model, **dict(cfg.model_overrides))
         idx = self.split[name]
-        max_len = get_config(cfg.model, **dict(cfg.model_overrides)).max_text_len
+        samples = [self.samples[i] for i in idx]
         augment = TextAugment(cfg.field_dropout, cfg.report_sentence) if train else None
-        return SampleDataset([self.samples[i] for i in idx], size, make_tokenizer(max_len),
-                             augment=augment, seed=cfg.seed, cache=self.cache, keys=idx)
+        images = ImageAugment(**cfg.image_augment) if train and cfg.image_augment is not None \
+            else None
+        text_from = shuffled_text_sources(samples, seed=cfg.seed) if shuffle_text else None
+        return SampleDataset(samples, model.input_size, make_tokenizer(model.max_text_len),
+                             augment=augment, seed=cfg.seed, cache=self.cache, keys=idx,
+                             image_augment=images, text_from=text_from)
 
     def rows(self, name: str, probs: dict[str, np.ndarray],
              size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
@@ -147,7 +160,7 @@ class Experiment:
 
 def run_train(config: dict[str, Any], out: str | Path, resume: bool = False,
               experiment: Experiment | None = None, stop_after_epoch: int | None = None,
-              **model_overrides: bool) -> dict[str, Any]:
+              **model_overrides: Any) -> dict[str, Any]:
     """Train one model into ``out`` and evaluate its best checkpoint on the eval split."""
     out = Path(out)
     exp = experiment or Experiment(config)
@@ -216,8 +229,10 @@ def load_run_model(run: str | Path, checkpoint: str = BEST) -> tuple[FusedVLM,
 
 
 def evaluate_run(run: str | Path, experiment: Experiment | None = None, split: str | None = None,
-                 checkpoint: str = BEST) -> dict[str, Any]:
-    """Report (JSON, Markdown, ROC PNGs) of a run's checkpoint on a split, in run/eval_<split>."""
+                 checkpoint: str = BEST, shuffle_text: bool = False) -> dict[str, Any]:
+    """Report (JSON, Markdown, ROC PNGs) of a run's checkpoint on a split, in run/eval_<split>
+    (``shuffle_text``: with every view reading another patient's text, in
+    run/eval_<split>-shuffled-text)."""
     run = Path(run)
     config = json.loads((run / CONFIG_NAME).read_text(encoding="utf-8"))
     exp = experiment or Experiment(config)
@@ -225,16 +240,22 @@ def evaluate_run(run: str | Path, experiment: Experiment | None = None, split: s
     split = split or ev.get("split", "test")
     model, blob = load_run_model(run, checkpoint)
     cfg = TrainConfig.from_dict(blob["config"])
-    dataset = exp.dataset(split, cfg)
+    dataset = exp.dataset(split, cfg, shuffle_text=shuffle_text)
     probs = predict(model, dataset, heatmaps=model.cfg.use_image)
     validation = None
     if split != "val" and exp.split["val"]:  # the RSNA pF1 threshold is chosen on validation
         validation = exp.rows("val", predict(model, exp.dataset("val", cfg), heatmaps=False))
-    report = write_report(exp.rows(split, probs, dataset.size), run / f"eval_{split}",
-                          title=f"{run.name} on {split}", n_boot=int(ev.get("n_boot", 1000)),
-                          seed=int(ev.get("seed", 0)), validation=validation)
+    name = eval_folder(split, shuffle_text)
+    title = f"{run.name} on {split}" + (", text shuffled across patients" if shuffle_text else "")
+    report = write_report(exp.rows(split, probs, dataset.size), run / name, title=title,
+                          n_boot=int(ev.get("n_boot", 1000)), seed=int(ev.get("seed", 0)),
+                          validation=validation)
     report["checkpoint_epoch"] = blob.get("epoch")
     return report
+
+
+def eval_folder(split: str, shuffle_text: bool = False) -> str:
+    return f"eval_{split}" + ("-shuffled-text" if shuffle_text else "")
 
 
 def _cell(m: dict[str, Any]) -> str:
@@ -247,19 +268,23 @@ def _pointing(report: dict[str, Any]) -> str:
     return "n/a" if not loc else f"{loc['pointing_accuracy']:.3f} ({loc['chance']:.3f})"
 
 
-def load_predictions(run: str | Path, split: str = "test") -> list[dict[str, Any]]:
+def load_predictions(run: str | Path, split: str = "test",
+                     shuffle_text: bool = False) -> list[dict[str, Any]]:
     """The view rows a run's evaluation wrote (``eval_<split>/predictions.jsonl``)."""
-    path = Path(run) / f"eval_{split}" / "predictions.jsonl"
+    path = Path(run) / eval_folder(split, shuffle_text) / "predictions.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def ablation_verdict(rows: dict[str, list[dict[str, Any]]], level: str = "view",
-                     n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+                     n_boot: int = 1000, seed: int = 0,
+                     rule: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
     """Per task: fused minus every other model, AUROC difference with a paired bootstrap CI
-    over patients (both models scored on the same resampled patients each draw). ``pass``: every
-    difference's CI lies above 0. ``rows`` are each model's view rows of the same split."""
+    over patients (both models scored on the same resampled patients each draw). ``pass``: the
+    CI of every difference with a model in ``rule`` (default: all) lies above 0. ``rows`` are
+    each model's view rows of the same split."""
     levels = {name: aggregate_levels(r)[level] for name, r in rows.items()}
     fused = levels["fused"]
+    rule = tuple(n for n in levels if n != "fused") if rule is None else rule
     verdict: dict[str, dict[str, Any]] = {}
     for t in TASKS:
         keep = [i for i, r in enumerate(fused)
@@ -276,7 +301,8 @@ def ablation_verdict(rows: dict[str, list[dict[str, Any]]], level: str = "view",
             entry[f"fused_minus_{name}"] = paired_auroc_difference(
                 y, np.array([float(fused[i][t]) for i in keep]),
                 np.array([float(other[i][t]) for i in keep]), clusters, n_boot=n_boot, seed=seed)
-        entry["pass"] = all(d["ci95"][0] > 0 for d in entry.values())
+        entry["pass"] = all(entry[f"fused_minus_{n}"]["ci95"][0] > 0 for n in rule)
+        entry["rule"] = list(rule)
         verdict[t] = entry
     return verdict
 
@@ -289,51 +315,100 @@ def _verdict_line(task: str, entry: dict[str, Any]) -> str:
         "; ".join(parts)
 
 
+def ablation_models(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Name -> model overrides of every model the ablation trains: ``VARIANTS`` (or the
+    ``ablate.variants`` subset) at the config's size, and image-only at each
+    ``ablate.image_sizes`` (the resolution control: the same views read at other sizes)."""
+    section = config.get("ablate", {})
+    unknown = sorted(set(section) - {"variants", "image_sizes", "shuffle_text"})
+    if unknown:
+        raise ValueError(f"unknown ablate option(s): {unknown}")
+    names = section.get("variants", list(VARIANTS))
+    bad = sorted(set(names) - set(VARIANTS))
+    if bad or "fused" not in names:
+        raise ValueError(f"ablate.variants must name 'fused' and known variants {list(VARIANTS)}")
+    models = {name: dict(VARIANTS[name]) for name in names}
+    for h, w in section.get("image_sizes", []):
+        models[f"image-only@{h}x{w}"] = {**VARIANTS["image-only"], "input_size": (h, w)}
+    return models
+
+
+def _throughput(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Median training views/s over the epochs after the first (which also decodes or renders
+    every image), and the run's peak memory (MB)."""
+    later = [e["views_per_s"] for e in history[1:] if "views_per_s" in e] or \
+        [e["views_per_s"] for e in history if "views_per_s" in e]
+    peak = max((e.get("peak_memory_mb", 0.0) for e in history), default=None)
+    return (float(np.median(later)) if later else None), peak
+
+
 def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
-    """Train image-only, text-only and fused on one split; one table (JSON + Markdown)."""
+    """Train the ablation's models on one split; one table (JSON + Markdown) with the
+    text-shuffle and resolution controls and the paired verdict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     exp = Experiment(config)
+    models = ablation_models(config)
+    for overrides in models.values():  # every size is prepared on each view's first read
+        cfg = exp.train_config(**overrides)
+        exp.cache.register(get_config(cfg.model, **dict(cfg.model_overrides)).input_size)
+    shuffle = bool(config.get("ablate", {}).get("shuffle_text", True))
     reports: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
-    for name, overrides in VARIANTS.items():
+    speed: dict[str, tuple[float | None, float | None]] = {}
+    ev = config.get("eval", {})
+    split = ev.get("split", "test")
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    for name, overrides in models.items():
         res = run_train(config, out / name, experiment=exp, **overrides)
         reports[name] = res["report"]
         seconds[name] = round(res["train_seconds"], 1)
+        speed[name] = _throughput(res["state"]["history"])
+        predictions[name] = load_predictions(out / name, split)
+        if shuffle and name in SHUFFLED:
+            shuffled = f"{name}, text shuffled"
+            reports[shuffled] = evaluate_run(out / name, experiment=exp, split=split,
+                                             shuffle_text=True)
+            predictions[shuffled] = load_predictions(out / name, split, shuffle_text=True)
     total = round(time.time() - t0, 1)
-    ev = config.get("eval", {})
-    split = ev.get("split", "test")
-    verdict = ablation_verdict({name: load_predictions(out / name, split) for name in reports},
-                               n_boot=int(ev.get("n_boot", 1000)), seed=int(ev.get("seed", 0)))
+    rule = tuple(n for n in ("image-only", "text-only", "late-fusion") if n in models)
+    verdict = ablation_verdict(predictions, n_boot=int(ev.get("n_boot", 1000)),
+                               seed=int(ev.get("seed", 0)), rule=rule)
     levels: dict[str, Any] = {}
     table = {"levels": levels, "train_seconds": seconds, "total_seconds": total,
+             "throughput": {n: {"views_per_s": v, "peak_memory_mb": m}
+                            for n, (v, m) in speed.items()},
              "verdict": verdict, "data": exp.summary, "config": config,
              "localisation": {n: r.get("localisation") for n, r in reports.items()},
              "passed": all(v["pass"] for v in verdict.values())}
     lines = ["| model | cancer AUROC [95% CI] | calcification AUROC [95% CI] | "
              "cancer sens@spec0.9 | calc. sens@spec0.9 | cancer pF1 raw | heatmap pointing "
-             "(chance) | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(chance) | train s | views/s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         view = rep["levels"]["view"]
         levels[name] = {lvl: {t: {k: m[k] for k in ("auroc", "auroc_ci95", "pf1_raw",
-                                                             "sensitivity_at_specificity")}
-                                       for t, m in rep["levels"][lvl].items()}
-                                 for lvl in rep["levels"]}
+                                                     "sensitivity_at_specificity")}
+                              for t, m in rep["levels"][lvl].items()}
+                        for lvl in rep["levels"]}
+        rate, peak = speed.get(name, (None, None))
         lines.append(f"| {name} | {_cell(view['cancer'])} | {_cell(view['calcification'])} | "
                      f"{view['cancer']['sensitivity_at_specificity']['0.9']:.3f} | "
                      f"{view['calcification']['sensitivity_at_specificity']['0.9']:.3f} | "
-                     f"{view['cancer']['pf1_raw']:.3f} | {_pointing(rep)} | {seconds[name]:.0f} |")
+                     f"{view['cancer']['pf1_raw']:.3f} | {_pointing(rep)} | "
+                     f"{seconds.get(name, 0.0):.0f} | {'' if rate is None else f'{rate:.1f}'} | "
+                     f"{'' if peak is None else f'{peak:.0f}'} |")
     breast = ["", "Breast level (max over the breast's views, `cadnode.runtime.scoring`):", "",
               "| model | cancer AUROC [95% CI] | calcification AUROC [95% CI] |", "|---|---|---|"]
     for name, rep in reports.items():
         b = rep["levels"]["breast"]
         breast.append(f"| {name} | {_cell(b['cancer'])} | {_cell(b['calcification'])} |")
     verdict_lines = ["", f"Total wall time {total:.0f} s. Acceptance (view level): the AUROC "
-                         "difference fused minus each other model, with a paired bootstrap 95% "
-                         "CI over patients, lies above 0:", "",
-                     *(_verdict_line(t, v) for t, v in verdict.items()), "",
+                         "difference fused (co-attention) minus each of "
+                         f"{', '.join(rule)}, with a paired bootstrap 95% CI over patients, "
+                         "lies above 0 (the other differences are reported, not required):",
+                     "", *(_verdict_line(t, v) for t, v in verdict.items()), "",
                      f"Data: {exp.summary}"]
     md = "\n".join(["# Ablation", "", "View level, test split:", "", *lines, *breast,
                     *verdict_lines]) + "\n"

@@ -65,6 +65,8 @@ class TrainConfig:
     amp: str = "auto"  # auto (CUDA only) | off | bf16 | fp16
     field_dropout: float = 0.05
     report_sentence: float = 0.1
+    image_augment: dict[str, float] | None = None  # train.data.ImageAugment fields; None: off
+    channels_last: bool = False  # NHWC activations (faster convolutions on recent GPUs)
     heatmap_weight: float = 0.5  # multiple-instance loss on the heatmap; 0 leaves it untrained
     lesion_weight: float = 1.0  # per-cell loss where a positive view has marked lesion boxes
     sync_batchnorm: bool = True  # multi-GPU: batch statistics over all ranks (CUDA only)
@@ -80,6 +82,16 @@ class TrainConfig:
         if bad:
             raise ValueError(f"unknown training option(s): {bad}")
         return cls(**raw)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on a GPU, the process's peak RSS on the CPU
+    (which includes the image cache: read it as an upper bound)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def dist_info() -> tuple[int, int]:
@@ -301,6 +313,8 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
     if world > 1 and device.type == "cuda" and cfg.sync_batchnorm:
         # SyncBatchNorm has no CPU kernel; under gloo each rank keeps its own batch statistics
         model = cast(FusedVLM, timm.layers.convert_sync_batchnorm(model))
@@ -364,13 +378,14 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         ddp.train()
         losses: list[float] = list(state.get("epoch_losses", []))
+        views = 0  # seen by this process in this run of the epoch (throughput)
         for i, batch in enumerate(_batches(loader, show, f"epoch {epoch + 1}/{cfg.epochs}",
                                            steps_per_epoch - done), start=done):
             if i >= steps_per_epoch:
                 break
             with autocast():
-                res = ddp(batch["image"].to(device), batch["input_ids"].to(device),
-                          batch["attention_mask"].to(device))
+                res = ddp(batch["image"].to(device, memory_format=memory_format),
+                          batch["input_ids"].to(device), batch["attention_mask"].to(device))
                 logits = torch.stack([res["cancer_logit"], res["calcification_logit"]], 1)
             targets, known = batch["targets"].to(device), batch["known"].to(device)
             loss = masked_bce(logits, targets, known, pw)
@@ -389,6 +404,7 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
             scaler.update()
             sched.step()
             state["step"] += 1
+            views += int(batch["index"].shape[0])
             losses.append(float(loss.detach()))
             if (cfg.checkpoint_every and (i + 1) % cfg.checkpoint_every == 0
                     and i + 1 < steps_per_epoch):
@@ -398,8 +414,11 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
                 if stop_after_step is not None and state["step"] >= stop_after_step:
                     return {"state": state, "model": model, "out": out}
         state["epoch_step"], state["epoch_losses"] = 0, []
+        seconds = time.time() - t0
         entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                                 "seconds": round(time.time() - t0, 1)}
+                                 "seconds": round(seconds, 1),
+                                 "views_per_s": round(views * world / max(seconds, 1e-9), 2),
+                                 "peak_memory_mb": peak_memory_mb(device)}
         improved = True
         if val_set is not None and is_main:
             val = validation_auroc(predict(model, val_set, device=device), val_set)

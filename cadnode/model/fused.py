@@ -260,7 +260,7 @@ class CoAttentionFusion(nn.Module):
         if feedback:  # fused tokens back into the backbone; zero start = unconditioned backbone
             self.feedback = nn.Conv2d(dim, channels, 1)
             nn.init.zeros_(self.feedback.weight)
-            nn.init.zeros_(self.feedback.bias)
+            nn.init.zeros_(cast(Tensor, self.feedback.bias))
         self.img_from_text = MultiHeadAttention(dim, heads, dropout)
         self.norm_img = nn.LayerNorm(dim)
         self.text_from_img = MultiHeadAttention(dim, heads, dropout)
@@ -388,7 +388,7 @@ class FusedVLM(nn.Module):
             self.heatmap_head = HeatmapHead(self.image.channels[early], steps,
                                             self.image.channels[last] + d, max(32, d // 2))
             with torch.no_grad():
-                self.heatmap_head.out.bias.fill_(prior_logit(cfg.head_prior))
+                cast(Tensor, self.heatmap_head.out.bias).fill_(prior_logit(cfg.head_prior))
             pooled += 2 * d * len(self.stage_ids)  # mean + max of each fused stage
         if cfg.use_text:
             self.text = TextEncoder(cfg.vocab_size, cfg.max_text_len, d, cfg.text_layers,

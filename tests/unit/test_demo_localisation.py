@@ -17,7 +17,7 @@ from cadnode.text.clinical import build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
 from train.datasets.base import Sample
 from train.evaluate import heatmap_hit
-from train.synthetic import SyntheticConfig, generate
+from train.synthetic_v1 import SyntheticConfig, generate
 
 
 class Server:
