@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
+from cadnode.dicom.enum import PixelPipeline
 from cadnode.dicom.pixels import PreparedImage, prepare_image
 from cadnode.text.clinical import build_clinical_text, template_vocabulary
 from cadnode.text.tokenizer import ClinicalTokenizer
@@ -115,12 +116,22 @@ def load_image(sample: Sample) -> LoadedImage:
     return LoadedImage(sample.header, np.asarray(loaded, dtype=np.float32))
 
 
+#: What an image is prepared to: the model's input size and pixel pipeline.
+InputSpec = tuple[tuple[int, int], PixelPipeline]
+
+
+def input_spec(size: Sequence[int], pipeline: PixelPipeline | str) -> InputSpec:
+    return (int(size[0]), int(size[1])), PixelPipeline(pipeline)
+
+
 def prepare_sample(sample: Sample, size: tuple[int, int],
+                   pipeline: PixelPipeline | str = PixelPipeline.PAD_KNEE,
                    loaded: LoadedImage | None = None) -> PreparedImage:
     """The node's model input of a sample, with the mapping back to the source grid that
     heatmap scoring needs (``loaded``: the image already read, to prepare several sizes)."""
     image = loaded or load_image(sample)
-    return prepare_image(image.dataset, size, sample.view.laterality, pixels=image.pixels)
+    return prepare_image(image.dataset, size, sample.view.laterality, pixels=image.pixels,
+                         pipeline=pipeline)
 
 
 #: Lesion boxes a training item carries (rows beyond a sample's count are padding).
@@ -154,40 +165,40 @@ class CachedItem:
 
 
 class ImageCache:
-    """Prepared images per (input size, sample key), float16, shared by every dataset over the
+    """Prepared images per (input spec, sample key), float16, shared by every dataset over the
     same sample list (the models of an ablation, and the same views read at several sizes).
 
-    A miss reads the sample once and prepares it at every registered size, so an ablation that
+    A miss reads the sample once and prepares it for every registered spec, so an ablation that
     compares 512, 1024 and 2048 reads decodes (or renders) each view once.
     """
 
-    def __init__(self, sizes: Sequence[tuple[int, int]] = ()) -> None:
-        self.sizes: list[tuple[int, int]] = []
-        self.items: dict[tuple[tuple[int, int], int], CachedItem] = {}
-        for size in sizes:
-            self.register(size)
+    def __init__(self, specs: Sequence[InputSpec] = ()) -> None:
+        self.specs: list[InputSpec] = []
+        self.items: dict[tuple[InputSpec, int], CachedItem] = {}
+        for spec in specs:
+            self.register(spec)
 
-    def register(self, size: tuple[int, int]) -> None:
-        size = (int(size[0]), int(size[1]))
-        if size not in self.sizes:
-            self.sizes.append(size)
+    def register(self, spec: InputSpec) -> None:
+        spec = input_spec(*spec)
+        if spec not in self.specs:
+            self.specs.append(spec)
 
-    def get(self, key: int, sample: Sample, size: tuple[int, int]) -> CachedItem:
-        size = (int(size[0]), int(size[1]))
-        if (size, key) not in self.items:
-            self.register(size)
+    def get(self, key: int, sample: Sample, spec: InputSpec) -> CachedItem:
+        spec = input_spec(*spec)
+        if (spec, key) not in self.items:
+            self.register(spec)
             loaded = load_image(sample)
-            for each in self.sizes:
+            for each in self.specs:
                 if (each, key) not in self.items:
                     self.items[(each, key)] = cached_item(sample, each, loaded)
-        return self.items[(size, key)]
+        return self.items[(spec, key)]
 
 
-def cached_item(sample: Sample, size: tuple[int, int],
+def cached_item(sample: Sample, spec: InputSpec,
                 loaded: LoadedImage | None = None) -> CachedItem:
     # float16 always (cached or not), so a fresh process and a warm cache feed the model
     # identical values (exact resume); its ~5e-4 step is far below the image noise.
-    prepared = prepare_sample(sample, size, loaded)
+    prepared = prepare_sample(sample, spec[0], spec[1], loaded)
     return CachedItem(prepared.array.astype(np.float16), lesion_fractions(sample, prepared))
 
 
@@ -270,9 +281,11 @@ class SampleDataset(TorchDataset):
                  seed: int = 0, cache: ImageCache | None = None,
                  keys: Sequence[int] | None = None,
                  image_augment: ImageAugment | None = None,
-                 text_from: Sequence[int] | None = None) -> None:
+                 text_from: Sequence[int] | None = None,
+                 pipeline: PixelPipeline | str = PixelPipeline.PAD_KNEE) -> None:
         self.samples = list(samples)
         self.size = (int(size[0]), int(size[1]))
+        self.pipeline = PixelPipeline(pipeline)
         self.tokenizer = tokenizer
         self.augment = augment
         self.seed = seed
@@ -290,9 +303,10 @@ class SampleDataset(TorchDataset):
         return len(self.samples)
 
     def item(self, index: int) -> CachedItem:
+        spec = (self.size, self.pipeline)
         if self.cache is not None:
-            return self.cache.get(self.keys[index], self.samples[index], self.size)
-        return cached_item(self.samples[index], self.size)
+            return self.cache.get(self.keys[index], self.samples[index], spec)
+        return cached_item(self.samples[index], spec)
 
     def tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         source = self.samples[index if self.text_from is None else self.text_from[index]]

@@ -32,8 +32,10 @@ from cadnode.model.fused import FusedVLM
 from train.data import (
     ImageAugment,
     ImageCache,
+    InputSpec,
     SampleDataset,
     TextAugment,
+    input_spec,
     make_tokenizer,
     patient_split,
     prepare_sample,
@@ -135,11 +137,12 @@ class Experiment:
         text_from = shuffled_text_sources(samples, seed=cfg.seed) if shuffle_text else None
         return SampleDataset(samples, model.input_size, make_tokenizer(model.max_text_len),
                              augment=augment, seed=cfg.seed, cache=self.cache, keys=idx,
-                             image_augment=images, text_from=text_from)
+                             image_augment=images, text_from=text_from,
+                             pipeline=model.pixel_pipeline)
 
     def rows(self, name: str, probs: dict[str, np.ndarray],
-             size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
-        """One row per view; with heatmaps in ``probs`` (model input ``size``), positives with
+             spec: InputSpec | None = None) -> list[dict[str, Any]]:
+        """One row per view; with heatmaps in ``probs`` (model input ``spec``), positives with
         marked malignant lesions also get the pointing-game result (``heatmap_hit``)."""
         rows = []
         for j, i in enumerate(self.split[name]):
@@ -151,8 +154,8 @@ class Experiment:
                 row[t] = float(probs[t][j])
                 row[f"{t}_label"] = getattr(s, t)
             boxes = [lesion.box for lesion in s.lesions if lesion.malignant]
-            if "heatmap" in probs and size is not None and s.cancer == 1 and boxes:
-                hit, chance = heatmap_hit(probs["heatmap"][j], prepare_sample(s, size), boxes)
+            if "heatmap" in probs and spec is not None and s.cancer == 1 and boxes:
+                hit, chance = heatmap_hit(probs["heatmap"][j], prepare_sample(s, *spec), boxes)
                 row["heatmap_hit"], row["heatmap_chance"] = hit, round(chance, 4)
             rows.append(row)
         return rows
@@ -193,10 +196,10 @@ def training_domain(exp: Experiment, cfg: TrainConfig) -> dict[str, Any]:
     DOMAIN_VIEWS training views, at the model's input size, as the model saw them."""
     from cadnode.jobs.domain import domain_from_views
 
-    size = get_config(cfg.model, **dict(cfg.model_overrides)).input_size
+    model = get_config(cfg.model, **dict(cfg.model_overrides))
     idx = exp.split["train"]
     chosen = [exp.samples[i] for i in idx[::max(1, len(idx) // DOMAIN_VIEWS)][:DOMAIN_VIEWS]]
-    prepared = [prepare_sample(s, size) for s in chosen]
+    prepared = [prepare_sample(s, model.input_size, model.pixel_pipeline) for s in chosen]
     source = f"{len(chosen)} of the {len(idx)} training views of {exp.summary}"
     return domain_from_views([s.header for s in chosen], prepared, source).as_json()
 
@@ -247,7 +250,8 @@ def evaluate_run(run: str | Path, experiment: Experiment | None = None, split: s
         validation = exp.rows("val", predict(model, exp.dataset("val", cfg), heatmaps=False))
     name = eval_folder(split, shuffle_text)
     title = f"{run.name} on {split}" + (", text shuffled across patients" if shuffle_text else "")
-    report = write_report(exp.rows(split, probs, dataset.size), run / name, title=title,
+    report = write_report(exp.rows(split, probs, (dataset.size, dataset.pipeline)), run / name,
+                          title=title,
                           n_boot=int(ev.get("n_boot", 1000)), seed=int(ev.get("seed", 0)),
                           validation=validation)
     report["checkpoint_epoch"] = blob.get("epoch")
@@ -352,8 +356,12 @@ def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
     models = ablation_models(config)
     for overrides in models.values():  # every size is prepared on each view's first read
         cfg = exp.train_config(**overrides)
-        exp.cache.register(get_config(cfg.model, **dict(cfg.model_overrides)).input_size)
+        model = get_config(cfg.model, **dict(cfg.model_overrides))
+        exp.cache.register(input_spec(model.input_size, model.pixel_pipeline))
     shuffle = bool(config.get("ablate", {}).get("shuffle_text", True))
+    if len({exp.samples[i].patient_id for i in exp.split[config.get("eval", {}).get(
+            "split", "test")]}) < 2:
+        shuffle = False  # nobody to swap texts with (a toy split)
     reports: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     speed: dict[str, tuple[float | None, float | None]] = {}

@@ -59,7 +59,9 @@ and a brighter skin line, anatomical background with the power-law spectrum P(f)
 for mammographic texture (Burgess et al. 2001) thresholded into fibroglandular tissue by
 density, a pectoral muscle in MLO views, masses (circumscribed: smooth oval 36-70 px wide;
 dense: small very bright disc; spiculated: irregular core with radiating spicules), 5-15
-microcalcifications of 1-2 px within ~50 px, quantum noise, 12-bit values.
+microcalcifications of 1-2 px within ~50 px (150-270 grey levels above the tissue, against
+quantum noise of ~24: clear at full size, near the noise once averaged over 4 x 4 pixels),
+quantum noise, 12-bit values.
 """
 
 from __future__ import annotations
@@ -273,7 +275,7 @@ def draw_geometry(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> View
         ccy, ccx = _point_inside(rng, cy, ry, rx)
         for _ in range(int(rng.integers(5, 16))):
             specks.append((ccy + rng.normal(0, 12.0 * s), ccx + rng.normal(0, 12.0 * s),
-                           rng.uniform(0.5, 1.0) * s, rng.uniform(0.25, 0.4)))
+                           rng.uniform(0.5, 1.0) * s, rng.uniform(0.05, 0.09)))
     return ViewGeometry(cy, ry, rx, wobble, pectoral, mass, tuple(specks))
 
 
@@ -288,7 +290,7 @@ def view_lesions(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> list[
     boxes: list[tuple[str, tuple[float, float, float, float], bool]] = []
     if geo.mass is not None:
         m = geo.mass
-        reach = max([m.radius * 1.2, *(length for _, length in m.spicules)])
+        reach = max([m.radius * 1.5, *(length for _, length in m.spicules)])
         malignant = bool(cancer_rule(m.kind, spec.age, spec.implant, cfg.benign_below_age))
         boxes.append(("mass", (m.col - reach, m.row - reach, m.col + reach, m.row + reach),
                       malignant))

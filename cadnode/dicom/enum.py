@@ -66,3 +66,18 @@ class Intent(StrEnum):
 
     PRESENTATION = "presentation"
     PROCESSING = "processing"
+
+
+class PixelPipeline(StrEnum):
+    """How :func:`cadnode.dicom.pixels.prepare_image` turns a breast into the model input; a
+    model package names the one it was trained with (``pixel_pipeline`` in its manifest)."""
+
+    #: The breast's bounding box stretched to the input size; intensities clipped at the
+    #: breast's 0.5th and 99.5th percentiles (saturates the brightest specks). Packages that
+    #: name no pipeline were trained with this one.
+    STRETCH_CLIP = "v1"
+    #: The box grown to the input's aspect ratio (on the nipple side, and evenly above and
+    #: below) and padded with background, so shapes keep their proportions; intensities
+    #: linear up to the 99.5th percentile at 0.8, then compressed smoothly towards 1, so
+    #: microcalcifications brighter than the tissue stay brighter instead of saturating.
+    PAD_KNEE = "v2"

@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
+from cadnode.dicom.enum import PixelPipeline
 from cadnode.dicom.views import chest_wall_on_right, orientation_directions
 
 __all__ = [
@@ -51,6 +52,8 @@ DISPLAY_MAX_SIDE = 1024
 _MASK_SIDE = 128  # grid on which the breast mask and its largest component are found
 _STATS_SIDE = 512  # grid on which percentiles are taken
 _ERODE = 2  # erosion steps on the mask grid before taking the largest component
+#: PixelPipeline.PAD_KNEE: the 99.5th percentile maps here; brighter values approach 1.
+KNEE = 0.8
 
 
 class PixelDecodeError(Exception):
@@ -74,7 +77,8 @@ class PreparedImage:
     array: np.ndarray  # float32 (H, W) in [0, 1], model input size, chest wall on the left
     original_shape: tuple[int, int]  # (rows, columns) of the source image
     flipped: bool  # mirrored left-right to put the chest wall on the left
-    crop: tuple[int, int, int, int]  # (row0, col0, row1, col1) crop box on the original grid
+    crop: tuple[int, int, int, int]  # (row0, col0, row1, col1) on the original grid; may reach
+    # past the image (PixelPipeline.PAD_KNEE pads it to the input aspect ratio)
     display: np.ndarray = field(repr=False)  # uint8 (h, w) whole image, original orientation
 
     def to_original(self, x: float, y: float) -> tuple[float, float]:
@@ -387,17 +391,62 @@ def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
+def _fit_box(box: tuple[int, int, int, int], size: tuple[int, int],
+             flipped: bool) -> tuple[int, int, int, int]:
+    """Grow the crop box to the model input's aspect ratio: wider on the nipple side (the
+    chest wall stays at the input's left edge), or taller evenly above and below."""
+    r0, c0, r1, c1 = box
+    height, width = r1 - r0, c1 - c0
+    ratio = size[0] / size[1]
+    if height > ratio * width:
+        grow = int(np.ceil(height / ratio)) - width
+        if flipped:  # chest wall on the original's right: grow to the left
+            c0 -= grow
+        else:
+            c1 += grow
+    else:
+        grow = int(np.ceil(width * ratio)) - height
+        r0 -= grow // 2
+        r1 = r0 + height + grow
+    return r0, c0, r1, c1
+
+
+def _padded_crop(arr: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndarray:
+    """``arr[r0:r1, c0:c1]`` where the box may reach past the image: the rest is ``fill``."""
+    r0, c0, r1, c1 = box
+    rows, cols = arr.shape
+    if r0 >= 0 and c0 >= 0 and r1 <= rows and c1 <= cols:
+        return arr[r0:r1, c0:c1]
+    out = np.full((r1 - r0, c1 - c0), fill, dtype=np.float32)
+    ir0, ic0, ir1, ic1 = max(r0, 0), max(c0, 0), min(r1, rows), min(c1, cols)
+    out[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = arr[ir0:ir1, ic0:ic1]
+    return out
+
+
+def _soft_knee(model: np.ndarray) -> None:
+    """In place: values above KNEE approach 1 as t / (1 + t) does (same slope at the knee; a
+    value 10x the window still maps below 1, so bright specks keep their order)."""
+    above = model > KNEE
+    if above.any():
+        span = 1.0 - KNEE
+        t = (model[above] - KNEE) / span
+        model[above] = KNEE + span * t / (1.0 + t)
+
+
 def prepare_image(
     ds: Dataset,
     size: tuple[int, int],
     laterality: str | None,
     pixels: np.ndarray | None = None,
+    pipeline: PixelPipeline | str = PixelPipeline.PAD_KNEE,
 ) -> PreparedImage:
-    """Model input of ``size`` (H, W): normalised to [0, 1] on the breast's 0.5-99.5 percentiles,
-    cropped to the breast, chest wall on the left; plus a display image and the mapping back.
+    """Model input of ``size`` (H, W) in [0, 1], cropped to the breast, chest wall on the left,
+    as ``pipeline`` says (:class:`~cadnode.dicom.enum.PixelPipeline`: the model package names
+    the one it was trained with); plus a display image and the mapping back.
 
     ``pixels`` (the output of :func:`decode_pixels`) may be passed to avoid decoding twice.
     """
+    pipeline = PixelPipeline(pipeline)
     arr = decode_pixels(ds) if pixels is None else np.asarray(pixels, dtype=np.float32)
     rows, cols = arr.shape
 
@@ -437,19 +486,24 @@ def prepare_image(
 
     flipped = _chest_wall_on_right(ds, mask, laterality)
 
-    crop = arr[r0:r1, c0:c1]
+    if pipeline is PixelPipeline.PAD_KNEE:
+        r0, c0, r1, c1 = _fit_box((r0, c0, r1, c1), size, flipped)
+        scale = np.float32(KNEE / (hi - lo))
+    crop = _padded_crop(arr, (r0, c0, r1, c1), fill=lo)
     if flipped:
         crop = crop[:, ::-1]
     model = _resize(crop, size)
     model -= offset
     model *= scale
+    if pipeline is PixelPipeline.PAD_KNEE:
+        _soft_knee(model)
     np.clip(model, 0.0, 1.0, out=model)
 
     f = min(1.0, DISPLAY_MAX_SIDE / max(rows, cols))
     dsize = (max(1, round(rows * f)), max(1, round(cols * f)))
     disp = _resize(arr, dsize)
     disp -= offset
-    disp *= scale * 255.0
+    disp *= 255.0 / (hi - lo)
     display = np.clip(disp, 0, 255).astype(np.uint8)
 
     return PreparedImage(

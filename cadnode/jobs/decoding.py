@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pydicom
 
+from cadnode.dicom.enum import PixelPipeline
 from cadnode.dicom.pixels import PixelDecodeError, PreparedImage, prepare_image
 
 #: Seconds one image may take to decode and prepare before its child is replaced.
@@ -43,9 +44,10 @@ def _start_child(limit_bytes: int, node_pid: int) -> None:
     threading.Thread(target=watch, name="node-watch", daemon=True).start()
 
 
-def prepare_file(path: str, size: tuple[int, int], laterality: str | None) -> PreparedImage:
+def prepare_file(path: str, size: tuple[int, int], laterality: str | None,
+                 pipeline: PixelPipeline) -> PreparedImage:
     """Read ``path`` and prepare it for the model (what runs in the child)."""
-    return prepare_image(pydicom.dcmread(path), size, laterality)
+    return prepare_image(pydicom.dcmread(path), size, laterality, pipeline=pipeline)
 
 
 class DecodePool:
@@ -56,14 +58,14 @@ class DecodePool:
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def prepare(self, path: str, size: tuple[int, int],
-                laterality: str | None) -> PreparedImage:
+    def prepare(self, path: str, size: tuple[int, int], laterality: str | None,
+                pipeline: PixelPipeline) -> PreparedImage:
         """``prepare_file`` in the child; PixelDecodeError when it fails, dies or hangs."""
         if self.memory_mb <= 0:
-            return prepare_file(path, size, laterality)
+            return prepare_file(path, size, laterality, pipeline)
         with self._lock:
             future: Future[PreparedImage] = self._pool().submit(prepare_file, path, size,
-                                                                laterality)
+                                                                laterality, pipeline)
         try:
             return future.result(timeout=DECODE_TIMEOUT)
         except BrokenProcessPool:

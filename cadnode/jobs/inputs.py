@@ -60,7 +60,8 @@ def file_inputs(paths: Sequence[str | Path], manifest: ModelManifest,
     for path in paths:
         ds = pydicom.dcmread(str(path))
         info = detect_view(ds)
-        images.append(prepare_image(ds, manifest.input_size, info.laterality).array)
+        images.append(prepare_image(ds, manifest.input_size, info.laterality,
+                                    pipeline=manifest.pixel_pipeline).array)
         views.append((ds, info))
         keys.append(info.key or Path(path).name)
     ids, mask = encode_texts(tokenizer, views)

@@ -282,7 +282,9 @@ class Worker:
         size = tuple(self.engine.manifest.input_size)
         for v in views:
             try:
-                v.prepared = self.decoder.prepare(v.path, size, v.info.laterality)  # type: ignore[arg-type]
+                v.prepared = self.decoder.prepare(
+                    v.path, size, v.info.laterality,  # type: ignore[arg-type]
+                    self.engine.manifest.pixel_pipeline)
             except PixelDecodeError as exc:
                 v.error, v.detail = exc.summary, str(exc)
             except MALFORMED_VALUE as exc:  # what pydicom raises for a damaged file

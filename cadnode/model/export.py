@@ -166,6 +166,7 @@ def export_package(model: FusedVLM, out: str | Path, *, version: str, demo: bool
         "name": cfg.name,
         "version": version,
         "input_size": [h, w],
+        "pixel_pipeline": str(cfg.pixel_pipeline),
         "normalisation": {"input_range": [0, 1], "mean": cfg.image_mean, "std": cfg.image_std,
                           "applied_in_graph": True,
                           "description": "feed float32 in [0, 1]; the graph computes "

@@ -35,8 +35,8 @@ from typing import Any, cast
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 _NEG = -1.0e4
 
@@ -62,6 +62,7 @@ class FusedConfig:
     checkpointing: bool = False  # activation checkpointing per backbone block while training
     use_image: bool = True
     use_text: bool = True
+    pixel_pipeline: str = "v2"  # cadnode.dicom.enum.PixelPipeline the model reads its images with
     backbone_checkpoint: str | None = None  # local file only; never downloaded
     heatmap_stride: int = 32  # used when use_image is False (text-only heatmap grid)
     head_prior: float = 0.05  # heads start at this probability (imbalanced data; calm demo)

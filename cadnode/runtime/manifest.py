@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cadnode.dicom.enum import PixelPipeline
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -115,6 +117,8 @@ class ModelManifest:
     heatmap_size: tuple[int, int] | None = None
     format_version: int = FORMAT_VERSION
     domain: TrainingDomain | None = None  # None: the package records no training domain
+    #: how images are prepared for this model; packages that name none used the first one
+    pixel_pipeline: PixelPipeline = PixelPipeline.STRETCH_CLIP
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -283,7 +287,11 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
                 raise _refuse(package, f"checksum mismatch for {name} (file changed or corrupt)")
 
     domain = _domain(package, data["domain"]) if data.get("domain") is not None else None
-    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice", "sha256", "domain"}
+    pipeline = data.get("pixel_pipeline", PixelPipeline.STRETCH_CLIP.value)
+    if pipeline not in {p.value for p in PixelPipeline}:
+        raise _refuse(package, f"pixel_pipeline {pipeline!r} is not one this node has "
+                               f"({', '.join(p.value for p in PixelPipeline)})")
+    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice", "sha256", "domain", "pixel_pipeline"}
     return ModelManifest(
         package=package,
         name=data["name"],
@@ -300,5 +308,6 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
         heatmap_size=heatmap_size,
         sha256={str(k): str(v) for k, v in checksums.items()},
         domain=domain,
+        pixel_pipeline=PixelPipeline(pipeline),
         extra={k: v for k, v in data.items() if k not in known},
     )

@@ -30,7 +30,8 @@ class Server:
 
     def __call__(self, sample: Sample) -> tuple[PreparedImage, np.ndarray]:
         prepared = prepare_image(sample.header, self.size, sample.view.laterality,
-                                 pixels=np.asarray(sample.image(), dtype=np.float32))
+                                 pixels=np.asarray(sample.image(), dtype=np.float32),
+                                 pipeline=self.engine.manifest.pixel_pipeline)
         ids, mask = self.tok.encode_batch([build_clinical_text(sample.header, sample.view)])
         return prepared, self.engine.predict(prepared.array[None, None], ids, mask).heatmap[0]
 

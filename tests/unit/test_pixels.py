@@ -11,6 +11,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
+from cadnode.dicom.enum import PixelPipeline
 from cadnode.dicom.pixels import (
     PixelDecodeError,
     decode_pixels,
@@ -160,24 +161,62 @@ def test_rescale_and_window_applied() -> None:
 # --- preparation ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pipeline", list(PixelPipeline))
 @pytest.mark.parametrize("side", ["L", "R"])
-def test_blob_maps_back_to_original(side: str) -> None:
+def test_blob_maps_back_to_original(side: str, pipeline: PixelPipeline) -> None:
     img, (row, col) = _breast(side)
     ds = _synthetic(img)
-    prep = prepare_image(ds, (512, 320), side)
+    prep = prepare_image(ds, (512, 320), side, pipeline=pipeline)
     assert prep.flipped is (side == "R")
     assert prep.original_shape == img.shape
     assert prep.array.shape == (512, 320) and prep.array.dtype == np.float32
     assert 0.0 <= prep.array.min() and prep.array.max() <= 1.0
     # Chest wall on the left of the model input: the left half holds more breast.
     assert prep.array[:, :160].mean() > prep.array[:, 160:].mean()
-    # Crop removed most of the background, but kept the blob.
+    # Crop removed most of the background (v1), or grew to the input's aspect ratio on the
+    # nipple side (v2), and kept the blob.
     r0, c0, r1, c1 = prep.crop
-    assert (c1 - c0) < 0.8 * img.shape[1]
+    if pipeline is PixelPipeline.STRETCH_CLIP:
+        assert (c1 - c0) < 0.8 * img.shape[1]
+    else:
+        assert (r1 - r0) / (c1 - c0) == pytest.approx(512 / 320, abs=0.01)
+        stretched = prepare_image(ds, (512, 320), side, pipeline=PixelPipeline.STRETCH_CLIP)
+        assert (r0, r1) == stretched.crop[::2]  # tall breast: only the width grew
+        if side == "L":  # the chest-wall edge stays where it was
+            assert c0 == stretched.crop[1] and c1 > stretched.crop[3]
+        else:
+            assert c1 == stretched.crop[3] and c0 < stretched.crop[1]
     assert r0 <= row < r1 and c0 <= col < c1
     y, x = _peak(prep.array)
     ox, oy = prep.to_original(x, y)
     assert abs(ox - col) <= 3 and abs(oy - row) <= 3, (ox, oy, col, row)
+
+
+def test_pad_knee_keeps_shapes_and_bright_specks() -> None:
+    """v2: a round blob stays round (no stretch); the padding is background (0); two specks
+    brighter than the tissue's 99.5th percentile stay distinct and below 1, where v1
+    saturates both to 1."""
+    img, (row, col) = _breast("L", shape=(1200, 1200), blob=(600, 300))
+    img[300, 500] = 9000  # two isolated bright specks, both far above the tissue
+    img[302:304, 700:702] = 12000
+    ds = _synthetic(img)
+    new = prepare_image(ds, (512, 256), "L", pipeline=PixelPipeline.PAD_KNEE)
+    old = prepare_image(ds, (512, 256), "L", pipeline=PixelPipeline.STRETCH_CLIP)
+    # the crop box grew taller, beyond the image: the part outside is padded with 0
+    r0, c0, r1, c1 = new.crop
+    assert r0 < 0 and r1 > img.shape[0] and new.array[:3].max() == 0.0
+    for prep, round_ in ((new, True), (old, False)):  # the blob's spread in rows / columns
+        x, y = prep.to_model(col, row)
+        win = prep.array[round(y) - 16:round(y) + 17, round(x) - 16:round(x) + 17]
+        weight = np.clip(win - np.median(win), 0.0, None)
+        dy, dx = np.mgrid[-16:17, -16:17]
+        spread = np.sqrt((weight * dy**2).sum() / (weight * dx**2).sum())
+        assert bool(abs(spread - 1.0) < 0.15) is round_, spread
+    spots = [new.to_model(500, 300), new.to_model(700.5, 302.5)]
+    values = [float(new.array[round(y), round(x)]) for x, y in spots]
+    assert 0.8 < values[0] < values[1] < 1.0
+    spots = [old.to_model(500, 300), old.to_model(700.5, 302.5)]
+    assert [float(old.array[round(y), round(x)]) for x, y in spots] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("side", ["L", "R"])

@@ -14,11 +14,13 @@ from train.__main__ import main  # noqa: E402
 
 def test_ablate_writes_one_table_then_export_loads_in_the_node(tmp_path) -> None:
     config = {
-        "data": {"source": "synthetic", "n_exams": 8, "seed": 0, "split": [0.5, 0.25, 0.25],
+        "data": {"source": "synthetic", "n_exams": 12, "seed": 0, "split": [0.5, 0.25, 0.25],
                  "shape": [96, 48]},
         "train": {"model": "cadnode-tiny-256",
                   "model_overrides": {"input_size": [64, 32], "dim": 32, "heads": 2},
-                  "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "progress": False},
+                  "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "progress": False,
+                  "image_augment": {}},
+        "ablate": {"image_sizes": [[96, 48]]},
         "eval": {"n_boot": 20},
     }
     path = tmp_path / "abl.json"
@@ -26,12 +28,23 @@ def test_ablate_writes_one_table_then_export_loads_in_the_node(tmp_path) -> None
     code = main(["ablate", "--config", str(path), "--out", str(tmp_path / "abl")])
     assert code in (0, 3)  # 3: ran, but a tiny model does not pass the acceptance
     md = (tmp_path / "abl" / "ablation.md").read_text()
-    for name in ("image-only", "text-only", "fused"):
+    trained = ("image-only", "text-only", "late-fusion", "fused", "image-only@96x48")
+    for name in trained:
         assert f"| {name} |" in md
         assert (tmp_path / "abl" / name / "eval_test" / "report.json").exists()
+    for name in ("late-fusion", "fused"):  # the text-shuffle control
+        assert f"| {name}, text shuffled |" in md
+        assert (tmp_path / "abl" / name / "eval_test-shuffled-text" / "report.json").exists()
     table = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-    assert set(table["levels"]) == {"image-only", "text-only", "fused"}
+    assert set(table["levels"]) == {*trained, "late-fusion, text shuffled",
+                                    "fused, text shuffled"}
     assert set(table["verdict"]) == {"cancer", "calcification"}
+    assert table["verdict"]["cancer"]["rule"] == ["image-only", "text-only", "late-fusion"]
+    assert "fused_minus_fused, text shuffled" in table["verdict"]["cancer"]
+    assert table["throughput"]["fused"]["views_per_s"] > 0
+    resolution = torch.load(tmp_path / "abl" / "image-only@96x48" / "best.pt",
+                            weights_only=False)
+    assert tuple(resolution["model_config"]["input_size"]) == (96, 48)
     assert table["passed"] == (code == 0)
     # the variants really differ in what they read
     text_only = torch.load(tmp_path / "abl" / "text-only" / "best.pt", weights_only=False)

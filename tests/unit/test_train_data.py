@@ -11,22 +11,24 @@ pytestmark = pytest.mark.torch
 from cadnode.dicom.pixels import prepare_image  # noqa: E402
 from cadnode.text.clinical import build_clinical_text  # noqa: E402
 from train.data import (  # noqa: E402
-    CachedItem,
+    ImageAugment,
+    ImageCache,
     SampleDataset,
     TextAugment,
     make_tokenizer,
     patient_split,
     pos_weights,
     sample_text,
+    shuffled_text_sources,
 )
 from train.synthetic import SyntheticConfig, generate  # noqa: E402
 
-SAMPLES = list(generate(SyntheticConfig(n_exams=2, seed=5)))
+SAMPLES = list(generate(SyntheticConfig(n_exams=2, seed=5, shape=(384, 192))))
 
 
 def test_items_come_from_the_serving_code() -> None:
     tok = make_tokenizer(64)
-    cache: dict[int, CachedItem] = {}
+    cache = ImageCache()
     ds = SampleDataset(SAMPLES, (64, 32), tok, cache=cache)
     item = ds[1]
     s = SAMPLES[1]
@@ -39,14 +41,14 @@ def test_items_come_from_the_serving_code() -> None:
     assert np.array_equal(item["attention_mask"].numpy(), mask)
     assert item["targets"].tolist() == [float(s.cancer), float(s.calcification)]
     assert item["known"].tolist() == [1.0, 1.0]
-    assert 1 in cache  # prepared once, reused
+    assert set(cache.items) == {(((64, 32), ds.pipeline), 1)}  # prepared once, reused
 
 
 def test_dicom_path_input_matches_the_loader(tmp_path) -> None:
     from train.data import prepare_sample
     from train.synthetic import write_dataset
 
-    write_dataset(SyntheticConfig(n_exams=1, seed=5), tmp_path)
+    write_dataset(SyntheticConfig(n_exams=1, seed=5, shape=(384, 192)), tmp_path)
     s = SAMPLES[0]
     path = next((tmp_path / "dicom").glob(f"*_{s.view.laterality}_{s.view.view}.dcm"))
     from dataclasses import replace
@@ -101,3 +103,55 @@ def test_official_split_is_honoured_by_patient() -> None:
     assert {mixed[i].patient_id for i in moved["test"]} == test_ids | {samples[0].patient_id}
     ignored = patient_split(samples, (0.6, 0.2, 0.2), seed=0, official=False)
     assert ignored == patient_split(base, (0.6, 0.2, 0.2), seed=0)
+
+
+def test_one_read_prepares_every_registered_size() -> None:
+    reads = []
+    s = SAMPLES[2]
+    from dataclasses import replace
+
+    counted = replace(s, image=lambda: reads.append(1) or s.image())
+    cache = ImageCache()
+    small = SampleDataset([counted], (64, 32), make_tokenizer(64), cache=cache)
+    large = SampleDataset([counted], (128, 64), make_tokenizer(64), cache=cache)
+    cache.register(((128, 64), large.pipeline))
+    assert small[0]["image"].shape == (1, 64, 32)
+    assert large[0]["image"].shape == (1, 128, 64)
+    assert len(reads) == 1  # the second size came from the same read
+
+
+def test_image_augment_moves_boxes_with_the_pixels() -> None:
+    image = np.zeros((128, 64), np.float32)
+    image[30:40, 20:30] = 1.0  # a bright square and its box, as fractions of the input
+    box = np.array([[20 / 64, 30 / 128, 30 / 64, 40 / 128]], np.float32)
+    augment = ImageAugment(vflip=0.5, rotate_deg=8.0, scale=0.1, shift=0.05, gamma=0.0,
+                           contrast=0.0, noise=0.0)
+    flips = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        out, moved = augment(image, box, rng)
+        assert out.shape == image.shape and 0.0 <= out.min() and out.max() <= 1.0
+        u0, v0, u1, v1 = moved[0]
+        rows, cols = np.nonzero(out > 0.5)
+        # the square's pixels lie inside the moved box (one pixel of bilinear slack)
+        assert (cols >= u0 * 64 - 1).all() and (cols <= u1 * 64 + 1).all()
+        assert (rows >= v0 * 128 - 1).all() and (rows <= v1 * 128 + 1).all()
+        flips += rows.mean() > 64
+        assert cols.mean() < 32  # never flipped left-right: the chest wall stays on the left
+    assert 0 < flips < 12  # vertical flips happen, not always
+    photometric = ImageAugment(vflip=0.0, rotate_deg=0.0, scale=0.0, shift=0.0)
+    out, moved = photometric(np.full((8, 8), 0.5, np.float32), box, np.random.default_rng(1))
+    assert np.array_equal(moved, box) and not np.allclose(out, 0.5)
+
+
+def test_shuffled_text_comes_from_the_same_view_of_another_patient() -> None:
+    samples = list(generate(SyntheticConfig(n_exams=6, seed=3, shape=(64, 32))))
+    sources = shuffled_text_sources(samples, seed=1)
+    for i, j in enumerate(sources):
+        assert samples[j].patient_id != samples[i].patient_id
+        assert (samples[j].view.laterality, samples[j].view.view) == (
+            samples[i].view.laterality, samples[i].view.view)
+    assert len({samples[j].patient_id for j in sources}) == 6  # a permutation of patients
+    ds = SampleDataset(samples, (64, 32), make_tokenizer(64), text_from=sources)
+    ids, _ = make_tokenizer(64).encode(sample_text(samples[sources[0]]))
+    assert np.array_equal(ds[0]["input_ids"].numpy(), ids)
