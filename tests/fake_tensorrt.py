@@ -20,6 +20,7 @@ import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -262,9 +263,15 @@ def make_tensorrt(device: FakeDevice, version: str = VERSION) -> types.ModuleTyp
         def get_error(self, index: int) -> ParserError:
             return self._errors[index]
 
-        def parse(self, model: bytes) -> bool:
+        def parse(self, model: bytes, path: str | None = None) -> bool:
             if not isinstance(model, bytes | bytearray | memoryview):
                 raise TypeError("OnnxParser.parse takes the model's bytes")
+            if path is not None:  # as the real parser: external weights are read beside path
+                import onnx
+
+                proto = onnx.load_from_string(bytes(model))
+                onnx.load_external_data_for_model(proto, str(Path(path).parent))
+                model = proto.SerializeToString()
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:

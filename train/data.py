@@ -25,7 +25,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from cadnode.dicom.enum import PixelPipeline
 from cadnode.dicom.pixels import PreparedImage, prepare_image
-from cadnode.text.clinical import build_clinical_text, template_vocabulary
+from cadnode.text.clinical import build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
 from train.datasets.base import Sample
 
@@ -53,8 +53,8 @@ REPORT_SENTENCES: tuple[str, ...] = (
 
 
 def make_tokenizer(max_len: int = 64) -> ClinicalTokenizer:
-    """The tokenizer the exported package ships (same vocabulary, same max length)."""
-    return ClinicalTokenizer.build_from_vocabulary(template_vocabulary(), max_len)
+    """The tokenizer of a model with its own text encoder (``tokenizer_for`` of its config)."""
+    return ClinicalTokenizer.for_template(max_len)
 
 
 @dataclass(frozen=True)

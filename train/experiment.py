@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cadnode.model.factory import create_model, get_config
+from cadnode.model.factory import create_model, get_config, tokenizer_for
 from cadnode.model.fused import FusedVLM
 from train.data import (
     ImageAugment,
@@ -36,7 +36,6 @@ from train.data import (
     SampleDataset,
     TextAugment,
     input_spec,
-    make_tokenizer,
     patient_split,
     prepare_sample,
     shuffled_text_sources,
@@ -61,7 +60,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "text-only": {"use_image": False, "use_text": True},
     "late-fusion": {"use_image": True, "use_text": True, "fusion": "late"},
     "fused": {"use_image": True, "use_text": True, "fusion": "coattention"},
+    # the pretrained text tower, frozen and lightly tuned (ablate.variants names them)
+    "fused-minilm": {"use_image": True, "use_text": True, "fusion": "coattention",
+                     "text_encoder": "all-MiniLM-L6-v2", "max_text_len": 96},
+    "fused-minilm-top": {"use_image": True, "use_text": True, "fusion": "coattention",
+                         "text_encoder": "all-MiniLM-L6-v2", "max_text_len": 96,
+                         "text_tuning": "top"},
 }
+#: What ``ablate`` trains unless ``ablate.variants`` says otherwise.
+DEFAULT_VARIANTS = ("image-only", "text-only", "late-fusion", "fused")
 #: Evaluated again with the text of other patients (the text-shuffle control).
 SHUFFLED = ("late-fusion", "fused")
 
@@ -135,7 +142,7 @@ class Experiment:
         images = ImageAugment(**cfg.image_augment) if train and cfg.image_augment is not None \
             else None
         text_from = shuffled_text_sources(samples, seed=cfg.seed) if shuffle_text else None
-        return SampleDataset(samples, model.input_size, make_tokenizer(model.max_text_len),
+        return SampleDataset(samples, model.input_size, tokenizer_for(model),
                              augment=augment, seed=cfg.seed, cache=self.cache, keys=idx,
                              image_augment=images, text_from=text_from,
                              pipeline=model.pixel_pipeline)
@@ -327,7 +334,7 @@ def ablation_models(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     unknown = sorted(set(section) - {"variants", "image_sizes", "shuffle_text"})
     if unknown:
         raise ValueError(f"unknown ablate option(s): {unknown}")
-    names = section.get("variants", list(VARIANTS))
+    names = section.get("variants", list(DEFAULT_VARIANTS))
     bad = sorted(set(names) - set(VARIANTS))
     if bad or "fused" not in names:
         raise ValueError(f"ablate.variants must name 'fused' and known variants {list(VARIANTS)}")

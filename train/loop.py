@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from cadnode.model.factory import create_model
 from cadnode.model.fused import FusedVLM
+from cadnode.model.text_tower import PretrainedTextEncoder
 from train.data import SampleDataset, pos_weights, sample_weights
 from train.evaluate import TASKS, auroc
 
@@ -313,6 +314,8 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg).to(device)
+    if isinstance(model.text, PretrainedTextEncoder):
+        model.text.enable_output_cache()  # a frozen tower: each distinct text runs once
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
     if world > 1 and device.type == "cuda" and cfg.sync_batchnorm:

@@ -43,7 +43,8 @@ def _parse(trt: Any, builder: Any, manifest: ModelManifest) -> tuple[Any, Any]:
     """The package's ONNX graph as a TensorRT network (ValueError with the parser's errors)."""
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, trt_logger(trt))
-    if not parser.parse(manifest.model_path.read_bytes()):
+    # the path lets the parser find external weights (a frozen text tower) beside the graph
+    if not parser.parse(manifest.model_path.read_bytes(), str(manifest.model_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ValueError(f"TensorRT cannot parse {manifest.model_path}: {errors}")
     return network, parser

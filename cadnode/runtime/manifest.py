@@ -32,6 +32,8 @@ MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 TORCH_PROGRAM_NAME = "model.pt2"  # optional
+#: A frozen pretrained text tower's float16 weights, ONNX external data of model.onnx (optional)
+TEXT_TOWER_NAME = "text_tower.bin"
 INPUT_NAMES: tuple[str, ...] = ("image", "input_ids", "attention_mask")
 OUTPUT_NAMES: tuple[str, ...] = ("cancer", "calcification", "heatmap")
 DEMO_NOTICE = "demonstration model - not for clinical use"
@@ -119,11 +121,20 @@ class ModelManifest:
     domain: TrainingDomain | None = None  # None: the package records no training domain
     #: how images are prepared for this model; packages that name none used the first one
     pixel_pipeline: PixelPipeline = PixelPipeline.STRETCH_CLIP
+    #: the external weights file of model.onnx and where its weights came from; None: none
+    text_tower: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
         return self.package / MODEL_NAME
+
+    @property
+    def weight_files(self) -> tuple[Path, ...]:
+        """model.onnx and the files it reads its external weights from: what a tool that
+        copies the graph elsewhere (a Triton repository) must copy with it."""
+        extra = (self.package / self.text_tower["file"],) if self.text_tower else ()
+        return (self.model_path, *extra)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -271,9 +282,17 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
         raise _refuse(package, f"text_template_version {data['text_template_version']!r} "
                                f"differs from this node's {expected_text_template_version!r}")
 
+    tower = data.get("text_tower")
+    if tower is not None and (not isinstance(tower, dict) or tower.get("file") != TEXT_TOWER_NAME):
+        raise _refuse(package, f"text_tower must be an object with file {TEXT_TOWER_NAME!r}")
     for name in (MODEL_NAME, TOKENIZER_NAME):
         if not (package / name).is_file():
             raise _refuse(package, f"missing file {name}")
+    if tower is not None and not (package / TEXT_TOWER_NAME).is_file():
+        source = tower.get("source") or {}
+        raise _refuse(package, f"missing file {TEXT_TOWER_NAME} (the frozen text tower "
+                               f"{source.get('name', '')} that model.onnx reads; copy it with "
+                               "the package)")
     checksums = data.get("sha256") or {}
     if not isinstance(checksums, dict):
         raise _refuse(package, "sha256 must map file names to hex digests")
@@ -281,7 +300,7 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
         for name, digest in sorted(checksums.items()):
             if name == TORCH_PROGRAM_NAME and not (package / name).is_file():
                 raise _refuse(package, f"missing file {name} (listed in sha256)")
-            if name not in (MODEL_NAME, TOKENIZER_NAME, TORCH_PROGRAM_NAME):
+            if name not in (MODEL_NAME, TOKENIZER_NAME, TORCH_PROGRAM_NAME, TEXT_TOWER_NAME):
                 continue
             if sha256(package / name) != digest:
                 raise _refuse(package, f"checksum mismatch for {name} (file changed or corrupt)")
@@ -291,7 +310,8 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
     if pipeline not in {p.value for p in PixelPipeline}:
         raise _refuse(package, f"pixel_pipeline {pipeline!r} is not one this node has "
                                f"({', '.join(p.value for p in PixelPipeline)})")
-    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice", "sha256", "domain", "pixel_pipeline"}
+    known = set(REQUIRED_KEYS) | {"heatmap_size", "notice", "sha256", "domain", "pixel_pipeline",
+                                  "text_tower"}
     return ModelManifest(
         package=package,
         name=data["name"],
@@ -309,5 +329,6 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
         sha256={str(k): str(v) for k, v in checksums.items()},
         domain=domain,
         pixel_pipeline=PixelPipeline(pipeline),
+        text_tower=dict(tower) if tower is not None else None,
         extra={k: v for k, v in data.items() if k not in known},
     )

@@ -55,6 +55,24 @@ class ClinicalTokenizer:
         return cls(tok)
 
     @classmethod
+    def for_template(cls, max_len: int = DEFAULT_MAX_LEN) -> ClinicalTokenizer:
+        """The tokenizer of the model's own text encoder: the clinical text's vocabulary."""
+        from cadnode.text.clinical import template_vocabulary
+
+        return cls.build_from_vocabulary(template_vocabulary(), max_len)
+
+    @classmethod
+    def from_pretrained_file(cls, path: str | Path, max_len: int) -> ClinicalTokenizer:
+        """A pretrained tower's ``tokenizer.json``, padded and truncated to ``max_len`` (what
+        the package ships, so the node encodes exactly as training did)."""
+        tok = Tokenizer.from_file(str(path))
+        if tok.token_to_id(PAD) != 0:
+            raise ValueError(f"{path}: [PAD] is not id 0")
+        tok.enable_truncation(max_length=max_len)
+        tok.enable_padding(pad_id=0, pad_token=PAD, length=max_len)
+        return cls(tok)
+
+    @classmethod
     def from_file(cls, path: str | Path) -> ClinicalTokenizer:
         """Load the tokenizer.json of a model package."""
         return cls(Tokenizer.from_file(str(path)))
