@@ -4,8 +4,10 @@ Training must see exactly what serving sees, so images go through
 :func:`cadnode.dicom.pixels.prepare_image` and text through
 :func:`cadnode.text.clinical.build_clinical_text` and the packaged :class:`ClinicalTokenizer`.
 Augmentation never changes those functions: :class:`TextAugment` removes header fields (the
-builder then says ``unknown``, as it does at a site that omits them) and may append a templated
-report-style sentence made of template words. Inference (``augment=None``) is deterministic.
+builder then says ``unknown``, as it does at a site that omits them), may shuffle the fields
+within each level of the text, and may append report-style sentences written from the same
+header (:func:`header_report`; never from a label, which would leak it). Inference
+(``augment=None``) is deterministic.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from torch.utils.data import Dataset as TorchDataset
 
 from cadnode.dicom.enum import PixelPipeline
 from cadnode.dicom.pixels import PreparedImage, prepare_image
-from cadnode.text.clinical import build_clinical_text
+from cadnode.text.clinical import (
+    OTHER,
+    UNKNOWN,
+    Level,
+    build_clinical_text,
+    clinical_fields,
+    render,
+)
 from cadnode.text.tokenizer import ClinicalTokenizer
 from train.datasets.base import Sample
 
@@ -42,14 +51,40 @@ DROPPABLE_FIELDS: tuple[tuple[str, ...], ...] = (
     ("AnodeTargetMaterial",),
     ("FilterMaterial",),
     ("ViewModifierCodeSequence",),
+    ("DetectorType",),
+    ("ImagerPixelSpacing", "PixelSpacing"),
 )
-#: Report-style sentences; only template words, so no character pieces are needed.
-REPORT_SENTENCES: tuple[str, ...] = (
-    "exam: intent presentation.",
-    "breast: view projection.",
-    "exam: model unknown.",
-    "view: modifiers none.",
-)
+#: Age words of the text -> how a report says it.
+_AGE_PHRASES: dict[str, str] = {"under forty": "under forty", "forties": "in her forties",
+                                "fifties": "in her fifties", "sixties": "in her sixties",
+                                "seventies": "in her seventies", "eighty plus": "eighty plus"}
+
+
+def header_report(levels: list[Level], rng: np.random.Generator) -> str:
+    """One to three report-style sentences, in random order, from the text's own fields (so
+    from the header only); fields the header does not have are not mentioned."""
+    f = {k: v for _, fields in levels for k, v in fields}
+    known = {k: v for k, v in f.items() if v not in (UNKNOWN, OTHER)}
+    options: list[str] = []
+    if "side" in known and "projection" in known:
+        options.append(f"screening mammogram of the {known['side']} breast, "
+                       f"{known['projection']} view.")
+    if "age" in known:
+        options.append(f"patient {_AGE_PHRASES.get(known['age'], known['age'])}.")
+    if "implant" in known:
+        options.append("breast implant present." if known["implant"] == "yes"
+                       else "without breast implants.")
+    if "manufacturer" in known:
+        model = f" {known['model']}" if "model" in known else ""
+        options.append(f"image acquired on a {known['manufacturer']}{model} unit.")
+    if "thickness" in known and "force" in known:
+        options.append(f"{known['thickness']} compressed thickness, {known['force']} "
+                       "compression force.")
+    if not options:
+        return ""
+    k = int(rng.integers(1, min(3, len(options)) + 1))
+    chosen = rng.choice(len(options), size=k, replace=False)
+    return " ".join(options[int(i)] for i in chosen)
 
 
 def make_tokenizer(max_len: int = 64) -> ClinicalTokenizer:
@@ -62,7 +97,8 @@ class TextAugment:
     """Training-time text augmentation applied to the header, not to the builder."""
 
     field_dropout: float = 0.0  # probability of removing each field group
-    report_sentence: float = 0.0  # probability of appending a report-style sentence
+    report_sentence: float = 0.0  # probability of appending report-style sentences
+    reorder: float = 0.0  # probability of shuffling the fields within each level
 
     def header(self, ds: pydicom.Dataset, rng: np.random.Generator) -> pydicom.Dataset:
         if self.field_dropout <= 0:
@@ -77,9 +113,14 @@ class TextAugment:
                 out.add(elem)
         return out
 
-    def text(self, text: str, rng: np.random.Generator) -> str:
+    def text(self, levels: list[Level], rng: np.random.Generator) -> str:
+        if self.reorder > 0 and rng.random() < self.reorder:
+            levels = [(name, [fields[int(i)] for i in rng.permutation(len(fields))])
+                      for name, fields in levels]
+        text = render(levels)
         if self.report_sentence > 0 and rng.random() < self.report_sentence:
-            return f"{text} {REPORT_SENTENCES[int(rng.integers(len(REPORT_SENTENCES)))]}"
+            report = header_report(levels, rng)
+            return f"{text} {report}" if report else text
         return text
 
 
@@ -88,7 +129,7 @@ def sample_text(sample: Sample, augment: TextAugment | None = None,
     """Clinical text of a sample; deterministic without ``augment``."""
     if augment is None or rng is None:
         return build_clinical_text(sample.header, sample.view)
-    return augment.text(build_clinical_text(augment.header(sample.header, rng), sample.view), rng)
+    return augment.text(clinical_fields(augment.header(sample.header, rng), sample.view), rng)
 
 
 @dataclass(frozen=True)

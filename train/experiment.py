@@ -138,7 +138,8 @@ class Experiment:
         model = get_config(cfg.model, **dict(cfg.model_overrides))
         idx = self.split[name]
         samples = [self.samples[i] for i in idx]
-        augment = TextAugment(cfg.field_dropout, cfg.report_sentence) if train else None
+        augment = TextAugment(cfg.field_dropout, cfg.report_sentence, cfg.text_reorder) \
+            if train else None
         images = ImageAugment(**cfg.image_augment) if train and cfg.image_augment is not None \
             else None
         text_from = shuffled_text_sources(samples, seed=cfg.seed) if shuffle_text else None

@@ -66,6 +66,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (CUDA only) | off | bf16 | fp16
     field_dropout: float = 0.05
     report_sentence: float = 0.1
+    text_reorder: float = 0.0  # probability of shuffling the fields within each text level
     image_augment: dict[str, float] | None = None  # train.data.ImageAugment fields; None: off
     channels_last: bool = False  # NHWC activations (faster convolutions on recent GPUs)
     heatmap_weight: float = 0.5  # multiple-instance loss on the heatmap; 0 leaves it untrained
@@ -426,13 +427,16 @@ def train(cfg: TrainConfig, train_set: SampleDataset, val_set: SampleDataset | N
         if val_set is not None and is_main:
             val = validation_auroc(predict(model, val_set, device=device), val_set)
             entry["val_auroc"] = val
-            improved = val["mean"] > state["best"]
+            # a validation split that cannot rank (one class in every task) keeps the newest
+            # weights, as training without a validation split does
+            improved = val["mean"] > state["best"] or not math.isfinite(val["mean"])
         if world > 1:
             flag = torch.tensor([1.0 if improved else 0.0])
             dist.broadcast(flag, 0)
             improved = bool(flag.item())
         if improved:
-            state["best"] = entry.get("val_auroc", {}).get("mean", state["best"])
+            mean = entry.get("val_auroc", {}).get("mean", state["best"])
+            state["best"] = mean if math.isfinite(mean) else state["best"]
             state["best_epoch"] = epoch + 1
             state["bad_epochs"] = 0
         else:

@@ -23,6 +23,12 @@ Header (exam level, stream ``(seed, exam, 0)``):
 * ``manufacturer`` uniform over HOLOGIC / GE / SIEMENS / FUJIFILM; ``density`` A/B/C/D
   (0.1/0.4/0.4/0.1; in the image only).
 
+Per-view header fields that carry no label information (distractors, as in real headers):
+``BodyPartThickness`` ~ N(55, 12) mm, ``CompressionForce`` ~ N(110, 30) N, ``KVP`` from
+thickness, ``ExposureInuAs``, anode/filter and ``DetectorType`` by manufacturer,
+``ImagerPixelSpacing`` (0.1 mm at 2048 rows), ``ViewPosition``, ``ImageLaterality``,
+``PatientOrientation``, For Presentation.
+
 Findings per breast (same stream, L then R): one mass ``kind`` from ``KINDS`` with
 probabilities ``kind_p`` (none 0.3, circumscribed 0.3, dense 0.3, spiculated 0.1) and,
 independently, a microcalcification ``cluster`` (``p_cluster`` 0.35). Both views of a breast
@@ -57,8 +63,9 @@ every length proportional to H (so smaller renders are the same scene), chest wa
 for L and on the right for R: a half-ellipse breast with a wobbling outline, a thickness fall-off
 and a brighter skin line, anatomical background with the power-law spectrum P(f) ~ f^-3 measured
 for mammographic texture (Burgess et al. 2001) thresholded into fibroglandular tissue by
-density, a pectoral muscle in MLO views, masses (circumscribed: smooth oval 36-70 px wide;
-dense: small very bright disc; spiculated: irregular core with radiating spicules), 5-15
+density, a pectoral muscle in MLO views, masses (at 0.1 mm per pixel: circumscribed, a smooth
+oval 8-16 mm wide; dense, a very bright disc of 4-7 mm; spiculated, an irregular 5-9 mm core
+with spicules 2-3 times as long), 5-15
 microcalcifications of 1-2 px within ~50 px (150-270 grey levels above the tissue, against
 quantum noise of ~24: clear at full size, near the noise once averaged over 4 x 4 pixels),
 quantum noise, 12-bit values.
@@ -242,10 +249,10 @@ def _point_inside(rng: np.random.Generator, cy: float, ry: float, rx: float,
 def _draw_mass(rng: np.random.Generator, kind: str, row: float, col: float,
                s: float) -> Finding:
     if kind == "circumscribed":
-        return Finding(kind, row, col, rng.uniform(18, 35) * s, rng.uniform(0.09, 0.12))
+        return Finding(kind, row, col, rng.uniform(40, 80) * s, rng.uniform(0.09, 0.12))
     if kind == "dense":
-        return Finding(kind, row, col, rng.uniform(9, 16) * s, rng.uniform(0.28, 0.36))
-    radius = rng.uniform(12, 22) * s
+        return Finding(kind, row, col, rng.uniform(20, 35) * s, rng.uniform(0.28, 0.36))
+    radius = rng.uniform(25, 45) * s
     spicules = tuple((float(rng.uniform(0, 2 * math.pi)), float(radius * rng.uniform(1.8, 3.2)))
                      for _ in range(int(rng.integers(8, 15))))
     return Finding(kind, row, col, radius, rng.uniform(0.10, 0.13), spicules)
@@ -459,6 +466,7 @@ def make_header(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> Datase
     ds.FilterMaterial = filt
     spacing = 0.1 * REFERENCE_HEIGHT / cfg.shape[0]  # 0.1 mm at the reference size
     ds.ImagerPixelSpacing = [f"{spacing:.4g}", f"{spacing:.4g}"]
+    ds.DetectorType = "SCINTILLATOR" if spec.manufacturer == 1 else "DIRECT"
     ds.InstanceNumber = view_index + 1
     return ds
 

@@ -36,10 +36,12 @@ class ModelInputs:
         return int(self.images.shape[0])
 
 
-def encode_texts(tokenizer: ClinicalTokenizer,
-                 views: Sequence[tuple[Dataset, ViewInfo]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask of each view's clinical text, built from its header."""
-    encoded = [tokenizer.encode(build_clinical_text(ds, info)) for ds, info in views]
+def encode_texts(tokenizer: ClinicalTokenizer, views: Sequence[tuple[Dataset, ViewInfo]],
+                 template_version: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask of each view's clinical text, built from its header with
+    the template the model package was trained on."""
+    encoded = [tokenizer.encode(build_clinical_text(ds, info, template_version))
+               for ds, info in views]
     ids = np.stack([e[0] for e in encoded]).astype(np.int64)
     mask = np.stack([e[1] for e in encoded]).astype(np.int64)
     return ids, mask
@@ -64,5 +66,5 @@ def file_inputs(paths: Sequence[str | Path], manifest: ModelManifest,
                                     pipeline=manifest.pixel_pipeline).array)
         views.append((ds, info))
         keys.append(info.key or Path(path).name)
-    ids, mask = encode_texts(tokenizer, views)
+    ids, mask = encode_texts(tokenizer, views, manifest.text_template_version)
     return ModelInputs(stack_images(images), ids, mask, tuple(keys))

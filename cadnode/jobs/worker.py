@@ -295,7 +295,8 @@ class Worker:
 
     def _encode_text(self, ok: list[_View]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask of each view's clinical text (from its header)."""
-        return encode_texts(self.tokenizer, [(v.header, v.info) for v in ok])
+        return encode_texts(self.tokenizer, [(v.header, v.info) for v in ok],
+                            self.engine.manifest.text_template_version)
 
     @staticmethod
     def _finding(

@@ -224,7 +224,7 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
                   expected_text_template_version: str | None = None) -> ModelManifest:
     """Read and validate a package folder (or its manifest.json); ValueError says why it refuses.
 
-    ``expected_text_template_version`` defaults to the template this node's text builder writes.
+    ``expected_text_template_version`` defaults to any template this node's text builder writes.
     """
     path = Path(path)
     package = path.parent if path.name == MANIFEST_NAME else path
@@ -274,13 +274,13 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True,
         raise _refuse(package, f"normalisation.input_range {norm.get('input_range')!r} "
                                "is not [0, 1] (the only range format 1 defines)")
 
-    if expected_text_template_version is None:
-        from cadnode.text.clinical import TEXT_TEMPLATE_VERSION
+    from cadnode.text.clinical import TEXT_TEMPLATE_VERSIONS
 
-        expected_text_template_version = TEXT_TEMPLATE_VERSION
-    if data["text_template_version"] != expected_text_template_version:
-        raise _refuse(package, f"text_template_version {data['text_template_version']!r} "
-                               f"differs from this node's {expected_text_template_version!r}")
+    accepted = TEXT_TEMPLATE_VERSIONS if expected_text_template_version is None else (
+        expected_text_template_version,)
+    if data["text_template_version"] not in accepted:
+        raise _refuse(package, f"text_template_version {data['text_template_version']!r} is "
+                               f"not one this node's text builder writes ({', '.join(accepted)})")
 
     tower = data.get("text_tower")
     if tower is not None and (not isinstance(tower, dict) or tower.get("file") != TEXT_TOWER_NAME):

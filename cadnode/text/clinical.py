@@ -9,12 +9,19 @@ Numbers are binned into words so that the text stays in the closed vocabulary an
 header differences between vendors do not change the text. A bin is chosen with ``bisect_right``
 over the edges: a value equal to an edge falls in the upper bin.
 
-Template (version ``TEXT_TEMPLATE_VERSION``)::
+Template (version ``TEXT_TEMPLATE_VERSION`` = 2; exam -> breast -> view -> acquisition)::
 
     exam: age <age> implant <yes|no|unknown> manufacturer <m> model <words>.
     breast: side <left|right|unknown>.
-    view: projection <v> modifiers <words> thickness <t> force <f> kvp <k> exposure <e>
-    anode <material> filter <materials> intent <presentation|processing|unknown>.
+    view: projection <v> modifiers <words>.
+    acquisition: thickness <t> force <f> kvp <k> exposure <e> anode <material>
+    filter <materials> detector <type> spacing <fine|standard|coarse> intent <intent>.
+
+Version 1 (packages trained before version 2; the manifest says which a package reads) had no
+acquisition level: its view sentence carried thickness ... intent, without detector and spacing.
+The text is built as levels of (key, value) fields (:func:`clinical_fields`) and rendered by
+:func:`render`, so training can drop and reorder fields without a second builder. There is no
+breast-density word: no standard attribute carries density (vendors put it in private tags).
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
-TEXT_TEMPLATE_VERSION = "1"
+TEXT_TEMPLATE_VERSION = "2"
+#: Every template this builder can write (a package names the one it was trained on).
+TEXT_TEMPLATE_VERSIONS: tuple[str, ...] = ("1", "2")
 
 UNKNOWN = "unknown"
 OTHER = "other"
@@ -75,6 +84,12 @@ KVP_RANGE: tuple[float, float] = (10.0, 60.0)
 EXPOSURE_EDGES: tuple[float, ...] = (60.0, 120.0)
 EXPOSURE_WORDS: tuple[str, ...] = ("low", "medium", "high")
 EXPOSURE_RANGE: tuple[float, float] = (0.0, 2000.0)
+
+#: ImagerPixelSpacing (0018,1164) in mm: ~0.05-0.07 fine (many DBT/FFDM), ~0.1 standard FFDM,
+#: coarser for CR and digitised film.
+SPACING_EDGES: tuple[float, ...] = (0.075, 0.12)
+SPACING_WORDS: tuple[str, ...] = ("fine", "standard", "coarse")
+SPACING_RANGE: tuple[float, float] = (0.005, 2.0)
 
 # --- closed vocabularies for coded / free-text attributes ------------------------------------
 #: Manufacturer: any of these (lower-case) name tokens -> word; no match -> "other".
@@ -126,11 +141,23 @@ MATERIAL_WORDS: dict[str, str] = {
     "TITANIUM": "titanium", "NIOBIUM": "niobium", "LEAD": "lead", "TIN": "tin",
 }
 
+#: DetectorType (0018,7004) defined terms -> words.
+DETECTOR_WORDS: dict[str, str] = {"DIRECT": "direct", "SCINTILLATOR": "scintillator",
+                                  "STORAGE": "storage", "FILM": "film"}
+
 #: Fixed words of the template itself.
 _TEMPLATE_WORDS: tuple[str, ...] = (
     "exam", "age", "implant", "manufacturer", "model", "breast", "side", "view", "projection",
     "modifiers", "thickness", "force", "kvp", "exposure", "anode", "filter", "intent",
+    "acquisition", "detector", "spacing",
     "yes", "no", "left", "right", "presentation", "processing", UNKNOWN, OTHER, NONE, ":", ".",
+)
+#: Words of the report-style sentences training adds (train.data.header_report): from the
+#: header only, never from a label.
+REPORT_WORDS: tuple[str, ...] = (
+    "screening", "mammogram", "of", "the", "a", "patient", "in", "her", "with", "without",
+    "implants", "acquired", "on", "unit", "compressed", "compression", "image", "for",
+    "woman", "aged", "cc", "mlo", ",",
 )
 
 
@@ -280,25 +307,71 @@ def age_band(ds: pydicom.Dataset) -> str:
     return _safe(lambda d: _bin(_age_years(d), AGE_EDGES, AGE_WORDS, AGE_RANGE), ds)
 
 
-def build_clinical_text(ds: pydicom.Dataset, view: ViewInfo) -> str:
-    """Hierarchical text (exam, breast, view) from the header; deterministic, never raises."""
-    age = age_band(ds)
-    thickness = _safe(lambda d: _bin(_to_float(header_value(d, "BodyPartThickness")),
-                                     THICKNESS_EDGES, THICKNESS_WORDS, THICKNESS_RANGE), ds)
-    force = _safe(lambda d: _bin(_to_float(header_value(d, "CompressionForce")), FORCE_EDGES,
-                                 FORCE_WORDS, FORCE_RANGE), ds)
-    kvp = _safe(lambda d: _bin(_to_float(header_value(d, "KVP")), KVP_EDGES, KVP_WORDS,
-                               KVP_RANGE), ds)
-    exposure = _safe(lambda d: _bin(_exposure_mas(d), EXPOSURE_EDGES, EXPOSURE_WORDS,
-                                    EXPOSURE_RANGE), ds)
-    exam = (f"exam: age {age} implant {_safe(_implant, ds)} "
-            f"manufacturer {_safe(_manufacturer, ds)} model {_safe(_model, ds)}.")
-    breast = f"breast: side {_safe(_side, view)}."
-    view_text = (f"view: projection {_safe(_projection, view)} modifiers {_safe(_modifiers, ds)} "
-                 f"thickness {thickness} force {force} kvp {kvp} exposure {exposure} "
-                 f"anode {_safe(_materials, ds, 'AnodeTargetMaterial')} "
-                 f"filter {_safe(_materials, ds, 'FilterMaterial')} intent {_safe(_intent, ds)}.")
-    return f"{exam} {breast} {view_text}"
+def _detector(ds: Any) -> str:
+    raw = header_value(ds, "DetectorType")
+    text = str(raw).strip().upper() if raw is not None else ""
+    return DETECTOR_WORDS.get(text, OTHER if text else UNKNOWN)
+
+
+def _spacing_mm(ds: Any) -> float | None:
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+        value = _to_float(header_value(ds, keyword))
+        if value is not None:
+            return value
+    return None
+
+
+#: One level of the text: its name and its (key, value) fields, in template order.
+Level = tuple[str, list[tuple[str, str]]]
+
+
+def clinical_fields(ds: pydicom.Dataset, view: ViewInfo,
+                    version: str = TEXT_TEMPLATE_VERSION) -> list[Level]:
+    """The text's levels (exam, breast, view[, acquisition]) as (key, value) fields, from the
+    header alone; deterministic, never raises."""
+    if version not in TEXT_TEMPLATE_VERSIONS:
+        raise ValueError(f"text template version {version!r}; this builder writes "
+                         f"{', '.join(TEXT_TEMPLATE_VERSIONS)}")
+
+    def binned(keyword: str, edges: tuple[float, ...], words: tuple[str, ...],
+               valid: tuple[float, float]) -> str:
+        return _safe(lambda d: _bin(_to_float(header_value(d, keyword)), edges, words, valid),
+                     ds)
+
+    exam = [("age", age_band(ds)), ("implant", _safe(_implant, ds)),
+            ("manufacturer", _safe(_manufacturer, ds)), ("model", _safe(_model, ds))]
+    breast = [("side", _safe(_side, view))]
+    projection = [("projection", _safe(_projection, view)), ("modifiers", _safe(_modifiers, ds))]
+    acquisition = [
+        ("thickness", binned("BodyPartThickness", THICKNESS_EDGES, THICKNESS_WORDS,
+                             THICKNESS_RANGE)),
+        ("force", binned("CompressionForce", FORCE_EDGES, FORCE_WORDS, FORCE_RANGE)),
+        ("kvp", binned("KVP", KVP_EDGES, KVP_WORDS, KVP_RANGE)),
+        ("exposure", _safe(lambda d: _bin(_exposure_mas(d), EXPOSURE_EDGES, EXPOSURE_WORDS,
+                                          EXPOSURE_RANGE), ds)),
+        ("anode", _safe(_materials, ds, "AnodeTargetMaterial")),
+        ("filter", _safe(_materials, ds, "FilterMaterial")),
+    ]
+    intent = [("intent", _safe(_intent, ds))]
+    if version == "1":
+        return [("exam", exam), ("breast", breast), ("view", projection + acquisition + intent)]
+    details = [("detector", _safe(_detector, ds)),
+               ("spacing", _safe(lambda d: _bin(_spacing_mm(d), SPACING_EDGES, SPACING_WORDS,
+                                                SPACING_RANGE), ds))]
+    return [("exam", exam), ("breast", breast), ("view", projection),
+            ("acquisition", acquisition + details + intent)]
+
+
+def render(levels: list[Level]) -> str:
+    """``level: key value key value.`` for each level, joined by spaces."""
+    return " ".join(f"{name}: " + " ".join(f"{k} {v}" for k, v in fields) + "."
+                    for name, fields in levels)
+
+
+def build_clinical_text(ds: pydicom.Dataset, view: ViewInfo,
+                        version: str = TEXT_TEMPLATE_VERSION) -> str:
+    """Hierarchical text from the header; deterministic, never raises."""
+    return render(clinical_fields(ds, view, version))
 
 
 def _split_words(phrases: Iterable[str]) -> set[str]:
@@ -308,7 +381,9 @@ def _split_words(phrases: Iterable[str]) -> set[str]:
 def template_vocabulary() -> list[str]:
     """Every word (and punctuation mark) the builder can emit, sorted; builds the tokenizer."""
     words = set(_TEMPLATE_WORDS)
-    words |= _split_words(AGE_WORDS + THICKNESS_WORDS + FORCE_WORDS + KVP_WORDS + EXPOSURE_WORDS)
+    words |= _split_words(AGE_WORDS + THICKNESS_WORDS + FORCE_WORDS + KVP_WORDS + EXPOSURE_WORDS
+                          + SPACING_WORDS + REPORT_WORDS)
+    words |= set(DETECTOR_WORDS.values())
     words |= set(MANUFACTURER_TOKENS.values()) | set(MODEL_WORDS) | set(VIEW_CODES)
     words |= set(MODIFIER_WORDS.values()) | set(MATERIAL_WORDS.values())
     return sorted(words)

@@ -29,7 +29,8 @@ def _words(text: str) -> list[str]:
 def _field(text: str, name: str) -> str:
     """The word(s) after a field name, up to the next field name or '.'."""
     names = ("age", "implant", "manufacturer", "model", "side", "projection", "modifiers",
-             "thickness", "force", "kvp", "exposure", "anode", "filter", "intent")
+             "thickness", "force", "kvp", "exposure", "anode", "filter", "intent", "detector",
+             "spacing")
     words = _words(text)
     i = words.index(name) + 1
     out = []
@@ -54,6 +55,8 @@ def full_header() -> Dataset:
     ds.Exposure = 3
     ds.AnodeTargetMaterial = "TUNGSTEN"
     ds.FilterMaterial = ["ALUMINUM", "SILVER"]
+    ds.DetectorType = "DIRECT"
+    ds.ImagerPixelSpacing = ["0.065", "0.065"]
     ds.PresentationIntentType = "FOR PRESENTATION"
     mod = Dataset()
     mod.CodeValue, mod.CodingSchemeDesignator, mod.CodeMeaning = "R-102D6", "SRT", "Magnification"
@@ -68,6 +71,7 @@ def full_header() -> Dataset:
 def test_full_header_every_field() -> None:
     text = build_clinical_text(full_header(), LCC)
     assert text.startswith("exam: ") and " breast: " in text and " view: " in text
+    assert " acquisition: " in text  # exam -> breast -> view -> acquisition
     assert _field(text, "age") == "fifties"
     assert _field(text, "implant") == "no"
     assert _field(text, "manufacturer") == "hologic"
@@ -82,14 +86,28 @@ def test_full_header_every_field() -> None:
     assert _field(text, "anode") == "tungsten"
     assert _field(text, "filter") == "aluminum silver"
     assert _field(text, "intent") == "presentation"
+    assert _field(text, "detector") == "direct"
+    assert _field(text, "spacing") == "fine"  # 0.065 mm < 0.075
     assert "unknown" not in text
+
+
+def test_template_version_1_is_still_written_for_older_packages() -> None:
+    """Version 1 (no acquisition level, no detector or spacing) for packages trained on it."""
+    text = build_clinical_text(full_header(), LCC, "1")
+    assert text == (
+        "exam: age fifties implant no manufacturer hologic model selenia dimensions. breast: "
+        "side left. view: projection cc modifiers magnification thickness thick force medium "
+        "kvp medium exposure high anode tungsten filter aluminum silver intent presentation.")
+    with pytest.raises(ValueError, match="text template version '7'"):
+        build_clinical_text(full_header(), LCC, "7")
 
 
 def test_empty_header_is_all_unknown() -> None:
     view = ViewInfo(laterality=None, view=None, for_presentation=True, source="none")
     text = build_clinical_text(Dataset(), view)
     for name in ("age", "implant", "manufacturer", "model", "side", "projection", "modifiers",
-                 "thickness", "force", "kvp", "exposure", "anode", "filter", "intent"):
+                 "thickness", "force", "kvp", "exposure", "anode", "filter", "intent",
+                 "detector", "spacing"):
         assert _field(text, name) == "unknown", name
 
 
@@ -189,4 +207,4 @@ def test_deterministic_and_in_vocabulary() -> None:
     vocab = template_vocabulary()
     assert vocab == sorted(set(vocab))
     assert set(_words(texts.pop())) <= set(vocab)
-    assert TEXT_TEMPLATE_VERSION == "1"
+    assert TEXT_TEMPLATE_VERSION == "2"

@@ -32,7 +32,8 @@ class Server:
         prepared = prepare_image(sample.header, self.size, sample.view.laterality,
                                  pixels=np.asarray(sample.image(), dtype=np.float32),
                                  pipeline=self.engine.manifest.pixel_pipeline)
-        ids, mask = self.tok.encode_batch([build_clinical_text(sample.header, sample.view)])
+        ids, mask = self.tok.encode_batch([build_clinical_text(
+            sample.header, sample.view, self.engine.manifest.text_template_version)])
         return prepared, self.engine.predict(prepared.array[None, None], ids, mask).heatmap[0]
 
     def exams(self, seed: int, n: int) -> list[Sample]:

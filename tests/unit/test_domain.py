@@ -34,7 +34,8 @@ from cadnode.runtime import DEFAULT_MODEL_PACKAGE
 from cadnode.runtime.manifest import IMAGE_STATISTICS, read_manifest
 from tests.unit.test_results import ROOT, _findings, _synthetic_headers, _write
 from tests.unit.test_results_objects import DCIODVFY, DSRDUMP, _all_text, _dciodvfy, _need
-from train.synthetic import SyntheticConfig, write_dataset
+from train.synthetic import add_pixels
+from train.synthetic_v1 import SyntheticConfig, generate
 
 DEMO = read_manifest(DEFAULT_MODEL_PACKAGE, verify_checksums=False)
 SIZE = DEMO.input_size
@@ -42,15 +43,23 @@ SIZE = DEMO.input_size
 
 def _prepared(path: Path) -> tuple[Dataset, PreparedImage]:
     ds = pydicom.dcmread(path)
-    return ds, prepare_image(ds, SIZE, detect_view(ds).laterality)
+    return ds, _prepare(ds)
+
+
+def _prepare(ds: Dataset) -> PreparedImage:
+    return prepare_image(ds, SIZE, detect_view(ds).laterality, pipeline=DEMO.pixel_pipeline)
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Dataset, PreparedImage]]:
-    """Views of the demo's benchmark at its training size, from exams it did not train on."""
-    out = tmp_path_factory.mktemp("synthetic")
-    write_dataset(SyntheticConfig(n_exams=4, seed=1, shape=SIZE), out)
-    return [_prepared(p) for p in sorted((out / "dicom").glob("*.dcm"))]
+def synthetic() -> list[tuple[Dataset, PreparedImage]]:
+    """Views of the benchmark the demo was trained on (version 1), at its training size, from
+    exams it did not train on, as DICOM datasets."""
+    out = []
+    for sample in generate(SyntheticConfig(n_exams=4, seed=1, shape=SIZE)):
+        ds = sample.header
+        add_pixels(ds, sample.image())
+        out.append((ds, _prepare(ds)))
+    return out
 
 
 def test_demo_manifest_records_its_domain() -> None:

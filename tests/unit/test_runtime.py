@@ -108,7 +108,7 @@ def _edit(pkg: Path, **changes) -> None:
     ({"input_size": [1024]}, "input_size must be [H, W]"),
     ({"outputs": ["cancer"]}, "outputs ['cancer'] are not"),
     ({"thresholds": {"cancer": 2, "calcification": 0.5}}, "thresholds.cancer must be a prob"),
-    ({"text_template_version": "99"}, "text_template_version '99' differs"),
+    ({"text_template_version": "99"}, "text_template_version '99' is not one"),
 ])
 def test_refuses_bad_manifest(tmp_path, changes, message) -> None:
     pkg = _copy(tmp_path)

@@ -155,3 +155,40 @@ def test_shuffled_text_comes_from_the_same_view_of_another_patient() -> None:
     ds = SampleDataset(samples, (64, 32), make_tokenizer(64), text_from=sources)
     ids, _ = make_tokenizer(64).encode(sample_text(samples[sources[0]]))
     assert np.array_equal(ds[0]["input_ids"].numpy(), ids)
+
+
+def test_reorder_and_report_use_the_header_only() -> None:
+    from cadnode.text.clinical import clinical_fields
+    from train.data import header_report
+
+    s = SAMPLES[0]
+    levels = clinical_fields(s.header, s.view)
+    reordered = sample_text(s, TextAugment(reorder=1.0), np.random.default_rng(3))
+    assert reordered != build_clinical_text(s.header, s.view)
+    # the same level sentences, the same (key value) pairs, another order inside each level
+    assert [p.split(":")[0] for p in reordered.split(". ")] == [n for n, _ in levels]
+    assert sorted(_words_of(reordered)) == sorted(_words_of(build_clinical_text(s.header,
+                                                                               s.view)))
+    reports = {header_report(levels, np.random.default_rng(i)) for i in range(40)}
+    assert len(reports) > 5
+    joined = " ".join(reports)
+    age = dict(levels[0][1])["age"]  # the report says the text's own age band
+    assert f"in her {age}" in joined
+    # labels never leak: the same header with other labels gives the same sentences
+    from dataclasses import replace
+
+    flipped = replace(s, cancer=1 - s.cancer, calcification=1 - s.calcification)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    augment = TextAugment(report_sentence=1.0, reorder=0.5)
+    assert sample_text(s, augment, rng_a) == sample_text(flipped, augment, rng_b)
+    # a header without age or implant: the report does not invent them
+    from pydicom import Dataset
+
+    empty = clinical_fields(Dataset(), s.view)
+    for i in range(20):
+        text = header_report(empty, np.random.default_rng(i))
+        assert "her" not in text and "implant" not in text
+
+
+def _words_of(text: str) -> list[str]:
+    return text.replace(".", " ").replace(":", " ").split()
