@@ -249,13 +249,13 @@ def _point_inside(rng: np.random.Generator, cy: float, ry: float, rx: float,
 def _draw_mass(rng: np.random.Generator, kind: str, row: float, col: float,
                s: float) -> Finding:
     if kind == "circumscribed":
-        return Finding(kind, row, col, rng.uniform(40, 80) * s, rng.uniform(0.09, 0.12))
+        return Finding(kind, row, col, rng.uniform(40, 80) * s, rng.uniform(0.14, 0.18))
     if kind == "dense":
         return Finding(kind, row, col, rng.uniform(20, 35) * s, rng.uniform(0.28, 0.36))
     radius = rng.uniform(25, 45) * s
     spicules = tuple((float(rng.uniform(0, 2 * math.pi)), float(radius * rng.uniform(1.8, 3.2)))
                      for _ in range(int(rng.integers(8, 15))))
-    return Finding(kind, row, col, radius, rng.uniform(0.10, 0.13), spicules)
+    return Finding(kind, row, col, radius, rng.uniform(0.14, 0.17), spicules)
 
 
 def draw_geometry(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> ViewGeometry:
@@ -350,7 +350,7 @@ def _add_mass(img: np.ndarray, m: Finding, rng: np.random.Generator) -> None:
         across = -dy * math.cos(theta) + dx * math.sin(theta)
         on = (along > 0) & (along < length)
         fade = np.clip(1.0 - along / length, 0.0, 1.0)
-        img[rows, cols] += np.where(on, 0.05 * fade * np.exp(-(across / width) ** 2), 0.0)
+        img[rows, cols] += np.where(on, 0.07 * fade * np.exp(-(across / width) ** 2), 0.0)
 
 
 def _add_speck(img: np.ndarray, row: float, col: float, radius: float, gain: float) -> None:
@@ -392,7 +392,7 @@ def render_view(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> np.nda
     d = DENSITIES.index(spec.density)
     tex = power_law_noise(rng, (h, w))
     gland = 1.0 / (1.0 + np.exp(-(tex - (1.0, 0.5, 0.0, -0.5)[d]) * 3.0))
-    img += (0.05 + 0.035 * d) * gland * np.sqrt(profile) + 0.015 * tex * profile
+    img += (0.04 + 0.03 * d) * gland * np.sqrt(profile) + 0.015 * tex * profile
     if geo.pectoral is not None:  # pectoral muscle: bright wedge in the upper chest-wall corner
         a, b = geo.pectoral
         edge = a * np.clip(1.0 - rows / b, 0.0, 1.0) ** 1.15

