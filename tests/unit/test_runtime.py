@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
+from cadnode.dicom.enum import PixelPipeline
 from cadnode.dicom.views import ViewInfo
 from cadnode.runtime import (
     DEFAULT_MODEL_PACKAGE,
@@ -23,7 +24,7 @@ from cadnode.runtime import (
     read_manifest,
 )
 from cadnode.runtime.scoring import aggregate
-from cadnode.text.clinical import TEXT_TEMPLATE_VERSION, build_clinical_text
+from cadnode.text.clinical import TEXT_TEMPLATE_VERSIONS, build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
 
 
@@ -36,24 +37,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_manifest() -> None:
-    """The packaged model is what the documented command (train/configs/demo-synthetic.json)
-    produces: its name, version and input size, trained on the synthetic benchmark."""
-    config = json.loads((REPO / "train" / "configs" / "demo-synthetic.json").read_text())
+    """The committed package is the 0.3.0 demonstration model, trained before the current
+    recipe (``make model`` retrains it with train/configs/demo-synthetic.json): its manifest
+    says how it was trained, and the node prepares its inputs the same way (pixel pipeline v1,
+    text template 1) even though it now trains new models with v2 and template 2."""
     m = read_manifest(DEFAULT_MODEL_PACKAGE)
-    assert m.name == config["train"]["model"] and m.version == config["export"]["version"]
-    assert list(m.input_size) == config["train"]["model_overrides"]["input_size"]
-    assert m.max_text_len == 64
+    assert m.name == "cadnode-effb0-cpu" and m.version == "0.3.0-synthetic"
+    assert m.input_size == (512, 256) and m.max_text_len == 64
     assert m.demo is True and m.notice == "demonstration model - not for clinical use"
     assert m.thresholds == {"cancer": 0.5, "calcification": 0.5}
-    assert m.text_template_version == TEXT_TEMPLATE_VERSION
+    assert m.text_template_version == "1" and m.text_template_version in TEXT_TEMPLATE_VERSIONS
+    assert m.pixel_pipeline is PixelPipeline.STRETCH_CLIP  # the manifest names none: v1
     assert m.training.startswith("synthetic benchmark (train/synthetic.py")
     assert 10e6 < m.model_path.stat().st_size < 21e6
+    config = json.loads((REPO / "train" / "configs" / "demo-synthetic.json").read_text())
+    assert config["export"]["out"] == "cadnode/models/demo"  # what `make model` replaces
 
 
 def test_demo_predict_shapes_and_ranges(engine) -> None:
     tok = ClinicalTokenizer.from_file(engine.manifest.tokenizer_path)
     assert tok.max_len == engine.manifest.max_text_len
-    texts = [build_clinical_text(Dataset(), ViewInfo(s, v, True, "t"))
+    texts = [build_clinical_text(Dataset(), ViewInfo(s, v, True, "t"),
+                                 engine.manifest.text_template_version)
              for s in "LR" for v in ("CC", "MLO")]
     ids, mask = tok.encode_batch(texts)
     h, w = engine.manifest.input_size
