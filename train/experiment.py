@@ -355,9 +355,34 @@ def _throughput(history: list[dict[str, Any]]) -> tuple[float | None, float | No
     return (float(np.median(later)) if later else None), peak
 
 
+def finished_run(config: dict[str, Any], folder: Path, cfg: TrainConfig,
+                 split: str) -> dict[str, Any] | None:
+    """A model an earlier (interrupted) ablation already trained and evaluated in ``folder``
+    with the same data and training settings (``progress`` aside), as run_train returns it;
+    None when there is none, so it is trained."""
+    paths = [folder / CONFIG_NAME, folder / "history.json",
+             folder / eval_folder(split) / "report.json"]
+    if not all(p.is_file() for p in paths):
+        return None
+    saved, state, report = (json.loads(p.read_text(encoding="utf-8")) for p in paths)
+
+    def settings(train: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in train.items() if k != "progress"}, sort_keys=True)
+
+    if saved.get("data") != config.get("data") or settings(saved["train"]) != settings(
+            json.loads(json.dumps(asdict(cfg)))):
+        return None
+    if not (state["stopped_early"] or state["epoch"] >= cfg.epochs):
+        return None
+    return {"report": report, "state": state, "reused": True,
+            "train_seconds": sum(e["seconds"] for e in state["history"])}
+
+
 def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
     """Train the ablation's models on one split; one table (JSON + Markdown) with the
-    text-shuffle and resolution controls and the paired verdict."""
+    text-shuffle and resolution controls and the paired verdict. Run again into the same
+    folder, it resumes: a model already trained and evaluated there with the same settings is
+    read back, not trained again."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -378,15 +403,18 @@ def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
     split = ev.get("split", "test")
     predictions: dict[str, list[dict[str, Any]]] = {}
     for name, overrides in models.items():
-        res = run_train(config, out / name, experiment=exp, **overrides)
+        res = finished_run(config, out / name, exp.train_config(**overrides), split) or \
+            run_train(config, out / name, experiment=exp, **overrides)
         reports[name] = res["report"]
         seconds[name] = round(res["train_seconds"], 1)
         speed[name] = _throughput(res["state"]["history"])
         predictions[name] = load_predictions(out / name, split)
         if shuffle and name in SHUFFLED:
             shuffled = f"{name}, text shuffled"
-            reports[shuffled] = evaluate_run(out / name, experiment=exp, split=split,
-                                             shuffle_text=True)
+            done = out / name / eval_folder(split, True) / "report.json"
+            reports[shuffled] = json.loads(done.read_text(encoding="utf-8")) \
+                if res.get("reused") and done.is_file() else \
+                evaluate_run(out / name, experiment=exp, split=split, shuffle_text=True)
             predictions[shuffled] = load_predictions(out / name, split, shuffle_text=True)
     total = round(time.time() - t0, 1)
     rule = tuple(n for n in ("image-only", "text-only", "late-fusion") if n in models)

@@ -50,6 +50,13 @@ def test_ablate_writes_one_table_then_export_loads_in_the_node(tmp_path) -> None
     text_only = torch.load(tmp_path / "abl" / "text-only" / "best.pt", weights_only=False)
     assert not any(k.startswith("image.") for k in text_only["model"])
 
+    # run again into the same folder: it resumes, nothing is trained twice
+    stamps = {n: (tmp_path / "abl" / n / "best.pt").stat().st_mtime_ns for n in trained}
+    assert main(["ablate", "--config", str(path), "--out", str(tmp_path / "abl")]) == code
+    again = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert again["levels"] == table["levels"] and again["verdict"] == table["verdict"]
+    assert stamps == {n: (tmp_path / "abl" / n / "best.pt").stat().st_mtime_ns for n in trained}
+
     pkg = tmp_path / "pkg"
     assert main(["export", "--run", str(tmp_path / "abl" / "fused"), "--out", str(pkg),
                  "--version", "0.0.1-test", "--demo"]) == 0
