@@ -18,7 +18,6 @@ TensorRT take without custom ops.
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -76,7 +75,6 @@ class PretrainedTextEncoder(nn.Module):
         super().__init__()
         if tuning not in TUNINGS:
             raise ValueError(f"text_tuning {tuning!r}; known: {', '.join(TUNINGS)}")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel
 
         folder = tower_folder(name, path)
