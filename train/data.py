@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from cadnode.dicom.enum import PixelPipeline
+from cadnode.dicom.enum import NEWEST_PIXEL_PIPELINE, PixelPipeline
 from cadnode.dicom.pixels import PreparedImage, prepare_image
 from cadnode.text.clinical import (
     OTHER,
@@ -166,7 +166,7 @@ def input_spec(size: Sequence[int], pipeline: PixelPipeline | str) -> InputSpec:
 
 
 def prepare_sample(sample: Sample, size: tuple[int, int],
-                   pipeline: PixelPipeline | str = PixelPipeline.PAD_KNEE,
+                   pipeline: PixelPipeline | str = NEWEST_PIXEL_PIPELINE,
                    loaded: LoadedImage | None = None) -> PreparedImage:
     """The node's model input of a sample, with the mapping back to the source grid that
     heatmap scoring needs (``loaded``: the image already read, to prepare several sizes)."""
@@ -199,10 +199,13 @@ def lesion_fractions(sample: Sample, prepared: PreparedImage) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CachedItem:
-    """A sample's model input (float16) and its malignant lesion boxes (model fractions)."""
+    """A sample's model input (float16), its malignant lesion boxes (model fractions), and the
+    preparation itself (holding that same array, and no display image): the mapping back to the
+    source grid that scoring a heatmap needs, so evaluation never prepares a view twice."""
 
     image: np.ndarray
     lesions: np.ndarray
+    prepared: PreparedImage
 
 
 class ImageCache:
@@ -240,7 +243,9 @@ def cached_item(sample: Sample, spec: InputSpec,
     # float16 always (cached or not), so a fresh process and a warm cache feed the model
     # identical values (exact resume); its ~5e-4 step is far below the image noise.
     prepared = prepare_sample(sample, spec[0], spec[1], loaded)
-    return CachedItem(prepared.array.astype(np.float16), lesion_fractions(sample, prepared))
+    image = prepared.array.astype(np.float16)
+    geometry = replace(prepared, array=image, display=np.zeros((0, 0), np.uint8))
+    return CachedItem(image, lesion_fractions(sample, prepared), geometry)
 
 
 @dataclass(frozen=True)
@@ -323,7 +328,7 @@ class SampleDataset(TorchDataset):
                  keys: Sequence[int] | None = None,
                  image_augment: ImageAugment | None = None,
                  text_from: Sequence[int] | None = None,
-                 pipeline: PixelPipeline | str = PixelPipeline.PAD_KNEE) -> None:
+                 pipeline: PixelPipeline | str = NEWEST_PIXEL_PIPELINE) -> None:
         self.samples = list(samples)
         self.size = (int(size[0]), int(size[1]))
         self.pipeline = PixelPipeline(pipeline)

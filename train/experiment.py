@@ -163,7 +163,8 @@ class Experiment:
                 row[f"{t}_label"] = getattr(s, t)
             boxes = [lesion.box for lesion in s.lesions if lesion.malignant]
             if "heatmap" in probs and spec is not None and s.cancer == 1 and boxes:
-                hit, chance = heatmap_hit(probs["heatmap"][j], prepare_sample(s, *spec), boxes)
+                prepared = self.cache.get(i, s, spec).prepared
+                hit, chance = heatmap_hit(probs["heatmap"][j], prepared, boxes)
                 row["heatmap_hit"], row["heatmap_chance"] = hit, round(chance, 4)
             rows.append(row)
         return rows
@@ -388,8 +389,8 @@ def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
     t0 = time.time()
     exp = Experiment(config)
     models = ablation_models(config)
-    for overrides in models.values():  # every size is prepared on each view's first read
-        cfg = exp.train_config(**overrides)
+    configs = {name: exp.train_config(**overrides) for name, overrides in models.items()}
+    for cfg in configs.values():  # every size is prepared on each view's first read
         model = get_config(cfg.model, **dict(cfg.model_overrides))
         exp.cache.register(input_spec(model.input_size, model.pixel_pipeline))
     shuffle = bool(config.get("ablate", {}).get("shuffle_text", True))
@@ -403,7 +404,7 @@ def run_ablation(config: dict[str, Any], out: str | Path) -> dict[str, Any]:
     split = ev.get("split", "test")
     predictions: dict[str, list[dict[str, Any]]] = {}
     for name, overrides in models.items():
-        res = finished_run(config, out / name, exp.train_config(**overrides), split) or \
+        res = finished_run(config, out / name, configs[name], split) or \
             run_train(config, out / name, experiment=exp, **overrides)
         reports[name] = res["report"]
         seconds[name] = round(res["train_seconds"], 1)

@@ -81,3 +81,8 @@ class PixelPipeline(StrEnum):
     #: linear up to the 99.5th percentile at 0.8, then compressed smoothly towards 1, so
     #: microcalcifications brighter than the tissue stay brighter instead of saturating.
     PAD_KNEE = "v2"
+
+
+#: What new models train with, and what :func:`cadnode.dicom.pixels.prepare_image` does when
+#: no package names a pipeline (serving always passes the manifest's).
+NEWEST_PIXEL_PIPELINE = PixelPipeline.PAD_KNEE

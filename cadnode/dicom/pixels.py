@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
-from cadnode.dicom.enum import PixelPipeline
+from cadnode.dicom.enum import NEWEST_PIXEL_PIPELINE, PixelPipeline
 from cadnode.dicom.views import chest_wall_on_right, orientation_directions
 
 __all__ = [
@@ -438,7 +438,7 @@ def prepare_image(
     size: tuple[int, int],
     laterality: str | None,
     pixels: np.ndarray | None = None,
-    pipeline: PixelPipeline | str = PixelPipeline.PAD_KNEE,
+    pipeline: PixelPipeline | str = NEWEST_PIXEL_PIPELINE,
 ) -> PreparedImage:
     """Model input of ``size`` (H, W) in [0, 1], cropped to the breast, chest wall on the left,
     as ``pipeline`` says (:class:`~cadnode.dicom.enum.PixelPipeline`: the model package names

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cadnode.dicom.enum import NEWEST_PIXEL_PIPELINE
+
 _NEG = -1.0e4
 
 
@@ -62,7 +64,7 @@ class FusedConfig:
     checkpointing: bool = False  # activation checkpointing per backbone block while training
     use_image: bool = True
     use_text: bool = True
-    pixel_pipeline: str = "v2"  # cadnode.dicom.enum.PixelPipeline the model reads its images with
+    pixel_pipeline: str = NEWEST_PIXEL_PIPELINE.value  # the PixelPipeline it reads images with
     backbone_checkpoint: str | None = None  # local file only; never downloaded
     #: "scratch" (a small transformer over the clinical vocabulary) or a pretrained tower
     #: (cadnode.model.text_tower: "all-MiniLM-L6-v2", or any name with text_encoder_path)

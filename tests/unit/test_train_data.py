@@ -42,6 +42,14 @@ def test_items_come_from_the_serving_code() -> None:
     assert item["targets"].tolist() == [float(s.cancer), float(s.calcification)]
     assert item["known"].tolist() == [1.0, 1.0]
     assert set(cache.items) == {(((64, 32), ds.pipeline), 1)}  # prepared once, reused
+    # the cached preparation maps back like a fresh one (what heatmap scoring reads)
+    geometry = cache.items[(((64, 32), ds.pipeline), 1)].prepared
+    fresh = prepare_image(s.header, (64, 32), s.view.laterality,
+                          pixels=s.image().astype(np.float32))
+    assert geometry.array is cache.items[(((64, 32), ds.pipeline), 1)].image
+    assert (geometry.crop, geometry.flipped, geometry.original_shape) == (
+        fresh.crop, fresh.flipped, fresh.original_shape)
+    assert geometry.cell_centre(1, 0, (2, 1)) == fresh.cell_centre(1, 0, (2, 1))
 
 
 def test_dicom_path_input_matches_the_loader(tmp_path) -> None:
