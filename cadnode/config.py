@@ -6,6 +6,7 @@ never has to read a traceback to find a typo in a port number.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -92,6 +93,11 @@ class Settings:
     delivery_max_attempts: int = 20  # then the delivery is dead-lettered until an admin retries
     retry_base_seconds: float = 5.0
     retry_cap_seconds: float = 300.0
+    # operations
+    http_port: int = 0  # the dashboard, /metrics, /healthz, /readyz; 0: off
+    http_host: str = "127.0.0.1"  # anything but loopback needs http_token
+    http_token: str = field(default="", repr=False)  # bearer token (or basic password); secret
+    retention_days: float = 0.0  # purge delivered studies older than this, hourly; 0: keep all
 
     @property
     def implant_policy(self) -> ImplantPolicy:
@@ -133,6 +139,16 @@ def parse_destinations(text: str, name: str = "CADNODE_DESTINATIONS") -> tuple[D
         _check_port(port, name)
         out.append(Destination(ae, host, port, kinds, bool(m.group(5))))
     return tuple(out)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_ae(value: str, name: str) -> str:
@@ -180,7 +196,7 @@ def _coerce(name: str, kind: str, raw: Any) -> Any:
 #: Every setting and its type, read off the dataclass so there is one list of settings.
 _KINDS: dict[str, str] = {f.name: str(f.type) for f in fields(Settings)}
 #: Settings that are secrets may also be given as a path in ``<NAME>_FILE``.
-SECRETS = ("db_url",)
+SECRETS = ("db_url", "http_token")
 
 
 def load_settings(
@@ -305,3 +321,7 @@ def validate(s: Settings) -> None:
         raise SettingsError("CADNODE_MAX_PDU: must be between 4096 and 4294967295 bytes")
     if s.delivery_max_attempts < 1:
         raise SettingsError("CADNODE_DELIVERY_MAX_ATTEMPTS: must be at least 1")
+    _check_port(s.http_port, "CADNODE_HTTP_PORT")
+    if s.http_port and not s.http_token and not is_loopback(s.http_host):
+        raise SettingsError(f"CADNODE_HTTP_TOKEN: required when CADNODE_HTTP_HOST "
+                            f"({s.http_host}) is not a loopback address")

@@ -145,7 +145,7 @@ def run_demo(keep: bool = False, timeout: float = 300.0) -> int:
         "CADNODE_POLL_SECONDS": "0.5",
     })
     log_file = open(home / "node.log", "wb")  # noqa: SIM115 - closed in finally
-    node = subprocess.Popen([sys.executable, "-m", "cadnode.cli", "serve"], env=env,
+    node = subprocess.Popen([sys.executable, "-m", "cadnode", "serve"], env=env,
                             stdout=log_file, stderr=subprocess.STDOUT)
     try:
         print(f"demo: node on port {node_port}, demo PACS on port {pacs_port}, home {home}")

@@ -22,7 +22,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from cadnode.cli import format_table
+from cadnode.cli.jobs import format_table
 from cadnode.config import Settings
 from cadnode.dicom.listener import Listener
 from cadnode.jobs import queue

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from cadnode.cli import _dead_part
+from cadnode.cli.serve import _dead_part
 from cadnode.dicom.listener import Listener
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from cadnode.cli import main
+
+sys.exit(main())
