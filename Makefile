@@ -25,10 +25,12 @@ $(VENV)/.test-stamp: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.serve-stamp
 	$(BIN)/cadnode demo
 
-# DCMTK, dicom3tools and Orthanc are the real peers the tests talk to.
+# DCMTK, dicom3tools and Orthanc are the real peers the tests talk to; Chromium (headless, driven
+# by Selenium through chromedriver) is the browser the dashboard is tested in.
 test-deps:
 	@missing=""; \
-	for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc; do \
+	for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium \
+	            chromedriver:chromium-driver; do \
 	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
 	done; \

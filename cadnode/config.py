@@ -6,7 +6,9 @@ never has to read a traceback to find a typo in a port number.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -22,6 +24,7 @@ from cadnode.uid import is_valid_uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 BACKENDS: tuple[str, ...] = tuple(b.value for b in Backend)  # CADNODE_BACKEND values
+LOG_FORMATS = ("text", "json")  # CADNODE_LOG_FORMAT values
 
 
 class SettingsError(ValueError):
@@ -70,6 +73,10 @@ class Settings:
     implant_views: str = ImplantPolicy.FALLBACK.value  # which view is read when ID views exist
     uid_root: str = ""  # empty: the results package's default root
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object a line)
+    #: also written here (relative: under home), rotated at 10 MB, 5 kept; "": stderr only
+    #: (systemd's journal, containers)
+    log_file: str = "logs/cadnode.log"
     # who may connect
     allowed_aes: tuple[str, ...] = ()  # calling AE titles allowed in; empty: any
     require_called_ae: bool = True  # refuse associations addressed to another AE title
@@ -110,6 +117,11 @@ class Settings:
     @property
     def results_dir(self) -> Path:
         return self.home / "results"
+
+    @property
+    def log_path(self) -> Path | None:
+        """The log file, or None when the log goes to stderr only."""
+        return self.home / self.log_file if self.log_file else None
 
     @property
     def database_url(self) -> str:
@@ -184,19 +196,48 @@ def _coerce(name: str, kind: str, raw: Any) -> Any:
                 raise ValueError
             return int(str(raw).strip())
         if kind == "float":
-            value = float(str(raw).strip())
-            if value < 0 or value != value:
+            if isinstance(raw, bool):
                 raise ValueError
-            return value
-        return str(raw)
+            value = float(str(raw).strip())
+        else:
+            return str(raw)
     except ValueError:
         raise SettingsError(f"{name}: {raw!r} is not a valid {kind}") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name}: {raw!r} is not a finite number")
+    if value < 0:
+        raise SettingsError(f"{name}: {str(raw).strip()} must be zero or more")
+    return value
 
 
 #: Every setting and its type, read off the dataclass so there is one list of settings.
 _KINDS: dict[str, str] = {f.name: str(f.type) for f in fields(Settings)}
 #: Settings that are secrets may also be given as a path in ``<NAME>_FILE``.
 SECRETS = ("db_url", "http_token")
+#: CADNODE_* variables that are not settings but are read all the same (by the test suite).
+OTHER_VARIABLES = frozenset({"CADNODE_TEST_PG", "CADNODE_FUZZ_EXAMPLES", "CADNODE_FUZZ_SEED"})
+#: Where a setting's value came from when it was not given: ``Settings()``'s default.
+DEFAULT_SOURCE = "default"
+
+
+def known_variables() -> frozenset[str]:
+    """Every CADNODE_* environment variable cadnode reads."""
+    names = {f"CADNODE_{key.upper()}" for key in _KINDS}
+    names |= {f"CADNODE_{key.upper()}_FILE" for key in SECRETS}
+    return frozenset(names) | OTHER_VARIABLES
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per CADNODE_* variable that nothing reads (a misspelt setting is otherwise
+    silently ignored), with the closest known name."""
+    env = os.environ if environ is None else environ
+    known = known_variables()
+    warnings = []
+    for name in sorted(n for n in env if n.startswith("CADNODE_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"unknown environment variable {name} is ignored{hint}")
+    return warnings
 
 
 def load_settings(
@@ -204,8 +245,19 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Read ``config_file`` (or ``./cadnode.toml`` when present), then the environment."""
+    return load_settings_with_sources(config_file, environ)[0]
+
+
+def load_settings_with_sources(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """:func:`load_settings`, and where each setting came from: the TOML file's path, the
+    environment variable's name (``CADNODE_DB_URL_FILE`` for a secret read from a file), or
+    :data:`DEFAULT_SOURCE`."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    sources = dict.fromkeys(_KINDS, DEFAULT_SOURCE)
     path = Path(config_file) if config_file else Path("cadnode.toml")
     if config_file and not path.is_file():
         raise SettingsError(f"--config: {path} does not exist")
@@ -219,22 +271,49 @@ def load_settings(
             if key not in _KINDS:
                 raise SettingsError(f"{path}: unknown setting {key!r}")
             values[key] = _coerce(f"{path}: {key}", _KINDS[key], raw)
+            sources[key] = str(path.absolute())
     for key, kind in _KINDS.items():
         name = f"CADNODE_{key.upper()}"
         if name in env:
             values[key] = _coerce(name, kind, env[name])
+            sources[key] = name
         if key in SECRETS and f"{name}_FILE" in env:
             secret = Path(env[f"{name}_FILE"])
             try:
                 values[key] = secret.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise SettingsError(f"{name}_FILE: cannot read {secret}: {exc.strerror}") from None
+            sources[key] = f"{name}_FILE"
     settings = replace(Settings(), **values)
     # Absolute once, here: every path under the home (and in the database) then means the same
     # whatever the working directory of a later command or a restarted service is.
     settings = replace(settings, home=settings.home.expanduser().absolute())
     validate(settings)
-    return settings
+    return settings, sources
+
+
+def masked(value: str) -> str:
+    """A secret as it may be shown: whether it is set, never what it is."""
+    return "********" if value else ""
+
+
+def mask_url(url: str) -> str:
+    """A database URL with its password replaced (``user:********@host``)."""
+    return re.sub(r"^([\w+]+://[^:/@]*):[^@]*@", r"\1:********@", url)
+
+
+def public_value(key: str, value: Any) -> Any:
+    """A setting's value as ``cadnode config`` and the logs may show it: secrets masked,
+    paths and destinations as text."""
+    if key == "db_url":
+        return mask_url(str(value))
+    if key in SECRETS:
+        return masked(str(value))
+    if isinstance(value, tuple):
+        return [str(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _check_precision(s: Settings) -> None:
@@ -294,6 +373,9 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"CADNODE_UID_ROOT: {s.uid_root!r} is not a UID root (<= 40 chars)")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"CADNODE_LOG_LEVEL: {s.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+    if s.log_format not in LOG_FORMATS:
+        raise SettingsError(f"CADNODE_LOG_FORMAT: {s.log_format!r} is not one of "
+                            f"{', '.join(LOG_FORMATS)}")
 
     if bool(s.tls_cert) != bool(s.tls_key):
         raise SettingsError("CADNODE_TLS_CERT and CADNODE_TLS_KEY: set both or neither")

@@ -128,8 +128,8 @@ def wait_for_echo(port: int, ae_title: str, timeout: float, proc: subprocess.Pop
 
 def run_demo(keep: bool = False, timeout: float = 300.0) -> int:
     from cadnode.dicom.sender import send_files
+    from cadnode.jobs.admin import list_studies
     from cadnode.jobs.db import Database
-    from cadnode.jobs.queue import study_rows
 
     home = Path(tempfile.mkdtemp(prefix="cadnode-demo-"))
     pacs = DemoPACS(home / "pacs")
@@ -162,7 +162,7 @@ def run_demo(keep: bool = False, timeout: float = 300.0) -> int:
             return 1
         turnaround = time.monotonic() - acked
         db = Database(f"sqlite:///{home / 'node' / 'cadnode.db'}")
-        rows = study_rows(db)
+        rows = list_studies(db)
         db.dispose()
         print_summary(rows[0] if rows else None, pacs.received, turnaround)
         return 0

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from cadnode import __version__
-from cadnode.cli import demo, engine, jobs, send, serve
+from cadnode.cli import demo, engine, jobs, ops, send, serve, study
 from cadnode.config import Settings, SettingsError, load_settings
 
 #: The command modules; each adds its subcommands (``register``) with a ``func`` to run.
-COMMAND_MODULES = (serve, jobs, send, demo, engine)
+COMMAND_MODULES = (serve, jobs, study, send, ops, demo, engine)
 
 
 def common_options() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from cadnode.dicom.spool import (
     commit_file,
     nesting_depth,
     spool_path,
+    study_date,
 )
 from cadnode.dicom.transport import Guard, start_server
 from cadnode.dicom.views import detect_view
@@ -322,6 +323,7 @@ class Listener:
                 calling_ae=calling_ae,
                 view=detect_view(ds),
                 acquired=acquisition_datetime(ds),
+                study_date=study_date(ds),
             )
             self.on_stored(stored)
         except InstanceConflict as exc:

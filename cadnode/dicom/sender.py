@@ -10,6 +10,7 @@ import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
@@ -104,25 +105,19 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop, ts in contexts:
         ae.add_requested_context(sop, [ts])
-    connected: list[bool] = []
-    assoc = ae.associate(host, port, ae_title=called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: connected.append(True))],
-                         tls_args=(tls, host) if tls is not None else None)
-    if not assoc.is_established:
-        if not connected:
-            why = "cannot connect (or the TLS handshake failed)" if tls else "cannot connect"
-        elif assoc.is_rejected:
-            why = "association rejected by"
-        else:
-            why = f"association aborted or timed out ({timeout:.0f} s) with"
-        hint = " (over TLS: the peer may have refused this node's certificate)" if tls else ""
-        raise DeliveryError(f"{why} {called_ae}@{host}:{port}{hint}")
+    assoc = _associate(ae, host, port, called_ae, timeout, tls)
+    accepted = {(str(cx.abstract_syntax), str(ts)) for cx in assoc.accepted_contexts
+                for ts in cx.transfer_syntax}
     try:
-        for n, (path, _sop, _ts) in enumerate(metas):
+        for n, (path, sop, ts) in enumerate(metas):
             if not assoc.is_established:  # aborted by the peer after the last response
                 results += [SendResult(p, None, f"not sent: the association with {called_ae} "
                                        f"ended") for p, _, _ in metas[n:]]
                 break
+            if (sop, ts) not in accepted:
+                results.append(SendResult(path, None, f"not sent: {called_ae} accepted no "
+                                          f"presentation context for {_context_name(sop, ts)}"))
+                continue
             try:
                 status = assoc.send_c_store(path)
             except (ValueError, AttributeError, RuntimeError, OSError) as exc:  # file gone, say
@@ -135,3 +130,63 @@ def send_files(
         if assoc.is_established:
             assoc.release()
     return results
+
+
+def _context_name(sop_class: str, transfer_syntax: str) -> str:
+    from pydicom.uid import UID
+
+    def named(uid: str) -> str:
+        name = UID(uid).name
+        return uid if name == uid else f"{name} ({uid})"
+
+    return f"SOP class {named(sop_class)} in {named(transfer_syntax)}"
+
+
+def _associate(ae: AE, host: str, port: int, called_ae: str, timeout: float,
+               tls: ssl.SSLContext | None) -> Any:
+    """An established association, or DeliveryError saying why there is none: no connection,
+    rejected, no presentation context accepted (pynetdicom then aborts at once), or aborted or
+    timed out."""
+    connected: list[bool] = []
+    answered: list[bool] = []
+    assoc = ae.associate(host, port, ae_title=called_ae,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: connected.append(True)),
+                                       (evt.EVT_ACCEPTED, lambda e: answered.append(True))],
+                         tls_args=(tls, host) if tls is not None else None)
+    if assoc.is_established:
+        return assoc
+    peer = f"{called_ae}@{host}:{port}"
+    if answered and not assoc.accepted_contexts:
+        offered = sorted({(str(cx.abstract_syntax), str(ts)) for cx in ae.requested_contexts
+                          for ts in cx.transfer_syntax})
+        raise DeliveryError(f"{peer} accepted the association but no presentation context: it "
+                            f"does not take {'; '.join(_context_name(*c) for c in offered)}")
+    if not connected:
+        why = "cannot connect (or the TLS handshake failed)" if tls else "cannot connect"
+    elif assoc.is_rejected:
+        why = "association rejected by"
+    else:
+        why = f"association aborted or timed out ({timeout:.0f} s) with"
+    hint = " (over TLS: the peer may have refused this node's certificate)" if tls else ""
+    raise DeliveryError(f"{why} {peer}{hint}")
+
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def echo(host: str, port: int, called_ae: str, calling_ae: str = "CADNODE",
+         timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
+    """C-ECHO (Verification) to a peer; DeliveryError says why it did not answer Success."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(VERIFICATION)
+    assoc = _associate(ae, host, port, called_ae, timeout, tls)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = int(status.Status) if status is not None and "Status" in status else None
+    if code != 0:
+        raise DeliveryError(f"C-ECHO to {called_ae}@{host}:{port}: "
+                            + ("no answer" if code is None else f"status 0x{code:04X}"))

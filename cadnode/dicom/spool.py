@@ -48,6 +48,17 @@ class StoredInstance:
     calling_ae: str
     view: ViewInfo
     acquired: str = ""  # cadnode.dicom.selection.acquisition_datetime of the header
+    study_date: str = ""  # the header's Study Date (DA, YYYYMMDD) when it is a valid one
+
+
+def study_date(ds: Any) -> str:
+    """The header's Study Date as ``YYYYMMDD``, or "" when absent or not a valid date (a
+    malformed value never stops an instance from being stored)."""
+    try:
+        value = str(ds.get("StudyDate", "") or "").strip()
+    except Exception:  # whatever pydicom raises on a damaged element
+        return ""
+    return value if len(value) == 8 and value.isascii() and value.isdigit() else ""
 
 
 #: Sequences nested deeper than this are refused at the listener (real headers nest 3 or 4).

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     Boolean,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    make_url,
     select,
     text,
 )
@@ -32,12 +34,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from cadnode.jobs.enum import DeliveryState, JobState, StudyState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Columns added after version 1: (table, column, SQL type); ``create_schema`` adds them to a
 #: database an earlier version created.
 _ADDED_COLUMNS = (
     ("instances", "modifiers", "VARCHAR(255)"),
     ("instances", "acquired", "VARCHAR(26)"),
+    ("studies", "study_date", "VARCHAR(8)"),  # version 3
 )
 
 
@@ -52,6 +55,7 @@ class Study(Base):
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     accession: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")  # DICOM DA, YYYYMMDD
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     first_received: Mapped[float] = mapped_column(Float)
     last_received: Mapped[float] = mapped_column(Float, index=True)
@@ -142,17 +146,25 @@ class Database:
     mounted elsewhere; other paths, and those of databases made without a home, are absolute.
     """
 
-    def __init__(self, url: str, home: Path | None = None) -> None:
+    def __init__(self, url: str, home: Path | None = None, read_only: bool = False) -> None:
         self.url = url
         self.home = home
+        self.read_only = read_only
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"future": True}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
             kwargs["pool_pre_ping"] = True
-        self.engine: Engine = create_engine(url, **kwargs)
-        if self.is_sqlite:
+            if read_only:  # every transaction of this engine is READ ONLY
+                kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+        engine_url = sqlite_read_only_url(url) if self.is_sqlite and read_only else url
+        self.engine: Engine = create_engine(engine_url, **kwargs)
+        if self.is_sqlite and read_only:
+            # mode=ro opens the file without creating it; no write lock is ever taken
+            event.listen(self.engine, "connect", _sqlite_read_only_pragmas)
+            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        elif self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             # Take the write lock at BEGIN so concurrent writers queue instead of failing.
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
@@ -231,6 +243,29 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_read_only_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA query_only=ON")
+    cur.close()
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None for an in-memory database)."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def sqlite_read_only_url(url: str) -> str:
+    """The same SQLite file opened read-only (``mode=ro``: never created, never written)."""
+    path = sqlite_file(url)
+    if path is None:
+        return url
+    return f"sqlite:///file:{quote(str(path.absolute()))}?mode=ro&uri=true"
 
 
 def add_event(

@@ -44,7 +44,8 @@ class DeliveryState(StrEnum):
 
 
 class JobReason(StrEnum):
-    """Why the assembler queued a study."""
+    """Why a study was queued."""
 
     COMPLETE = "complete"  # the four standard views are in and complete_seconds have passed
     STABLE = "stable"  # stable_seconds of quiet, whatever arrived
+    REQUESTED = "requested"  # an admin asked for it (``cadnode reprocess``)

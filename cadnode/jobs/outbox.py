@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from typing import Protocol
 
 from cadnode.config import parse_destinations
 from cadnode.dicom.sender import DeliveryError, client_ssl_context, send_files
@@ -25,13 +26,22 @@ from cadnode.jobs.queue import (
 log = logging.getLogger(__name__)
 
 
+class DeliveryMetrics(Protocol):
+    """What an outbox reports per object tried, when given one (cadnode.web.metrics)."""
+
+    def delivered(self, destination: str, kind: str) -> None: ...
+    def delivery_failed(self, destination: str, kind: str) -> None: ...
+
+
 class Outbox:
     """Delivers due results, one thread per destination at a time."""
 
     def __init__(self, db: Database, calling_ae: str, retry: RetryPolicy = DEFAULT_RETRY,
-                 timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> None:
+                 timeout: float = 30.0, tls: ssl.SSLContext | None = None,
+                 metrics: DeliveryMetrics | None = None) -> None:
         self.db, self.calling_ae, self.retry = db, calling_ae, retry
         self.timeout, self.tls = timeout, tls
+        self.metrics = metrics
         self._busy: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self.delivered = 0  # objects delivered since this outbox was made
@@ -86,6 +96,7 @@ class Outbox:
             log.warning("delivery to %s failed: %s", dest_text, exc)
             for d in items:
                 mark_delivery(self.db, d.id, str(exc), retry=self.retry)
+                self._count(dest_text, d.kind, ok=False)
             return 0
         by_path = {str(r.path): r for r in results}
         delivered: list[str] = []
@@ -94,12 +105,22 @@ class Outbox:
             if r is not None and r.ok:
                 mark_delivery(self.db, d.id, None, retry=self.retry)
                 delivered.append(d.kind)
+                self._count(dest_text, d.kind, ok=True)
             else:
                 why = "not sent" if r is None else r.error or f"status 0x{r.status:04X}"
                 mark_delivery(self.db, d.id, why, retry=self.retry)
+                self._count(dest_text, d.kind, ok=False)
         if delivered:
             log.info("delivered %s to %s", ", ".join(delivered), dest_text)
         return len(delivered)
+
+    def _count(self, destination: str, kind: str, ok: bool) -> None:
+        if self.metrics is None:
+            return
+        if ok:
+            self.metrics.delivered(destination, kind)
+        else:
+            self.metrics.delivery_failed(destination, kind)
 
 
 def deliver_due(

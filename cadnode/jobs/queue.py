@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from cadnode.dicom.enum import ViewModifier
@@ -71,6 +71,7 @@ def _record_instance(s: Any, stored: StoredInstance, path: str, now: float) -> b
             study_uid=stored.study_uid,
             patient_id=stored.patient_id[:64],
             accession=stored.accession[:16],
+            study_date=stored.study_date,
             calling_ae=stored.calling_ae,
             first_received=now,
             last_received=now,
@@ -80,7 +81,7 @@ def _record_instance(s: Any, stored: StoredInstance, path: str, now: float) -> b
         s.flush()
         add_event(s, "study", f"new study from {stored.calling_ae}", stored.study_uid)
         log.info("study %s: first image received from %s", stored.study_uid,
-                 stored.calling_ae)
+                 stored.calling_ae, extra={"study_uid": stored.study_uid})
     existing = s.scalars(
         select(Instance).where(Instance.sop_instance_uid == stored.sop_instance_uid)
     ).first()
@@ -119,6 +120,8 @@ def _record_instance(s: Any, stored: StoredInstance, path: str, now: float) -> b
         )
     )
     study.last_received = now
+    if not study.study_date and stored.study_date:  # the first image may have had none
+        study.study_date = stored.study_date
     if study.state in FINISHED_STUDY_STATES or study.state == StudyState.RUNNING:
         # running: the job reads the images it listed at its start; this one needs another
         # run, which the assembler queues once the running one has finished
@@ -178,7 +181,7 @@ def assemble_studies(
             add_event(s, "queued", f"{len(rows)} instance(s), {reason}{missing}",
                       study.study_uid)
             log.info("study %s queued: %d instance(s), %s%s", study.study_uid, len(rows),
-                     reason, missing)
+                     reason, missing, extra={"study_uid": study.study_uid})
             queued.append(study.study_uid)
     return queued
 
@@ -232,7 +235,7 @@ def claim_next_job(
         add_event(s, "running", f"job {job.id} attempt {job.attempts} on {owner}",
                   study.study_uid)
         log.info("study %s running: job %d attempt %d on %s", study.study_uid, job.id,
-                 job.attempts, owner)
+                 job.attempts, owner, extra={"study_uid": study.study_uid, "job_id": job.id})
         return ClaimedJob(job.id, job.study_id, study.study_uid, job.attempts, owner)
 
 
@@ -384,7 +387,8 @@ def _fail(s: Any, job: Job, error: str, max_attempts: int, permanent: bool,
     if permanent or job.attempts >= max_attempts:
         study = _finish(s, job, JobState.FAILED, now)
         add_event(s, "failed", f"job {job.id}: {error}", study.study_uid, "error")
-        log.error("study %s failed: job %d: %s", study.study_uid, job.id, error)
+        log.error("study %s failed: job %d: %s", study.study_uid, job.id, error,
+                  extra={"study_uid": study.study_uid, "job_id": job.id})
         return JobState.FAILED
     job.state = JobState.QUEUED
     job.lease_owner = None
@@ -504,54 +508,3 @@ def retry_dead_deliveries(
             add_event(s, "retry_requested", f"{len(dead)} dead delivery(ies) back in the outbox",
                       study_uid)
         return len(dead)
-
-
-def study_rows(db: Database, limit: int = 50) -> list[dict[str, Any]]:
-    """Recent studies with their latest job and delivery counts, for `cadnode jobs`."""
-    out = []
-    with db.session() as s:
-        studies = s.scalars(select(Study).order_by(Study.last_received.desc()).limit(limit)).all()
-        for st in studies:
-            job = latest_job(s, st.id)
-            inst = s.execute(
-                select(Instance.laterality, Instance.view).where(Instance.study_id == st.id)
-            ).all()
-            found = sorted({k for k in (view_key(a, b) for a, b in inst) if k})
-            counts: dict[str, int] = {}
-            if job is not None:
-                for state, n in s.execute(
-                    select(Delivery.state, func.count())
-                    .where(Delivery.job_id == job.id)
-                    .group_by(Delivery.state)
-                ).all():
-                    counts[state] = n
-            out.append(
-                {
-                    "study_uid": st.study_uid,
-                    "patient_id": st.patient_id,
-                    "accession": st.accession,
-                    "calling_ae": st.calling_ae,
-                    "state": st.state,
-                    "instances": len(inst),
-                    "views": found,
-                    "first_received": st.first_received,
-                    "last_received": st.last_received,
-                    "job": None
-                    if job is None
-                    else {
-                        "id": job.id,
-                        "state": job.state,
-                        "reason": job.reason,
-                        "attempts": job.attempts,
-                        "created_at": job.created_at,
-                        "started_at": job.started_at,
-                        "finished_at": job.finished_at,
-                        "scores": job.scores,
-                        "views_used": job.views.split(",") if job.views else [],
-                        "model_version": job.model_version,
-                        "error": job.error,
-                    },
-                    "deliveries": counts,
-                }
-            )
-    return out

@@ -1,4 +1,5 @@
-"""Periodic duties (APScheduler): assemble studies, expire leases, drain the outbox."""
+"""Periodic duties (APScheduler): assemble studies, expire leases, drain the outbox, and
+remove delivered studies past their retention."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from cadnode.dicom.sender import client_ssl_context
 from cadnode.jobs.db import Database
 from cadnode.jobs.outbox import Outbox
 from cadnode.jobs.queue import RetryPolicy, assemble_studies, expire_leases
+from cadnode.jobs.retention import purge_by_settings
 
 log = logging.getLogger(__name__)
+
+#: How often the retention (CADNODE_RETENTION_DAYS > 0) runs.
+RETENTION_EVERY_SECONDS = 3600.0
 
 
 def create_outbox(settings: Settings, db: Database) -> Outbox:
@@ -44,4 +49,7 @@ def create_scheduler(settings: Settings, db: Database, outbox: Outbox) -> Backgr
         args=[db, settings.max_attempts], next_run_time=datetime.now(),
     )
     sched.add_job(outbox.tick, "interval", seconds=every, id="outbox")
+    if settings.retention_days > 0:  # first at start-up, then hourly
+        sched.add_job(purge_by_settings, "interval", seconds=RETENTION_EVERY_SECONDS,
+                      id="retention", args=[settings, db], next_run_time=datetime.now())
     return sched

@@ -7,9 +7,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pydicom
@@ -40,6 +42,7 @@ from cadnode.jobs.queue import (
     previous_objects,
     renew_lease,
 )
+from cadnode.logs import log_context
 from cadnode.results import BUILDERS
 from cadnode.results.common import NotApplicable
 from cadnode.results.findings import NotAnalysed, StudyFindings, ViewFinding
@@ -78,15 +81,26 @@ def load_model(settings: Settings) -> tuple[Engine, ClinicalTokenizer]:
     return engine, ClinicalTokenizer.from_file(package / "tokenizer.json")
 
 
+class WorkerMetrics(Protocol):
+    """What a worker reports as it goes, when given one (cadnode.web.metrics.NodeMetrics)."""
+
+    def stage(self, name: str, seconds: float) -> None: ...
+    def inference(self, seconds: float, backend: str) -> None: ...
+    def job_finished(self, state: str) -> None: ...
+
+
 class _Stopwatch:
     """Seconds spent in each stage, for the job record and the benchmarks."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_lap: Callable[[str, float], None] | None = None) -> None:
         self.laps: dict[str, float] = {}
+        self._on_lap = on_lap
         self._start = self._last = time.perf_counter()
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
+        if self._on_lap is not None:
+            self._on_lap(name, now - self._last)
         self.laps[name] = round(now - self._last, 3)
         self.laps["total"] = round(now - self._start, 3)
         self._last = now
@@ -95,9 +109,11 @@ class _Stopwatch:
 class Worker:
     """Claims jobs from the database and runs them; one model loaded per worker."""
 
-    def __init__(self, settings: Settings, db: Database, owner: str | None = None) -> None:
+    def __init__(self, settings: Settings, db: Database, owner: str | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.metrics = metrics
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.engine, self.tokenizer = load_model(settings)
         self.decoder = DecodePool(settings.decode_memory_mb)
@@ -143,20 +159,24 @@ class Worker:
         job = claim_next_job(self.db, self.owner, self.settings.lease_seconds)
         if job is None:
             return False
-        try:
-            self.process(job)
-        except LeaseLost as exc:
-            log.warning("study %s: %s; its results are discarded", job.study_uid, exc)
-        except PermanentError as exc:
-            self._fail(job, str(exc), permanent=True)
-        except Exception as exc:
-            log.exception("study %s: job %d failed", job.study_uid, job.id)
-            self._fail(job, f"{type(exc).__name__}: {exc}")
+        with log_context(study_uid=job.study_uid, job_id=job.id):  # on every line meanwhile
+            try:
+                self.process(job)
+            except LeaseLost as exc:
+                log.warning("study %s: %s; its results are discarded", job.study_uid, exc)
+            except PermanentError as exc:
+                self._fail(job, str(exc), permanent=True)
+            except Exception as exc:
+                log.exception("study %s: job %d failed", job.study_uid, job.id)
+                self._fail(job, f"{type(exc).__name__}: {exc}")
         return True
 
     def _fail(self, job: ClaimedJob, error: str, permanent: bool = False) -> None:
         try:
-            fail_job(self.db, job, error, self.settings.max_attempts, permanent=permanent)
+            state = fail_job(self.db, job, error, self.settings.max_attempts,
+                             permanent=permanent)
+            if self.metrics is not None:
+                self.metrics.job_finished(state.value)
         except LeaseLost as exc:
             log.warning("study %s: %s", job.study_uid, exc)
 
@@ -166,7 +186,7 @@ class Worker:
         renew_lease(self.db, job, self.settings.lease_seconds)
 
     def process(self, job: ClaimedJob) -> None:
-        clock = _Stopwatch()
+        clock = _Stopwatch(None if self.metrics is None else self.metrics.stage)
         selection, headers, unreadable = self._select(job)
         views = sorted((_View(str(d.key), d.candidate.ref, headers[d.candidate.ref],
                               d.candidate.info, d.reason)
@@ -184,7 +204,10 @@ class Worker:
         ids, mask = self._encode_text(ok)
         self._heartbeat(job, clock, "text")
         images = stack_images([v.prepared.array for v in ok])  # type: ignore[union-attr]
+        started = time.perf_counter()
         out = self.engine.predict(images, ids, mask)
+        if self.metrics is not None:
+            self.metrics.inference(time.perf_counter() - started, self.engine.backend)
         self._heartbeat(job, clock, "model")
         findings_by_key: dict[str, ViewFinding] = {}
         view_scores: dict[str, dict[str, float]] = {}
@@ -249,6 +272,9 @@ class Worker:
         # holds the job now writes (and sends) the very same files.
         state = complete_job(self.db, job, scores_doc, sorted(selection.chosen), m.version,
                              results, partial=findings.incomplete)
+        if self.metrics is not None:
+            self.metrics.stage("total", clock.laps.get("total", 0.0))
+            self.metrics.job_finished(state.value)
         log.info("study %s %s: read %s%s%s; exam cancer %.1f %%; %.1f s", job.study_uid,
                  state.value, ",".join(sorted(selection.chosen)),
                  f"; missing {','.join(selection.missing)}" if selection.missing else "",

@@ -20,7 +20,7 @@ from cadnode.config import Settings
 from cadnode.demo import write_demo_study
 from cadnode.dicom.listener import Listener
 from cadnode.dicom.sender import send_files
-from cadnode.jobs import queue
+from cadnode.jobs import admin, queue
 from cadnode.jobs.db import Database, Study
 from cadnode.jobs.worker import Worker
 
@@ -47,7 +47,7 @@ def main() -> None:
         for _ in range(args.runs):
             assert queue.assemble_studies(db, 0, 0, now=time.time() + 1)
             assert worker.run_once()
-            (row,) = queue.study_rows(db)
+            (row,) = admin.list_studies(db)
             assert row["state"] == "done", row
             laps.append(row["job"]["scores"]["seconds"])
             with db.session() as s:  # reopen the study for the next run

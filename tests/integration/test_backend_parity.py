@@ -107,7 +107,7 @@ def _sr_values(path: Path) -> list[tuple[str, str]]:
 def test_the_worker_writes_the_same_sr_values_on_each_backend(exported, demo_study,  # type: ignore[no-untyped-def]
                                                                tmp_path) -> None:
     from cadnode.config import Settings
-    from cadnode.jobs import queue
+    from cadnode.jobs import admin, queue
     from cadnode.jobs.db import Database
     from cadnode.jobs.worker import Worker
     from tests.integration.test_worker import receive
@@ -128,7 +128,7 @@ def test_the_worker_writes_the_same_sr_values_on_each_backend(exported, demo_stu
             worker = Worker(settings, db)
             assert worker.engine.backend == backend
             assert worker.run_once()
-            (row,) = queue.study_rows(db)
+            (row,) = admin.list_studies(db)
             assert row["state"] == "done", row["job"]["error"]
             scores[backend] = row["job"]["scores"]["views"]
             documents[backend] = {

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from cadnode.cli.jobs import format_table
 from cadnode.config import Settings
 from cadnode.dicom.listener import Listener
-from cadnode.jobs import queue
+from cadnode.jobs import admin, queue
 from cadnode.jobs.db import Database, Job, Study
 from cadnode.jobs.worker import Worker
 from tests.helpers import require
@@ -248,7 +248,7 @@ def test_exam_case(node: Node, case: Case, demo_study: list[Path], tmp_path: Pat
     assert sorted(selection["missing"]) == sorted(case.missing)
     assert sorted(scores["failed_views"]) == sorted(case.failed)
     # what `cadnode jobs` shows an admin
-    table = format_table([r for r in queue.study_rows(node.db) if r["study_uid"] == exam.study_uid])
+    table = format_table(admin.list_studies(node.db, admin.StudyFilter(study=exam.study_uid)))
     if case.missing:
         assert f"done-partial (missing {','.join(sorted(case.missing))})" in table, table
     if case.failed:

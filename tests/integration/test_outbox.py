@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from cadnode.demo import DemoPACS, free_port
 from cadnode.dicom.listener import Policy
-from cadnode.jobs import queue
+from cadnode.jobs import admin, queue
 from cadnode.jobs.db import Database, Delivery, Event
 from cadnode.jobs.outbox import deliver_due
 from tests.helpers import wait_until
@@ -137,7 +137,7 @@ def test_each_fault_retries_then_dead_letters_then_admin_retry(  # type: ignore[
                     "failure_status": "status 0xA700", "timeout": "timed out"}[fault]
         assert expected in (d.last_error or ""), d.last_error
         assert len(dead) == 1
-        assert queue.study_rows(outbox)[0]["deliveries"] == {"dead": 1}
+        assert admin.list_studies(outbox)[0]["deliveries"] == {"dead": 1}
     finally:
         if pacs is not None:
             pacs.stop()

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from cadnode.config import Destination, Settings
 from cadnode.dicom.listener import Listener
 from cadnode.dicom.sender import send_files
-from cadnode.jobs import queue
+from cadnode.jobs import admin, queue
 from cadnode.jobs.db import Database, Delivery, Study
 from cadnode.jobs.worker import Worker
 
@@ -61,7 +61,7 @@ def corrupt_pixels(src: Path, dst: Path, study_uid: str, n: int) -> Path:
 def run_study(db: Database, worker: Worker, study_uid: str) -> dict:
     assert study_uid in queue.assemble_studies(db, 0, 0, now=time.time() + 1)
     assert worker.run_once()
-    return next(r for r in queue.study_rows(db) if r["study_uid"] == study_uid)
+    return next(r for r in admin.list_studies(db) if r["study_uid"] == study_uid)
 
 
 def test_study_is_processed_into_results_and_outbox(worker_env, worker, demo_study) -> None:  # type: ignore[no-untyped-def]

@@ -134,9 +134,11 @@ def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     proc = subprocess.run(
-        [sys.executable, "-m", "cadnode", "jobs"], cwd=tmp_path, capture_output=True, text=True,
-        env={"CADNODE_HOME": str(blocker / "home"), "PATH": "/usr/bin:/bin"}, timeout=60,
+        [sys.executable, "-m", "cadnode", "serve"], cwd=tmp_path, capture_output=True,
+        text=True, env={"CADNODE_HOME": str(blocker / "home"), "PATH": "/usr/bin:/bin"},
+        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"cadnode: bad setting: CADNODE_HOME: cannot create {blocker / 'home'}: Not a directory"]
+        f"cadnode: bad setting: CADNODE_HOME: cannot write in {blocker / 'home'}: "
+        "Not a directory"]

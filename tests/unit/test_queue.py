@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from cadnode.dicom.spool import StoredInstance
 from cadnode.dicom.views import ViewInfo
-from cadnode.jobs import queue
+from cadnode.jobs import admin, queue
 from cadnode.jobs.db import Database, Delivery, Event, Instance, Job, Study
 
 STUDY = "1.2.3.4"
@@ -49,7 +49,7 @@ def test_complete_study_moves_queued_running_done(db: Database) -> None:
         assert s.scalars(select(Study)).one().state == "running"
     result = queue.ResultFile("cad_sr", "/r/sr.dcm", "9.9.9", ("PACS@127.0.0.1:104",))
     queue.complete_job(db, claimed, {"exam": {"cancer": 0.2}}, ["L-CC"], "0.1", [result])
-    rows = queue.study_rows(db)
+    rows = admin.list_studies(db)
     assert rows[0]["state"] == "done"
     assert rows[0]["job"]["state"] == "done"
     assert rows[0]["job"]["scores"] == {"exam": {"cancer": 0.2}}
@@ -74,7 +74,7 @@ def test_failed_study_records_its_error(db: Database) -> None:
     job = queue.claim_next_job(db, "w", 60, now=13)
     assert job is not None and job.attempt == 2
     assert queue.fail_job(db, job, "decoder exploded again", max_attempts=2, now=14) == "failed"
-    row = queue.study_rows(db)[0]
+    row = admin.list_studies(db)[0]
     assert row["state"] == "failed"
     assert row["job"]["error"] == "decoder exploded again"
     assert [e.message for e in events(db, "failed")] == ["job 1: decoder exploded again"]
@@ -106,7 +106,7 @@ def test_new_instance_reopens_a_done_study(db: Database) -> None:
     assert job is not None
     queue.complete_job(db, job, {}, [], "v", [], now=12)
     queue.record_instance(db, stored("late.1", "L", "XCCL"), now=20.0)
-    assert queue.study_rows(db)[0]["state"] == "receiving"
+    assert admin.list_studies(db)[0]["state"] == "receiving"
     assert queue.assemble_studies(db, 1, 300, now=30) == [STUDY]
 
 
@@ -163,14 +163,16 @@ def test_a_schema_1_database_gets_the_columns_added_since(db: Database) -> None:
     with db.engine.begin() as conn:
         for column in ("modifiers", "acquired"):
             conn.exec_driver_sql(f"ALTER TABLE instances DROP COLUMN {column}")
+        conn.exec_driver_sql("ALTER TABLE studies DROP COLUMN study_date")
         conn.exec_driver_sql("UPDATE cadnode_meta SET value = '1' WHERE key = 'schema_version'")
     db.create_schema()
     db.create_schema()  # idempotent
     columns = {c["name"] for c in inspect(db.engine).get_columns("instances")}
     assert {"modifiers", "acquired"} <= columns
+    assert "study_date" in {c["name"] for c in inspect(db.engine).get_columns("studies")}
     with db.session() as s:
         version = s.get(Meta, "schema_version")
-        assert version is not None and version.value == str(SCHEMA_VERSION) == "2"
+        assert version is not None and version.value == str(SCHEMA_VERSION) == "3"
 
 
 def test_an_image_arriving_while_the_job_runs_gets_its_own_run(db: Database) -> None:
