@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cadnode.config import Settings, is_loopback, mask_url, unknown_variables
+from cadnode.dicom.spool import nearest_existing
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -159,17 +160,11 @@ def check_database(settings: Settings) -> list[Check]:
     return [Check("database", OK, f"{shown}: reachable, schema version {version}")]
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_storage(settings: Settings) -> list[Check]:
     out = []
     for name, folder in (("home", settings.home), ("spool", settings.spool_dir),
                          ("results", settings.results_dir)):
-        existing = _nearest_existing(folder)
+        existing = nearest_existing(folder)
         if not existing.is_dir():
             out.append(Check(f"{name} folder", FAIL, f"{existing} is not a folder, so "
                              f"{folder} cannot be made", "set CADNODE_HOME to a folder path"))
@@ -184,7 +179,7 @@ def check_storage(settings: Settings) -> list[Check]:
             continue
         made = "" if existing == folder else f" ({folder} will be created)"
         out.append(Check(f"{name} folder", OK, f"{existing} is writable{made}"))
-    existing = _nearest_existing(settings.spool_dir)
+    existing = nearest_existing(settings.spool_dir)
     if existing.is_dir():
         free_mb = shutil.disk_usage(existing).free / 2**20
         detail = (f"{free_mb:.0f} MB free for the spool, stores are refused below "
@@ -198,7 +193,7 @@ def check_storage(settings: Settings) -> list[Check]:
         else:
             out.append(Check("free space", OK, detail))
     if settings.log_path is not None:
-        log_dir = _nearest_existing(settings.log_path.parent)
+        log_dir = nearest_existing(settings.log_path.parent)
         if not os.access(log_dir, os.W_OK):
             out.append(Check("log file", FAIL, f"cannot write {settings.log_path}",
                              "set CADNODE_LOG_FILE (empty: stderr only)"))

@@ -26,10 +26,6 @@ def _local(iso_time: str | None, with_date: bool = True) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
 
 
-def _fmt_time(t: float | None) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
-
-
 def _fmt_scores(job: dict[str, Any] | None) -> str:
     if not job or not job.get("scores"):
         return "-"
@@ -178,7 +174,7 @@ def _follow(db: Any, as_json: bool, last: int) -> int:
                     print(json.dumps({"at": iso(e.at), "level": e.level, "kind": e.kind,
                                       "study_uid": e.study_uid, "message": e.message}), flush=True)
                 else:
-                    print(f"{_fmt_time(e.at)} {e.level:<7} {e.kind:<14} "
+                    print(f"{_local(iso(e.at), with_date=False)} {e.level:<7} {e.kind:<14} "
                           f"{(e.study_uid or '-')[-24:]:<24} {e.message}", flush=True)
     except KeyboardInterrupt:
         return 0

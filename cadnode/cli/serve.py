@@ -59,8 +59,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         if http is not None:
             http.stop()
         raise SettingsError(port_error(settings, exc)) from None
-    outbox = create_outbox(settings, db)
-    outbox.metrics = metrics
+    outbox = create_outbox(settings, db, metrics)
     sched = create_scheduler(settings, db, outbox)
     sched.add_job(listener.sweep, "interval", seconds=60, id="sweep-incoming")
     sched.start()

@@ -251,7 +251,7 @@ class Listener:
             self._server = None
 
     def _report(self, message: str, study_uid: str = "") -> None:
-        log.warning("%s", message)
+        log.warning("%s", message, extra={"study_uid": study_uid or None})
         if self.on_refused is not None:
             try:
                 self.on_refused(message, study_uid)
@@ -332,12 +332,13 @@ class Listener:
         except SpoolError as exc:  # a permanent fault of this request: not "try again later"
             return self._refuse(CANNOT_UNDERSTAND, str(exc), study_uid)
         except (OSError, StoreUnavailable) as exc:  # disk full, database down: retry later
-            log.warning("could not persist %s: %s", sop_uid, exc)
+            log.warning("could not persist %s: %s", sop_uid, exc,
+                        extra={"study_uid": study_uid})
             return self._refuse(OUT_OF_RESOURCES, f"could not persist instance: {exc}", study_uid)
         except Exception as exc:  # a bug: not "try again later", which a sender does forever
             if not replaces:  # never acknowledged: no file without a row; a repeat's stays
                 final.unlink(missing_ok=True)
-            log.exception("internal error storing %s", sop_uid)
+            log.exception("internal error storing %s", sop_uid, extra={"study_uid": study_uid})
             return self._refuse(UNABLE_TO_PROCESS, f"internal error storing the instance "
                                 f"({type(exc).__name__}: {exc}); see the node's log", study_uid)
         return SUCCESS

@@ -7,6 +7,7 @@ UID such as ``../../etc`` can never leave the spool.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +188,19 @@ def write_durably(data: bytes, final: Path) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
     fsync_path(final.parent)
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path``, or its closest parent that exists (where a folder still to be made lives)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(folder: Path) -> float | None:
+    """Free bytes on the file system that holds (or will hold) ``folder``; None when it
+    cannot be asked."""
+    try:
+        return float(shutil.disk_usage(nearest_existing(folder)).free)
+    except OSError:
+        return None

@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from cadnode.config import parse_destinations
 from cadnode.dicom.sender import DeliveryError, client_ssl_context, send_files
-from cadnode.jobs.db import Database
+from cadnode.jobs.db import Database, Delivery
 from cadnode.jobs.queue import (
     DEFAULT_RETRY,
     RetryPolicy,
     due_deliveries,
     due_destinations,
     mark_delivery,
+    study_uids_of_jobs,
 )
 
 log = logging.getLogger(__name__)
@@ -93,26 +95,38 @@ class Outbox:
                 tls=(self.tls or client_ssl_context()) if dest.tls else None,
             )
         except DeliveryError as exc:
-            log.warning("delivery to %s failed: %s", dest_text, exc)
+            error = str(exc)
             for d in items:
-                mark_delivery(self.db, d.id, str(exc), retry=self.retry)
+                mark_delivery(self.db, d.id, error, retry=self.retry)
                 self._count(dest_text, d.kind, ok=False)
+            self._log_by_job(logging.WARNING, items,
+                             lambda kinds: f"delivery of {kinds} to {dest_text} failed: {error}")
             return 0
         by_path = {str(r.path): r for r in results}
-        delivered: list[str] = []
+        delivered: list[Delivery] = []
         for d, file in zip(items, files, strict=True):
             r = by_path.get(str(file))
             if r is not None and r.ok:
                 mark_delivery(self.db, d.id, None, retry=self.retry)
-                delivered.append(d.kind)
+                delivered.append(d)
                 self._count(dest_text, d.kind, ok=True)
             else:
                 why = "not sent" if r is None else r.error or f"status 0x{r.status:04X}"
                 mark_delivery(self.db, d.id, why, retry=self.retry)
                 self._count(dest_text, d.kind, ok=False)
-        if delivered:
-            log.info("delivered %s to %s", ", ".join(delivered), dest_text)
+        self._log_by_job(logging.INFO, delivered, lambda kinds: f"delivered {kinds} to {dest_text}")
         return len(delivered)
+
+    def _log_by_job(self, level: int, items: list[Delivery],
+                    message: Callable[[str], str]) -> None:
+        """One line per job, carrying its study and job ids; ``message`` gets its objects."""
+        by_job: dict[int, list[str]] = {}
+        for d in items:
+            by_job.setdefault(d.job_id, []).append(d.kind)
+        studies = study_uids_of_jobs(self.db, by_job)
+        for job_id, kinds in by_job.items():
+            log.log(level, message(", ".join(kinds)),
+                    extra={"job_id": job_id, "study_uid": studies.get(job_id)})
 
     def _count(self, destination: str, kind: str, ok: bool) -> None:
         if self.metrics is None:

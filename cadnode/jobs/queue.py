@@ -11,11 +11,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from cadnode.dicom.enum import ViewModifier
@@ -129,6 +129,26 @@ def _record_instance(s: Any, stored: StoredInstance, path: str, now: float) -> b
         add_event(s, "study", "new instance after processing: study reopened",
                   stored.study_uid)
     return True
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What an admin watches: jobs waiting, how long the oldest has waited, jobs held."""
+
+    depth: int
+    oldest_age: float
+    running: int
+
+
+def queue_state(db: Database, now: float | None = None) -> QueueState:
+    """The queue as the dashboard and ``/metrics`` both show it (one query, one meaning)."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        depth, oldest = s.execute(select(func.count(), func.min(Job.created_at))
+                                  .where(Job.state == JobState.QUEUED)).one()
+        running = s.scalar(select(func.count()).where(Job.state == JobState.RUNNING))
+    return QueueState(int(depth), max(0.0, now - oldest) if oldest is not None else 0.0,
+                      int(running or 0))
 
 
 def view_key(laterality: str | None, view: str | None) -> str | None:
@@ -439,6 +459,17 @@ def due_deliveries(db: Database, now: float | None = None, limit: int = 100,
         q = q.where(Delivery.destination == destination)
     with db.session() as s:
         return list(s.scalars(q.order_by(Delivery.id).limit(limit)).all())
+
+
+def study_uids_of_jobs(db: Database, job_ids: Iterable[int]) -> dict[int, str]:
+    """Each job's Study Instance UID (for log lines about a batch of deliveries)."""
+    ids = set(job_ids)
+    if not ids:
+        return {}
+    with db.session() as s:
+        rows = s.execute(select(Job.id, Study.study_uid).join(Study, Study.id == Job.study_id)
+                         .where(Job.id.in_(ids))).all()
+    return {job_id: uid for job_id, uid in rows}
 
 
 def backoff_seconds(attempts: int, base: float = 5.0, cap: float = 300.0) -> float:

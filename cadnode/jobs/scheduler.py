@@ -11,7 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from cadnode.config import Settings
 from cadnode.dicom.sender import client_ssl_context
 from cadnode.jobs.db import Database
-from cadnode.jobs.outbox import Outbox
+from cadnode.jobs.outbox import DeliveryMetrics, Outbox
 from cadnode.jobs.queue import RetryPolicy, assemble_studies, expire_leases
 from cadnode.jobs.retention import purge_by_settings
 
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 RETENTION_EVERY_SECONDS = 3600.0
 
 
-def create_outbox(settings: Settings, db: Database) -> Outbox:
+def create_outbox(settings: Settings, db: Database,
+                  metrics: DeliveryMetrics | None = None) -> Outbox:
     """The outbox the scheduler ticks (TLS client context made once, when a destination
     needs it)."""
     retry = RetryPolicy(settings.delivery_max_attempts, settings.retry_base_seconds,
@@ -30,7 +31,7 @@ def create_outbox(settings: Settings, db: Database) -> Outbox:
     if any(d.tls for d in settings.destinations):
         tls = client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
                                  settings.send_tls_key)
-    return Outbox(db, settings.ae_title, retry, tls=tls)
+    return Outbox(db, settings.ae_title, retry, tls=tls, metrics=metrics)
 
 
 def create_scheduler(settings: Settings, db: Database, outbox: Outbox) -> BackgroundScheduler:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,9 +31,11 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cadnode.dicom.spool import free_bytes
 from cadnode.jobs import admin
 from cadnode.jobs.db import Database
 from cadnode.jobs.enum import StudyState
+from cadnode.jobs.queue import queue_state
 from cadnode.web.health import Check, database_check, model_check, run_checks, spool_check
 from cadnode.web.metrics import DatabaseCollector, ModelInfo, NodeMetrics, refusal_reason
 from cadnode.web.thumbnail import sc_png
@@ -83,7 +84,7 @@ def create_app(node: Node) -> Starlette:
 
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:
         context.update(node=node, health=node.readiness(), now=time.time(),
-                       refresh=REFRESH_SECONDS, spool_free=_free_bytes(node.spool_dir))
+                       refresh=REFRESH_SECONDS, spool_free=free_bytes(node.spool_dir))
         return templates.TemplateResponse(request, name, context)
 
     def dashboard(request: Request) -> Response:
@@ -97,7 +98,7 @@ def create_app(node: Node) -> Starlette:
         for r in refused:
             r["scope"], r["reason"] = refusal_reason(r["message"])
         return page(request, "index.html", studies=admin.list_studies(node.db, flt),
-                    queue=_queue(node), refused=refused, flt=flt,
+                    queue=queue_state(node.db), refused=refused, flt=flt,
                     states=[s.value for s in StudyState])
 
     def study(request: Request) -> Response:
@@ -189,28 +190,6 @@ def _detail(node: Node, key: str) -> dict[str, Any]:
     return detail
 
 
-def _queue(node: Node) -> dict[str, float]:
-    """Queue depth, the oldest queued job's wait, jobs running: what /metrics says too."""
-    from sqlalchemy import func, select
-
-    from cadnode.jobs.db import Job
-    from cadnode.jobs.enum import JobState
-
-    with node.db.session() as s:
-        depth, oldest = s.execute(select(func.count(), func.min(Job.created_at))
-                                  .where(Job.state == JobState.QUEUED)).one()
-        running = s.scalar(select(func.count()).where(Job.state == JobState.RUNNING))
-    return {"depth": int(depth), "oldest_age": (time.time() - oldest) if oldest else 0.0,
-            "running": int(running or 0)}
-
-
-def _free_bytes(folder: Path) -> float:
-    try:
-        return float(shutil.disk_usage(folder if folder.exists() else folder.parent).free)
-    except OSError:
-        return 0.0
-
-
 # --- template filters -----------------------------------------------------------------------
 
 
@@ -240,7 +219,9 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def _size(n: float) -> str:
+def _size(n: float | None) -> str:
+    if n is None:
+        return "unknown"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,8 +25,10 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from cadnode.jobs.db import Database, Delivery, Event, Instance, Job, Study
-from cadnode.jobs.enum import DeliveryState, JobState, StudyState
+from cadnode.dicom.spool import free_bytes
+from cadnode.jobs.db import Database, Delivery, Event, Instance, Study
+from cadnode.jobs.enum import DeliveryState, StudyState
+from cadnode.jobs.queue import queue_state
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +168,10 @@ class DatabaseCollector(Collector):
         yield from families
         free = GaugeMetricFamily("cadnode_spool_free_bytes",
                                  "Free bytes on the file system of the spool")
-        try:
-            folder = self.spool_dir if self.spool_dir.exists() else self.spool_dir.parent
-            free.add_metric([], float(shutil.disk_usage(folder).free))
+        spool_free = free_bytes(self.spool_dir)
+        if spool_free is not None:
+            free.add_metric([], spool_free)
             yield free
-        except OSError:
-            pass
         started = GaugeMetricFamily("cadnode_start_time_seconds",
                                     "When this node started (UNIX seconds)")
         started.add_metric([], self.started_at)
@@ -186,13 +185,10 @@ class DatabaseCollector(Collector):
             yield info
 
     def _from_database(self) -> Iterator[Metric]:
-        now = time.time()
+        queue = queue_state(self.db)
         with self.db.session() as s:
             by_state = dict(s.execute(select(Study.state, func.count())
                                       .group_by(Study.state)).all())
-            queued, oldest = s.execute(select(func.count(), func.min(Job.created_at))
-                                       .where(Job.state == JobState.QUEUED)).one()
-            running = s.scalar(select(func.count()).where(Job.state == JobState.RUNNING))
             deliveries = s.execute(select(Delivery.destination, Delivery.state, func.count())
                                    .group_by(Delivery.destination, Delivery.state)).all()
             instances, size = s.execute(select(func.count(),
@@ -206,14 +202,14 @@ class DatabaseCollector(Collector):
             studies.add_metric([str(other)], float(n))
         yield studies
         depth = GaugeMetricFamily("cadnode_queue_depth", "Jobs waiting for a worker")
-        depth.add_metric([], float(queued))
+        depth.add_metric([], float(queue.depth))
         yield depth
         age = GaugeMetricFamily("cadnode_queue_oldest_age_seconds",
                                 "Seconds the oldest queued job has waited (0 when none)")
-        age.add_metric([], max(0.0, now - oldest) if oldest is not None else 0.0)
+        age.add_metric([], queue.oldest_age)
         yield age
         run = GaugeMetricFamily("cadnode_jobs_running", "Jobs a worker holds now")
-        run.add_metric([], float(running or 0))
+        run.add_metric([], float(queue.running))
         yield run
         outbox = GaugeMetricFamily("cadnode_outbox_deliveries",
                                    "Deliveries in the outbox by destination and state",

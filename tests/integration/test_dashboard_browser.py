@@ -8,6 +8,7 @@ Screenshots of the dashboard and of the study page are kept under the test's tmp
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -71,16 +72,12 @@ def node(tmp_path_factory: pytest.TempPathFactory,
     tmp = tmp_path_factory.mktemp("dashboard")
     pacs = DemoPACS(tmp / "pacs")
     pacs_port = pacs.start()
-    http_port = free_port()
-    proc = NodeProcess(tmp / "node", 0, {
+    proc, http_port = _start_node(tmp / "node", {
         "CADNODE_DESTINATIONS": f"{pacs.ae_title}@127.0.0.1:{pacs_port}",
         "CADNODE_COMPLETE_SECONDS": "1",
         "CADNODE_POLL_SECONDS": "0.5",
-        "CADNODE_HTTP_PORT": str(http_port),
     })
     try:
-        proc.wait_ready()
-        assert wait_until(lambda: port_answers(http_port), 30, 0.05), proc.log.read_text()
         sent = proc.cli("send", "--port", str(proc.port), str(demo_study[0].parent))
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert pacs.wait_for(4, 120), proc.log.read_text()
@@ -98,6 +95,27 @@ def node(tmp_path_factory: pytest.TempPathFactory,
     finally:
         proc.stop()
         pacs.stop()
+
+
+def _start_node(home: Path, env: dict[str, str], tries: int = 3) -> tuple[NodeProcess, int]:
+    """A node serving the dashboard on a free port. CADNODE_HTTP_PORT=0 means "off", so the
+    port is picked here; should another process take it before the node binds it (the node
+    then exits, saying so in one line), the node is started again on another."""
+    for _ in range(tries):
+        http_port = free_port()
+        proc = NodeProcess(home, 0, {**env, "CADNODE_HTTP_PORT": str(http_port)})
+        try:
+            proc.wait_ready()  # the node binds its HTTP port before it listens for DICOM
+        except Exception:
+            proc.stop()
+            if f"127.0.0.1:{http_port} is already in use" not in proc.log.read_text():
+                raise
+            continue
+        if not wait_until(functools.partial(port_answers, http_port), 30, 0.05):
+            proc.stop()
+            raise AssertionError(proc.log.read_text())
+        return proc, http_port
+    raise AssertionError(f"no free HTTP port in {tries} tries")
 
 
 def _refusals(http_port: int) -> float:

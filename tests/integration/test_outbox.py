@@ -6,6 +6,7 @@ the wrong AE title, out of disk (it answers 0xA700), or a TCP server that accept
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -94,9 +95,11 @@ def silent_server() -> Iterator[int]:
     srv.close()
 
 
-def test_refused_then_up_delivers_each_once(outbox: Database, demo_study, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_refused_then_up_delivers_each_once(outbox: Database, demo_study, tmp_path,  # type: ignore[no-untyped-def]
+                                            caplog) -> None:
     port = free_port()
     add_results(outbox, demo_study[:2], f"PACS@127.0.0.1:{port}")
+    caplog.set_level(logging.INFO, logger="cadnode.jobs.outbox")
     deliver_due(outbox, "CADNODE", queue.RetryPolicy(base_seconds=0.01, cap_seconds=0.02))
     assert states(outbox) == [("pending", 1), ("pending", 1)]
     pacs = DemoPACS(tmp_path / "pacs", ae_title="PACS")
@@ -105,6 +108,11 @@ def test_refused_then_up_delivers_each_once(outbox: Database, demo_study, tmp_pa
         wait_due(outbox)
         deliver_due(outbox, "CADNODE")
         assert states(outbox) == [("sent", 2), ("sent", 2)]
+        # each line about a delivery names the study and job it belongs to
+        failed, delivered = (r for r in caplog.records if r.name == "cadnode.jobs.outbox")
+        assert failed.levelno == logging.WARNING and "failed" in failed.getMessage()
+        assert delivered.getMessage() == f"delivered cad_sr, cad_sr to PACS@127.0.0.1:{port}"
+        assert [(r.study_uid, r.job_id) for r in (failed, delivered)] == [("1.2.3", 1)] * 2  # type: ignore[attr-defined]
         deliver_due(outbox, "CADNODE")  # nothing left: nothing sent twice
         assert len(pacs.received) == 2
     finally:
