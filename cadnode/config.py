@@ -298,8 +298,13 @@ def masked(value: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """A database URL with its password replaced (``user:********@host``)."""
-    return re.sub(r"^([\w+]+://[^:/@]*):[^@]*@", r"\1:********@", url)
+    """A database URL with its password replaced (``user:********@host``): in the user part
+    (up to the last ``@`` before the query, so a password holding ``@`` is hidden whole) and in
+    a ``password=`` query parameter, which libpq accepts too."""
+    base, question, query = url.partition("?")
+    base = re.sub(r"^([\w+]+://[^:/@]*):.*@", r"\1:********@", base)
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2********", query)
+    return base + question + query
 
 
 def public_value(key: str, value: Any) -> Any:

@@ -120,10 +120,10 @@ def check_http_port(settings: Settings) -> list[Check]:
 
 
 def check_database(settings: Settings) -> list[Check]:
-    from sqlalchemy import inspect, select
     from sqlalchemy.exc import SQLAlchemyError
 
-    from cadnode.jobs.db import SCHEMA_VERSION, Database, Meta
+    from cadnode.jobs.db import Database
+    from cadnode.jobs.schema import known, state
 
     url = settings.database_url
     shown = mask_url(url)
@@ -133,16 +133,10 @@ def check_database(settings: Settings) -> list[Check]:
         path = sqlite_file(url)
         if path is not None and not path.is_file():
             return [Check("database", WARN, f"no job database yet at {path}",
-                          "`cadnode serve` creates it at its first start")]
+                          "`cadnode serve` (or `cadnode db upgrade`) makes it")]
     db = Database(url, home=settings.home, read_only=True)
     try:
-        if not inspect(db.engine).has_table(Meta.__tablename__):
-            return [Check("database", FAIL if url.startswith("sqlite") else WARN,
-                          f"{shown} holds no cadnode schema",
-                          "`cadnode serve` creates it (point CADNODE_DB_URL at the node's "
-                          "database)")]
-        with db.session() as s:
-            raw = s.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+        st = state(db)
     except SQLAlchemyError as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         return [Check("database", FAIL, f"cannot reach {shown}: {first}",
@@ -150,14 +144,19 @@ def check_database(settings: Settings) -> list[Check]:
                       "server runs")]
     finally:
         db.dispose()
-    version = int(raw or 0)
-    if version > SCHEMA_VERSION:
-        return [Check("database", FAIL, f"{shown}: schema version {version} is newer than this "
-                      f"cadnode's ({SCHEMA_VERSION})", "upgrade cadnode on this machine")]
-    if version < SCHEMA_VERSION:
-        return [Check("database", WARN, f"{shown}: schema version {version}, this cadnode's is "
-                      f"{SCHEMA_VERSION}", "`cadnode serve` upgrades it at its next start")]
-    return [Check("database", OK, f"{shown}: reachable, schema version {version}")]
+    if st.empty:
+        return [Check("database", FAIL if url.startswith("sqlite") else WARN,
+                      f"{shown} holds no cadnode schema",
+                      "`cadnode db upgrade` makes it (point CADNODE_DB_URL at the node's "
+                      "database)")]
+    if st.up_to_date:
+        return [Check("database", OK, f"{shown}: reachable, schema {st.current}")]
+    if st.current is not None and not known(st.current):
+        return [Check("database", FAIL, f"{shown}: schema {st.current} is newer than this "
+                      f"cadnode's ({st.head})", "upgrade cadnode on this machine")]
+    was = st.current or f"version {st.legacy_version} (before migrations)"
+    return [Check("database", FAIL, f"{shown}: schema {was}, this cadnode needs {st.head}; "
+                  "the node will not start", "run `cadnode db upgrade`")]
 
 
 def check_storage(settings: Settings) -> list[Check]:

@@ -55,9 +55,9 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
         database = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
     else:
         database = Database(request.getfixturevalue("pg_url"))
-        from cadnode.jobs.db import Base
+        from tests.helpers import empty_database
 
-        Base.metadata.drop_all(database.engine)
+        empty_database(database)
     database.create_schema()
     yield database
     database.dispose()

@@ -140,3 +140,12 @@ def write_small_study(folder: Path, study_uid: str, rows: int = 384, cols: int =
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def empty_database(db) -> None:  # type: ignore[no-untyped-def]
+    """Drop every table of ``db`` (cadnode's, Alembic's version table, anything else)."""
+    from sqlalchemy import MetaData
+
+    tables = MetaData()
+    tables.reflect(db.engine)
+    tables.drop_all(db.engine)

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from cadnode import __version__
-from cadnode.cli import demo, engine, jobs, ops, send, serve, study
+from cadnode.cli import db, demo, engine, jobs, ops, send, serve, study
 from cadnode.config import Settings, SettingsError, load_settings
 
 #: The command modules; each adds its subcommands (``register``) with a ``func`` to run.
-COMMAND_MODULES = (serve, jobs, study, send, ops, demo, engine)
+COMMAND_MODULES = (serve, jobs, study, send, ops, db, demo, engine)
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -69,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dataclasses import replace
 
             settings = replace(settings, log_level=args.log_level)
+        if not getattr(args, "node_process", False):  # node processes set up their own
+            from cadnode.cli.common import setup_logging
+
+            # an admin command prints what it did; its log says more only when asked
+            setup_logging(settings, to_file=False,
+                          level=getattr(args, "log_level", None) or "WARNING")
         result: int = args.func(settings, args)
         return result
     except SettingsError as exc:

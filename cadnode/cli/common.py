@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -14,16 +17,18 @@ LOG_FILE_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 
 
-def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
-    """stderr, and the rotated ``CADNODE_LOG_FILE`` unless it is empty, in
-    ``CADNODE_LOG_FORMAT``; every record carries the study and job it is about (cadnode.logs)."""
+def setup_logging(settings: Settings, to_file: bool = True, level: str | None = None) -> None:
+    """stderr, and (``to_file``: the node's own processes) the rotated ``CADNODE_LOG_FILE``
+    unless it is empty, in ``CADNODE_LOG_FORMAT``; every record carries the study and job it is
+    about (cadnode.logs). cadnode's loggers at ``level`` (default CADNODE_LOG_LEVEL). Admin
+    commands log to stderr only, never into the node's file."""
     from logging.handlers import RotatingFileHandler
 
     from cadnode.logs import ContextFilter, formatter
 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    path = settings.log_path if settings is not None else None
-    if settings is not None and path is not None:
+    path = settings.log_path if to_file else None
+    if path is not None:
         name = "CADNODE_LOG_FILE" if Path(settings.log_file).is_absolute() else "CADNODE_HOME"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,14 +37,14 @@ def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
         except OSError as exc:
             raise SettingsError(f"{name}: cannot write the log file {path}: "
                                 f"{exc.strerror or exc}") from None
-    fmt = formatter(settings.log_format if settings is not None else "text")
+    fmt = formatter(settings.log_format)
     for handler in handlers:
         handler.setFormatter(fmt)
         handler.addFilter(ContextFilter())
     # Third-party libraries (pynetdicom's PDUs, highdicom's template chatter, APScheduler's
     # runs) log at WARNING and above; cadnode's own loggers at the configured level.
     logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True)
-    logging.getLogger("cadnode").setLevel((settings.log_level if settings else level).upper())
+    logging.getLogger("cadnode").setLevel((level or settings.log_level).upper())
     # A poll that finds the previous one still running is skipped by design (coalescing);
     # APScheduler warns about each skip, which tells an admin nothing.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
@@ -89,8 +94,54 @@ def model_error(settings: Settings, exc: Exception) -> str:
     return f"CADNODE_MODEL: model package {package} does not load: {text}"
 
 
+@dataclass(frozen=True)
+class TlsContexts:
+    server: ssl.SSLContext | None  # the listener's (CADNODE_TLS_*), when it speaks TLS
+    client: ssl.SSLContext | None  # for ";tls" destinations and `send --tls` (CADNODE_SEND_TLS_*)
+
+
+def tls_contexts(settings: Settings, client: bool | None = None) -> TlsContexts:
+    """The TLS contexts, made at start-up so that a certificate or key that does not load is
+    one line naming its setting (``client``: make the sending one even without a ";tls"
+    destination; default: only when one needs it)."""
+    from cadnode.dicom.listener import server_ssl_context
+    from cadnode.dicom.sender import client_ssl_context
+
+    def made(names: str, build: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        try:
+            return build()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            raise SettingsError(f"{names}: the certificate, key or CA file does not load "
+                                f"({why})") from None
+
+    server = None
+    if settings.tls_cert:
+        server = made("CADNODE_TLS_CERT / CADNODE_TLS_KEY / CADNODE_TLS_CA",
+                      lambda: server_ssl_context(settings.tls_cert, settings.tls_key,
+                                                 settings.tls_ca))
+    wanted = any(d.tls for d in settings.destinations) if client is None else client
+    sending = None
+    if wanted:
+        sending = made("CADNODE_SEND_TLS_CA / CADNODE_SEND_TLS_CERT / CADNODE_SEND_TLS_KEY",
+                       lambda: client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
+                                                  settings.send_tls_key))
+    return TlsContexts(server, sending)
+
+
+def database_setting(settings: Settings) -> str:
+    """The setting that names the job database, as an admin would write it."""
+    from cadnode.config import mask_url
+
+    return (f"CADNODE_DB_URL={mask_url(settings.database_url)}" if settings.db_url
+            else f"CADNODE_HOME={settings.home}")
+
+
 def open_database(settings: Settings) -> Any:
+    """The job database for a node process: made when empty, refused (one line naming the
+    setting and what to run) when its schema is older or newer than this cadnode's."""
     from cadnode.jobs.db import Database
+    from cadnode.jobs.schema import SchemaMismatch, check
 
     try:
         settings.home.mkdir(parents=True, exist_ok=True)
@@ -98,53 +149,55 @@ def open_database(settings: Settings) -> Any:
         raise SettingsError(f"CADNODE_HOME: cannot create {settings.home}: "
                             f"{exc.strerror or exc}") from None
     db = Database(settings.database_url, home=settings.home)
-    db.create_schema()
+    try:
+        check(db, create=True)
+    except SchemaMismatch as exc:
+        db.dispose()
+        raise SettingsError(f"{database_setting(settings)}: {exc}") from None
+    except Exception as exc:  # unreachable server, wrong password, not a database
+        db.dispose()
+        raise SettingsError(f"{database_setting(settings)}: cannot open the job database: "
+                            f"{_first_line(exc)}") from None
     return db
 
 
 def open_existing_database(settings: Settings, read_only: bool = True) -> Any:
     """The node's job database for an admin command: it must exist already (nothing is
     created, not even the home folder), and with ``read_only`` it is opened read-only (SQLite
-    ``mode=ro``, PostgreSQL read-only transactions). A missing or foreign database is one line
-    on stderr and exit status 2."""
-    from sqlalchemy import inspect, make_url, select
+    ``mode=ro``, PostgreSQL read-only transactions). A missing or foreign database, or one
+    whose schema is not this cadnode's, is one line on stderr and exit status 2."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from cadnode.jobs.db import SCHEMA_VERSION, Database, Meta, sqlite_file
+    from cadnode.config import mask_url
+    from cadnode.jobs.db import Database, sqlite_file
+    from cadnode.jobs.schema import SchemaMismatch, check, state
 
     url = settings.database_url
-    where = (f"CADNODE_DB_URL={make_url(url).render_as_string(hide_password=True)}"
-             if settings.db_url else f"CADNODE_HOME={settings.home}")
+    where = database_setting(settings)
     hint = "run this where the node runs, or pass --config / set CADNODE_HOME"
     path = sqlite_file(url) if url.startswith("sqlite") else None
     if url.startswith("sqlite") and (path is None or not path.is_file()):
         _fail(f"no job database at {path or url} ({where}); {hint}")
-    shown = str(path) if path else make_url(url).render_as_string(hide_password=True)
-
-    def open_checked(ro: bool) -> tuple[Any, int]:
-        db = Database(url, home=settings.home, read_only=ro)
-        try:
-            if not inspect(db.engine).has_table(Meta.__tablename__):
-                db.dispose()
-                _fail(f"{shown} is not a cadnode job database ({where}); {hint}")
-            with db.session() as s:
-                version = s.scalar(select(Meta.value).where(Meta.key == "schema_version"))
-        except SQLAlchemyError as exc:
+    shown = str(path) if path else mask_url(url)
+    db = Database(url, home=settings.home, read_only=read_only)
+    try:
+        if state(db).empty:
             db.dispose()
-            orig = getattr(exc, "orig", None) or exc
-            _fail(f"cannot open the job database {shown}: {str(orig).splitlines()[0]}")
-        return db, int(version or 0)
-
-    db, version = open_checked(read_only)
-    if version < SCHEMA_VERSION:  # the node has not run since cadnode was upgraded
+            _fail(f"{shown} is not a cadnode job database ({where}); {hint}")
+        check(db, create=False)
+    except SchemaMismatch as exc:
         db.dispose()
-        upgrade, _ = open_checked(False)
-        upgrade.create_schema()
-        upgrade.dispose()
-        print(f"cadnode: job database {shown} upgraded from schema version {version} to "
-              f"{SCHEMA_VERSION}", file=sys.stderr)
-        db, version = open_checked(read_only)
+        _fail(f"{shown}: {exc}")
+    except SQLAlchemyError as exc:
+        db.dispose()
+        _fail(f"cannot open the job database {shown}: {_first_line(exc)}")
     return db
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
 
 
 def _fail(message: str) -> NoReturn:

@@ -39,7 +39,9 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
         if args.verbose:
             for uid in report.studies:
                 print(f"  {uid}")
-    return 0
+        for failure in report.failed:
+            print(f"cadnode purge: not removed: {failure}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def config_rows(settings: Settings, sources: dict[str, str]) -> list[dict[str, Any]]:

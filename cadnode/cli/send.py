@@ -13,14 +13,10 @@ from cadnode.config import Settings
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     port = settings.port if args.port is None else args.port
     called_aet = args.called_aet or settings.ae_title
+    from cadnode.cli.common import tls_contexts
     from cadnode.dicom.sender import DeliveryError, iter_dicom_files, send_files
 
-    tls = None
-    if args.tls:
-        from cadnode.dicom.sender import client_ssl_context
-
-        tls = client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
-                                 settings.send_tls_key)
+    tls = tls_contexts(settings, client=True).client if args.tls else None
     files = list(iter_dicom_files(Path(p) for p in args.paths))
     if not files:
         print("cadnode send: no DICOM files found", file=sys.stderr)

@@ -14,6 +14,7 @@ from cadnode.cli.common import (
     port_error,
     prepare_home,
     setup_logging,
+    tls_contexts,
 )
 from cadnode.config import Settings, SettingsError
 
@@ -25,6 +26,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from cadnode.jobs.worker import Worker
 
     prepare_home(settings)  # an unwritable home is one line now, not a traceback later
+    tls = tls_contexts(settings)  # so is a certificate that does not load
     setup_logging(settings)
     log = logging.getLogger("cadnode.serve")
     db = open_database(settings)
@@ -50,7 +52,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         on_stored=on_stored,
         ae_title=settings.ae_title,
         on_refused=on_refused,
-        policy=Policy.from_settings(settings),
+        policy=Policy.from_settings(settings, tls.server),
     )
     try:
         port = listener.start(settings.host, settings.port)
@@ -59,7 +61,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         if http is not None:
             http.stop()
         raise SettingsError(port_error(settings, exc)) from None
-    outbox = create_outbox(settings, db, metrics)
+    outbox = create_outbox(settings, db, metrics, tls.client)
     sched = create_scheduler(settings, db, outbox)
     sched.add_job(listener.sweep, "interval", seconds=60, id="sweep-incoming")
     sched.start()
@@ -178,4 +180,4 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        help="listener + assembler + worker + sender in one process",
                        description="Receive mammograms, analyse them and send the results; "
                        "runs until SIGINT/SIGTERM.")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, node_process=True)

@@ -93,7 +93,9 @@ class Policy:
     dimse_timeout: float = 60.0  # waiting for the next DIMSE message
 
     @classmethod
-    def from_settings(cls, s: Settings) -> Policy:
+    def from_settings(cls, s: Settings, ssl_context: ssl.SSLContext | None = None) -> Policy:
+        """The listener's policy; ``ssl_context``: TLS, made from the CADNODE_TLS_* files
+        (cadnode.cli.common.tls_contexts)."""
         return cls(
             allowed_aes=s.allowed_aes,
             require_called_ae=s.require_called_ae,
@@ -101,8 +103,7 @@ class Policy:
             max_pdu=s.max_pdu,
             max_instance_bytes=int(s.max_instance_mb * 2**20),
             min_free_bytes=int(s.min_free_mb * 2**20),
-            ssl_context=server_ssl_context(s.tls_cert, s.tls_key, s.tls_ca)
-            if s.tls_cert else None,
+            ssl_context=ssl_context,
             max_associations_per_peer=s.max_associations_per_peer,
             network_timeout=s.network_timeout,
             acse_timeout=s.acse_timeout,

@@ -24,24 +24,17 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    inspect,
     make_url,
     select,
-    text,
 )
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from cadnode.jobs.enum import DeliveryState, JobState, StudyState
 
+#: cadnode_meta.schema_version as the migrations leave it (read by versions before migrations,
+#: which refuse nothing but show it); the schema itself is the Alembic revision
+#: (cadnode.jobs.schema).
 SCHEMA_VERSION = 3
-#: Columns added after version 1: (table, column, SQL type); ``create_schema`` adds them to a
-#: database an earlier version created.
-_ADDED_COLUMNS = (
-    ("instances", "modifiers", "VARCHAR(255)"),
-    ("instances", "acquired", "VARCHAR(26)"),
-    ("studies", "study_date", "VARCHAR(8)"),  # version 3
-)
 
 
 class Base(DeclarativeBase):
@@ -171,30 +164,11 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        """Create missing tables; bring a database of an earlier schema version up to date."""
-        Base.metadata.create_all(self.engine)
-        self._add_columns()
-        with self.session() as s:
-            version = s.get(Meta, "schema_version")
-            if version is None:
-                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(version.value) < SCHEMA_VERSION:
-                version.value = str(SCHEMA_VERSION)
+        """Bring the schema to this cadnode's revision (made when empty): what ``cadnode db
+        upgrade`` does; tests and the demo use it directly."""
+        from cadnode.jobs.schema import upgrade
 
-    def _add_columns(self) -> None:
-        for table, column, sql_type in _ADDED_COLUMNS:
-            if column in self._columns(table):
-                continue
-            try:
-                with self.session() as s:
-                    s.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type} "
-                                   "NOT NULL DEFAULT ''"))
-            except DBAPIError:
-                if column not in self._columns(table):  # not another process's upgrade
-                    raise
-
-    def _columns(self, table: str) -> set[str]:
-        return {c["name"] for c in inspect(self.engine).get_columns(table)}
+        upgrade(self)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

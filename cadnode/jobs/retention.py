@@ -10,8 +10,10 @@ than the cutoff are pruned as well, but those of studies that are kept.
 
 Each study is removed in its own short transaction, its row locked and the conditions checked
 again there, so an image arriving meanwhile (which reopens the study) keeps it. Files are
-removed after the commit, and only those the rows named or that were written before the
-purge began: a new study under the same UID (a late image after the purge) keeps its own.
+removed after the commit, and only those written before the purge began: a new study under
+the same UID (an image sent again after the rows went) keeps its own, although its file has
+the same name. A file that cannot be removed (permissions, a read-only disk) is counted and
+named in the report; the purge goes on with the rest.
 """
 
 from __future__ import annotations
@@ -55,18 +57,21 @@ class PurgeReport:
     rows: dict[str, int] = field(default_factory=dict)  # table -> rows removed
     events: int = 0  # events pruned
     kept: dict[str, int] = field(default_factory=dict)  # why older studies were kept -> count
+    failed: list[str] = field(default_factory=list)  # "path: why" of files that stayed
 
     def summary(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
         kept = "; ".join(f"{n} kept: {why}" for why, n in sorted(self.kept.items()))
+        failed = (f"; {len(self.failed)} file(s) could not be removed (first: "
+                  f"{self.failed[0]})" if self.failed else "")
         return (f"{verb} {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'}, "
                 f"{self.files} file(s), {_size(self.bytes)}, {self.events} event(s) older "
-                f"than {_when(self.cutoff)}" + (f"; {kept}" if kept else ""))
+                f"than {_when(self.cutoff)}" + (f"; {kept}" if kept else "") + failed)
 
     def as_dict(self) -> dict[str, Any]:
         return {"cutoff": _when(self.cutoff), "dry_run": self.dry_run, "studies": self.studies,
                 "files": self.files, "bytes": self.bytes, "rows": self.rows,
-                "events": self.events, "kept": self.kept}
+                "events": self.events, "kept": self.kept, "failed": self.failed}
 
 
 def _when(t: float) -> str:
@@ -176,7 +181,8 @@ def purge(db: Database, older_than_s: float, spool_dir: Path, results_dir: Path,
             if record or report.studies or report.events:
                 add_event(s, "purge", report.summary())
     if not dry_run and (report.studies or report.events):
-        log.info("purge: %s", report.summary())
+        log.log(logging.WARNING if report.failed else logging.INFO, "purge: %s",
+                report.summary())
     return report
 
 
@@ -189,8 +195,9 @@ def _old_events(cutoff: float, going: list[str]) -> tuple[Any, ...]:
 
 def _remove_files(report: PurgeReport, files: list[Path], folders: list[Path], started: float,
                   dry_run: bool) -> None:
-    """The study's recorded files, then what else its folders held before the purge began
-    (result objects of jobs that had no destination), then the folders once empty."""
+    """The study's recorded files, then what else its folders held (result objects of jobs
+    that had no destination), then the folders once empty; never a file written after the
+    purge began."""
     seen: set[Path] = set()
     extra = [p for folder in folders if folder.is_dir() for p in sorted(folder.rglob("*"))]
     for path in files + extra:
@@ -201,12 +208,15 @@ def _remove_files(report: PurgeReport, files: list[Path], folders: list[Path], s
             st = path.lstat()
         except OSError:
             continue  # already gone
-        if not path.is_file() or (path not in files and st.st_mtime > started):
+        if not path.is_file() or st.st_mtime > started:  # written since: a new study's
             continue
         if not dry_run:
             try:
                 path.unlink()
             except FileNotFoundError:
+                continue
+            except OSError as exc:
+                report.failed.append(f"{path}: {exc.strerror or exc}")
                 continue
         report.files += 1
         report.bytes += st.st_size

@@ -4,12 +4,12 @@ remove delivered studies past their retention."""
 from __future__ import annotations
 
 import logging
+import ssl
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from cadnode.config import Settings
-from cadnode.dicom.sender import client_ssl_context
 from cadnode.jobs.db import Database
 from cadnode.jobs.outbox import DeliveryMetrics, Outbox
 from cadnode.jobs.queue import RetryPolicy, assemble_studies, expire_leases
@@ -21,16 +21,12 @@ log = logging.getLogger(__name__)
 RETENTION_EVERY_SECONDS = 3600.0
 
 
-def create_outbox(settings: Settings, db: Database,
-                  metrics: DeliveryMetrics | None = None) -> Outbox:
-    """The outbox the scheduler ticks (TLS client context made once, when a destination
-    needs it)."""
+def create_outbox(settings: Settings, db: Database, metrics: DeliveryMetrics | None = None,
+                  tls: ssl.SSLContext | None = None) -> Outbox:
+    """The outbox the scheduler ticks; ``tls`` is the client context for ";tls" destinations
+    (cadnode.cli.common.tls_contexts, made once at start-up)."""
     retry = RetryPolicy(settings.delivery_max_attempts, settings.retry_base_seconds,
                         settings.retry_cap_seconds)
-    tls = None
-    if any(d.tls for d in settings.destinations):
-        tls = client_ssl_context(settings.send_tls_ca, settings.send_tls_cert,
-                                 settings.send_tls_key)
     return Outbox(db, settings.ae_title, retry, tls=tls, metrics=metrics)
 
 

@@ -85,6 +85,7 @@ class WorkerMetrics(Protocol):
     """What a worker reports as it goes, when given one (cadnode.web.metrics.NodeMetrics)."""
 
     def stage(self, name: str, seconds: float) -> None: ...
+    def job_time(self, seconds: float) -> None: ...
     def inference(self, seconds: float, backend: str) -> None: ...
     def job_finished(self, state: str) -> None: ...
 
@@ -273,7 +274,7 @@ class Worker:
         state = complete_job(self.db, job, scores_doc, sorted(selection.chosen), m.version,
                              results, partial=findings.incomplete)
         if self.metrics is not None:
-            self.metrics.stage("total", clock.laps.get("total", 0.0))
+            self.metrics.job_time(clock.laps.get("total", 0.0))
             self.metrics.job_finished(state.value)
         log.info("study %s %s: read %s%s%s; exam cancer %.1f %%; %.1f s", job.study_uid,
                  state.value, ",".join(sorted(selection.chosen)),

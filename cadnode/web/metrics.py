@@ -88,8 +88,10 @@ class NodeMetrics:
         r = self.registry
         self.stage_seconds = Histogram(
             "cadnode_stage_seconds", "Seconds per worker stage of one job (select, pixels, "
-            "text, model, results; total for a whole job)", ["stage"], registry=r,
-            buckets=STAGE_BUCKETS)
+            "text, model, results)", ["stage"], registry=r, buckets=STAGE_BUCKETS)
+        self.job_seconds = Histogram(
+            "cadnode_job_seconds", "Seconds per job, all stages (claimed to recorded)",
+            registry=r, buckets=STAGE_BUCKETS)
         self.inference_seconds = Histogram(
             "cadnode_inference_seconds", "Seconds per model call (all views of one study)",
             ["backend"], registry=r, buckets=INFERENCE_BUCKETS)
@@ -122,6 +124,9 @@ class NodeMetrics:
     # worker hooks (cadnode.jobs.worker.WorkerMetrics)
     def stage(self, name: str, seconds: float) -> None:
         self.stage_seconds.labels(name).observe(seconds)
+
+    def job_time(self, seconds: float) -> None:
+        self.job_seconds.observe(seconds)
 
     def inference(self, seconds: float, backend: str) -> None:
         self.inference_seconds.labels(backend).observe(seconds)

@@ -135,3 +135,18 @@ def test_a_misspelt_variable_is_warned_about_at_start_up(tmp_path: Path, busy_po
     (warning,) = [line for line in err.splitlines() if "CADNODE_DESTINATION " in line]
     assert warning.endswith("WARNING cadnode.config: unknown environment variable "
                             "CADNODE_DESTINATION is ignored; did you mean CADNODE_DESTINATIONS?")
+
+
+def test_certificates_that_do_not_load(tmp_path: Path) -> None:
+    """Files that exist but are not PEM: the listener's, and the sending side's."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    rc, err = serve(tmp_path, CADNODE_TLS_CERT=str(junk), CADNODE_TLS_KEY=str(junk))
+    assert rc == 2 and err.strip().startswith(
+        "cadnode: bad setting: CADNODE_TLS_CERT / CADNODE_TLS_KEY / CADNODE_TLS_CA: the "
+        "certificate, key or CA file does not load ("), err
+    rc, err = serve(tmp_path, CADNODE_DESTINATIONS="PACS@127.0.0.1:11112;tls",
+                    CADNODE_SEND_TLS_CA=str(junk))
+    assert rc == 2 and err.strip().startswith(
+        "cadnode: bad setting: CADNODE_SEND_TLS_CA / CADNODE_SEND_TLS_CERT / "
+        "CADNODE_SEND_TLS_KEY: the certificate, key or CA file does not load ("), err

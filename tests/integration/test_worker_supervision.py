@@ -20,10 +20,10 @@ from cadnode.config import Settings
 from cadnode.dicom.listener import Listener
 from cadnode.dicom.sender import send_files
 from cadnode.jobs import queue
-from cadnode.jobs.db import Base, Database, Instance, Study
+from cadnode.jobs.db import Database, Instance, Study
 from cadnode.jobs.worker import Worker
 from tests.conftest import PG_ADMIN_URL
-from tests.helpers import wait_until, write_small_study
+from tests.helpers import empty_database, wait_until, write_small_study
 
 STUDIES = 6
 ROOT = "1.2.826.0.1.3680043.10.1.311"
@@ -52,7 +52,7 @@ def test_worker_survives_terminated_connections(pg_url: str, tmp_path: Path) -> 
     settings = replace(Settings(home=tmp_path / "home"), db_url=pg_url, decode_memory_mb=0,
                        poll_seconds=0.1, lease_seconds=5.0, max_attempts=20)
     db = Database(pg_url)
-    Base.metadata.drop_all(db.engine)
+    empty_database(db)
     db.create_schema()
     listener = Listener(settings.spool_dir, lambda s: queue.record_instance(db, s))
     port = listener.start("127.0.0.1", 0)

@@ -330,37 +330,42 @@ def test_a_foreign_file_is_not_taken_for_a_database(tmp_path: Path) -> None:
     assert tables == {"other"}  # nothing was created in it
 
 
-def test_an_existing_database_opens_read_only_and_an_old_one_is_upgraded(tmp_path: Path) -> None:
+def test_an_existing_database_opens_read_only_and_an_old_one_is_refused(tmp_path: Path) -> None:
     from cadnode.cli.common import open_existing_database
 
     settings = replace(Settings(), home=tmp_path)
     db = Database(settings.database_url, home=tmp_path)
     db.create_schema()
     queue.record_instance(db, stored(A, f"{A}.0", "L", "CC"), now=1.0)
-    with db.engine.begin() as conn:  # as cadnode before study dates left it
-        conn.exec_driver_sql("ALTER TABLE studies DROP COLUMN study_date")
-        conn.exec_driver_sql("UPDATE cadnode_meta SET value = '2' WHERE key = 'schema_version'")
     db.dispose()
     ro = open_existing_database(settings)
     try:
         assert ro.read_only and [r["study_uid"] for r in admin.list_studies(ro)] == [A]
-        assert admin.list_studies(ro)[0]["study_date"] == ""
     finally:
         ro.dispose()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "cadnode.db") as con:  # as a release before migrations
+        con.execute("DROP TABLE alembic_version")
     r = _open(tmp_path, tmp_path, "jobs", "--json")
-    assert r.returncode == 0, r.stderr
-    assert "upgraded" not in r.stderr  # once is enough
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "is at the pre-migration schema version 3, this cadnode needs schema 0003" \
+        in r.stderr
+    assert "run `cadnode db upgrade`" in r.stderr
+    with sqlite3.connect(tmp_path / "cadnode.db") as con:  # an admin command changed nothing
+        tables = {n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "alembic_version" not in tables
 
 
 def test_an_existing_postgresql_database_opens_read_only(pg_url: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]
                                                          ) -> None:
     from cadnode.cli.common import open_existing_database
-    from cadnode.jobs.db import Base
+    from tests.helpers import empty_database
 
     settings = replace(Settings(), home=tmp_path / "no-home", db_url=pg_url)
     db = Database(pg_url)
-    Base.metadata.drop_all(db.engine)  # a server database without cadnode's tables
+    empty_database(db)  # a server database without cadnode's tables
     with pytest.raises(SystemExit) as exit_:
         open_existing_database(settings)
     assert exit_.value.code == 2

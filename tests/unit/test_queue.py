@@ -154,27 +154,6 @@ def test_backoff_grows_and_is_capped() -> None:
     assert queue.backoff_seconds(50) <= 300
 
 
-def test_a_schema_1_database_gets_the_columns_added_since(db: Database) -> None:
-    """A job database written by an earlier cadnode keeps working after the upgrade."""
-    from sqlalchemy import inspect
-
-    from cadnode.jobs.db import SCHEMA_VERSION, Meta
-
-    with db.engine.begin() as conn:
-        for column in ("modifiers", "acquired"):
-            conn.exec_driver_sql(f"ALTER TABLE instances DROP COLUMN {column}")
-        conn.exec_driver_sql("ALTER TABLE studies DROP COLUMN study_date")
-        conn.exec_driver_sql("UPDATE cadnode_meta SET value = '1' WHERE key = 'schema_version'")
-    db.create_schema()
-    db.create_schema()  # idempotent
-    columns = {c["name"] for c in inspect(db.engine).get_columns("instances")}
-    assert {"modifiers", "acquired"} <= columns
-    assert "study_date" in {c["name"] for c in inspect(db.engine).get_columns("studies")}
-    with db.session() as s:
-        version = s.get(Meta, "schema_version")
-        assert version is not None and version.value == str(SCHEMA_VERSION) == "3"
-
-
 def test_an_image_arriving_while_the_job_runs_gets_its_own_run(db: Database) -> None:
     """The running job listed its images at its start; the late one must not be marked done
     unread, and the next run waits until the running one has finished."""

@@ -144,6 +144,38 @@ def test_an_image_after_processing_keeps_the_study(db: Database, tmp_path: Path)
     assert report.studies == [] and report.kept == {"still receiving": 1}
 
 
+def test_a_file_written_during_the_purge_stays_and_one_that_cannot_go_is_named(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance sent again after the rows went is written under the same name (spool
+    paths are the study and SOP UIDs): the purge must not remove the new study's file. A file
+    that cannot be removed is reported, and the rest still goes."""
+    home = Home(db, tmp_path)
+    now = time.time()
+    resent, stuck = home.study("1.4.1", now - 40 * DAY)[0], home.study("1.4.2", now - 40 * DAY)[1]
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path == stuck:
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, missing_ok)
+
+    real_lstat = Path.lstat
+
+    def lstat(path: Path) -> os.stat_result:
+        if path == resent:  # the PACS sends it again as the purge goes: written after it began
+            os.utime(path, (now + 5, now + 5))
+        return real_lstat(path)
+
+    monkeypatch.setattr(Path, "lstat", lstat)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    report = purge(db, 30 * DAY, home.spool, home.results, now=now)
+    monkeypatch.undo()
+    assert sorted(report.studies) == ["1.4.1", "1.4.2"]
+    assert resent.is_file() and stuck.is_file()
+    assert report.failed == [f"{stuck}: Permission denied"]
+    assert report.files == 8 - 2 and "1 file(s) could not be removed" in report.summary()
+
+
 def test_the_scheduled_retention_runs_at_start_and_hourly(db: Database, tmp_path: Path) -> None:
     from cadnode.jobs.scheduler import RETENTION_EVERY_SECONDS, create_outbox, create_scheduler
 

@@ -182,3 +182,15 @@ def test_log_file_empty_means_stderr_only(tmp_path: Path, restore_logging) -> No
     setup_logging(s)
     assert not any(isinstance(h, RotatingFileHandler) for h in logging.getLogger().handlers)
     assert not (tmp_path / "logs").exists()
+
+
+def test_database_urls_never_show_a_password() -> None:
+    from cadnode.config import mask_url
+
+    assert mask_url("postgresql+psycopg://u:p@ss@db:5432/cadnode") == \
+        "postgresql+psycopg://u:********@db:5432/cadnode"  # an "@" in the password: all hidden
+    assert mask_url("postgresql:///cadnode?user=u&password=s3cret&sslmode=require") == \
+        "postgresql:///cadnode?user=u&password=********&sslmode=require"
+    assert mask_url("postgresql://u@db/cadnode") == "postgresql://u@db/cadnode"
+    assert mask_url("sqlite:////var/lib/cadnode/cadnode.db") == \
+        "sqlite:////var/lib/cadnode/cadnode.db"

@@ -1,0 +1,1 @@
+"""Alembic migrations of the job database (``cadnode db upgrade``; cadnode.jobs.schema)."""
