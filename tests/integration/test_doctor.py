@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cadnode.demo import free_port
+from cadnode.jobs.schema import head
 from tests.helpers import NodeProcess, port_answers, require, wait_until
 
 #: A storescp profile that takes CT images (and C-ECHO) only, uncompressed.
@@ -91,7 +92,7 @@ def test_doctor_beside_a_running_node_and_a_broken_package(tmp_path: Path) -> No
         assert r.returncode == 0, r.stdout + r.stderr
         assert (f"OK   listener port: 0.0.0.0:{node.port}: a node answers C-ECHO as CADNODE "
                 "(this node is running)") in r.stdout
-        assert "OK   database: sqlite:///" in r.stdout and "schema version" in r.stdout
+        assert "OK   database: sqlite:///" in r.stdout and f"schema {head()}" in r.stdout
     finally:
         node.stop()
     pkg = tmp_path / "pkg"

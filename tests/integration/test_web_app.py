@@ -144,7 +144,8 @@ def test_metrics_parse_and_count_what_happened(client: TestClient, filled: Fille
         "cadnode_queue_oldest_age_seconds", "cadnode_jobs_running", "cadnode_outbox_deliveries",
         "cadnode_stored_instances", "cadnode_stored_bytes", "cadnode_refused_recorded",
         "cadnode_spool_free_bytes", "cadnode_start_time_seconds", "cadnode_model_info",
-        "cadnode_stage_seconds", "cadnode_job_seconds", "cadnode_inference_seconds", "cadnode_jobs_finished",
+        "cadnode_stage_seconds", "cadnode_job_seconds", "cadnode_inference_seconds",
+        "cadnode_jobs_finished",
         "cadnode_received_instances", "cadnode_received_bytes", "cadnode_refusals",
         "cadnode_deliveries", "cadnode_delivery_failures",
     }

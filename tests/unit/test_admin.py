@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from cadnode.config import Destination, Settings
 from cadnode.dicom.spool import StoredInstance, study_date
 from cadnode.dicom.views import ViewInfo
-from cadnode.jobs import admin, queue
+from cadnode.jobs import admin, queue, schema
 from cadnode.jobs.db import Database, Delivery, Job, Study
 from cadnode.results.enum import ResultKind
 
@@ -349,8 +349,8 @@ def test_an_existing_database_opens_read_only_and_an_old_one_is_refused(tmp_path
         con.execute("DROP TABLE alembic_version")
     r = _open(tmp_path, tmp_path, "jobs", "--json")
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
-    assert "is at the pre-migration schema version 3, this cadnode needs schema 0003" \
-        in r.stderr
+    assert ("is at the pre-migration schema version 3, this cadnode needs schema "
+            f"{schema.head()}") in r.stderr
     assert "run `cadnode db upgrade`" in r.stderr
     with sqlite3.connect(tmp_path / "cadnode.db") as con:  # an admin command changed nothing
         tables = {n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
