@@ -458,6 +458,8 @@ def make_header(cfg: SyntheticConfig, spec: ExamSpec, view_index: int) -> Datase
     ds.PatientOrientation = ["A", "R" if view == "CC" else "FR"] if side == "L" else \
         ["P", "L" if view == "CC" else "FL"]
     ds.PresentationIntentType = "FOR PRESENTATION"
+    # how the pixels add_pixels writes are encoded: the domain check reads it from the header
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     ds.BodyPartThickness = f"{thickness:.1f}"
     ds.CompressionForce = f"{float(np.clip(rng.normal(110.0, 30.0), 30.0, 250.0)):.1f}"
     ds.KVP = f"{25.0 + thickness / 10.0 + rng.normal(0.0, 0.7):.1f}"

