@@ -59,9 +59,10 @@ class NodeProcess:
     that port."""
 
     def __init__(self, home: Path, port: int, env: dict[str, str],
-                 cwd: Path | None = None) -> None:
-        self.home, self.port, self.cwd = home, port, cwd
-        self.log = home.parent / f"{home.name}.log"
+                 cwd: Path | None = None, command: tuple[str, ...] = ("serve",),
+                 log: Path | None = None) -> None:
+        self.home, self.port, self.cwd, self.command = home, port, cwd, command
+        self.log = log or home.parent / f"{home.name}.log"
         full = dict(os.environ)
         full.update({"CADNODE_HOME": str(home), "CADNODE_PORT": str(port), **env})
         self.env = full
@@ -69,8 +70,9 @@ class NodeProcess:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "cadnode", "serve"], env=self.env,
-                                     stdout=self._fh, stderr=subprocess.STDOUT, cwd=self.cwd)
+        self.proc = subprocess.Popen([sys.executable, "-m", "cadnode", *self.command],
+                                     env=self.env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     cwd=self.cwd)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up of any kind, as a power cut would leave it."""
@@ -85,15 +87,29 @@ class NodeProcess:
         raise RuntimeError("no VmHWM")
 
     def wait_ready(self, timeout: float = 120) -> None:
+        """Until the node answers C-ECHO (``cadnode worker``: until its start-up line)."""
         from cadnode.demo import wait_for_echo
 
         try:
+            if self.command[0] == "worker":
+                self._wait_for_line(r"cadnode: \d+ worker\(s\), model", timeout)
+                return
             if self.port == 0:
                 self._read_bound_port(timeout)
             wait_for_echo(self.port, "CADNODE", timeout, self.proc)
         except Exception:
             print(self.log.read_text(errors="replace"))
             raise
+
+    def _wait_for_line(self, pattern: str, timeout: float) -> None:
+        def said() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`cadnode {' '.join(self.command)}` exited with "
+                                   f"{self.proc.returncode}")
+            return re.search(pattern, self.log.read_text(errors="replace")) is not None
+
+        if not wait_until(said, timeout, interval=0.05):
+            raise RuntimeError(f"`cadnode {' '.join(self.command)}` did not start")
 
     def _read_bound_port(self, timeout: float) -> None:
         found: list[int] = []

@@ -7,8 +7,11 @@ here; the dataset is streamed to a file in the spool's own folder and renamed in
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 ACCEPTED_SOP_CLASSES = (MG_FOR_PRESENTATION, MG_FOR_PROCESSING)
+#: Under the spool: one folder per listener process for the files being received.
+INCOMING = ".incoming"
 _STORAGE_CLASSES = frozenset(_STORAGE_BY_NAME.values())  # every storage SOP class UID
 
 # pynetdicom, as acceptor, takes the first syntax of *its* list that the requestor offers: put the
@@ -135,7 +140,9 @@ class Listener:
         policy: Policy | None = None,
     ) -> None:
         self.spool_root = spool_root
-        self.incoming = spool_root / ".incoming"
+        # this process's own folder: listeners sharing a spool never touch each other's
+        # partial files (cleanup_incoming and sweep remove others' only when long stale)
+        self.incoming = spool_root / INCOMING / f"{socket.gethostname()}-{os.getpid()}"
         self.on_stored = on_stored
         self.on_refused = on_refused
         self.policy = policy or Policy()
@@ -223,13 +230,16 @@ class Listener:
 
     def sweep(self, older_than: float | None = None) -> int:
         """Remove files in ``.incoming`` that nothing has written to for ``older_than``
-        seconds (default: four network timeouts), except those a live association is still
-        receiving into, however slowly. Returns how many were removed."""
+        seconds (default: four network timeouts), except those a live association of this
+        listener is still receiving into, however slowly; other processes' folders are swept
+        by age alone (a live association writes more often than its network timeout). Returns
+        how many were removed."""
         server = self._server
         live = {t.path for a in (server.active_associations if server is not None else [])
                 if (t := receiving(a)) is not None}
         limit = 4 * self.policy.network_timeout if older_than is None else older_than
         removed = _remove_files(self.incoming, older_than=limit, keep=live)
+        removed += cleanup_incoming(self.spool_root, older_than=limit, keep=self.incoming)
         if removed:
             log.info("removed %d stale partial file(s) from the spool", removed)
         return removed
@@ -345,9 +355,22 @@ class Listener:
         return SUCCESS
 
 
-def cleanup_incoming(spool_root: Path) -> int:
-    """Remove partial files a crash left in the incoming folder; they were never acknowledged."""
-    return _remove_files(spool_root / ".incoming")
+def cleanup_incoming(spool_root: Path, older_than: float | None = None,
+                     keep: Path | None = None) -> int:
+    """Remove partial files a crash left in the incoming folders (they were never
+    acknowledged): those not written to for ``older_than`` seconds (None: all, for a spool no
+    other listener shares), in every process's folder but ``keep``; then the empty folders."""
+    root = spool_root / INCOMING
+    removed = _remove_files(root, older_than=older_than)  # before per-process folders
+    now = time.time()
+    for folder in sorted(root.iterdir()) if root.is_dir() else ():
+        if folder.is_dir() and folder != keep:
+            removed += _remove_files(folder, older_than=older_than)
+            # an idle listener's empty folder stays a while (it would make it again anyway)
+            with contextlib.suppress(OSError):
+                if older_than is None or now - folder.stat().st_mtime > older_than:
+                    folder.rmdir()  # fails when not empty
+    return removed
 
 
 def _remove_files(folder: Path, older_than: float | None = None,

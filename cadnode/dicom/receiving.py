@@ -58,7 +58,11 @@ class ReceivingFile:
             self._refuse(refused)
         else:
             try:
-                self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+                try:
+                    self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+                except FileNotFoundError:  # the folder was removed (an admin, a clean-up)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
                 # closed even if the association's thread dies without telling anyone
                 self._close_fd = weakref.finalize(self, os.close, self._fd)
             except OSError as exc:

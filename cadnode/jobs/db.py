@@ -6,12 +6,16 @@ UNIX seconds (float) so that comparisons behave the same on both engines.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import os
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import (
@@ -27,14 +31,50 @@ from sqlalchemy import (
     make_url,
     select,
 )
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from cadnode.jobs.enum import DeliveryState, JobState, StudyState
+
+_log = logging.getLogger(__name__)
 
 #: cadnode_meta.schema_version as the migrations leave it (read by versions before migrations,
 #: which refuse nothing but show it); the schema itself is the Alembic revision
 #: (cadnode.jobs.schema).
 SCHEMA_VERSION = 3
+
+
+#: Tries of an outcome's transaction when the connection is lost (a server restart, a
+#: terminated backend): the work done must not be thrown away for a dropped connection.
+RECONNECT_TRIES = 6
+
+_T = TypeVar("_T")
+
+
+def reconnecting(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Run ``fn`` (one short transaction) again on a new connection when the connection was
+    lost, waiting 0.1, 0.2, 0.4 ... s; other errors, and the last loss, propagate. Only for
+    transactions that are safe to repeat: they re-read and re-check the rows they change."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> _T:
+        for attempt in range(RECONNECT_TRIES):
+            try:
+                return fn(*args, **kwargs)
+            except (OperationalError, InterfaceError) as exc:
+                if attempt == RECONNECT_TRIES - 1:
+                    raise
+                _log.warning("%s: the job database connection was lost (%s); trying again",
+                            fn.__name__, str(exc.orig or exc).splitlines()[0])
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return run
+
+
+def process_name() -> str:
+    """``cadnode:<host>:<pid>``: how this process names itself to the database server."""
+    return f"cadnode:{socket.gethostname()}:{os.getpid()}"[:63]
 
 
 class Base(DeclarativeBase):
@@ -149,8 +189,11 @@ class Database:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
             kwargs["pool_pre_ping"] = True
+            # pg_stat_activity (and cadnode.jobs.leader.holder) name the process each
+            # connection belongs to
+            kwargs["connect_args"] = {"application_name": process_name()}
             if read_only:  # every transaction of this engine is READ ONLY
-                kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+                kwargs["connect_args"]["options"] = "-c default_transaction_read_only=on"
         engine_url = sqlite_read_only_url(url) if self.is_sqlite and read_only else url
         self.engine: Engine = create_engine(engine_url, **kwargs)
         if self.is_sqlite and read_only:
@@ -176,6 +219,7 @@ class Database:
         with self._sessions() as s, s.begin():
             yield s
 
+    @reconnecting
     def log(
         self, kind: str, message: str, study_uid: str | None = None, level: str = "info"
     ) -> None:

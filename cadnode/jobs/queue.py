@@ -22,7 +22,16 @@ from cadnode.dicom.enum import ViewModifier
 from cadnode.dicom.selection import Candidate, ImplantPolicy, select_views
 from cadnode.dicom.spool import InstanceConflict, StoredInstance, StoreUnavailable
 from cadnode.dicom.views import ViewInfo
-from cadnode.jobs.db import Database, Delivery, Instance, Job, Study, add_event, latest_job
+from cadnode.jobs.db import (
+    Database,
+    Delivery,
+    Instance,
+    Job,
+    Study,
+    add_event,
+    latest_job,
+    reconnecting,
+)
 from cadnode.jobs.enum import (
     FINISHED_STUDY_STATES,
     DeliveryState,
@@ -280,6 +289,7 @@ def _fenced(s: Any, job: ClaimedJob, **values: Any) -> Job:
     return row
 
 
+@reconnecting
 def renew_lease(db: Database, job: ClaimedJob, lease_seconds: float,
                 now: float | None = None) -> None:
     """Extend the lease (between stages); LeaseLost when it is no longer this worker's."""
@@ -338,6 +348,18 @@ def _version_of(doc: dict[str, Any] | None) -> ObjectVersion | None:
                          str(doc.get("content_key", "")))
 
 
+@reconnecting
+@reconnecting
+def study_instances(db: Database, study_id: int) -> list[tuple[str, str, str, str]]:
+    """(path, SOP Instance UID, SOP Class UID, Series UID) of a study's received images, in
+    arrival order."""
+    with db.session() as s:
+        rows = s.execute(select(Instance.path, Instance.sop_instance_uid,
+                                Instance.sop_class_uid, Instance.series_uid)
+                         .where(Instance.study_id == study_id).order_by(Instance.id)).all()
+    return [(p, sop, cls, series) for p, sop, cls, series in rows]
+
+
 def previous_objects(db: Database, study_id: int, job_id: int) -> dict[str, ObjectVersion]:
     """The result objects of the study's latest earlier job that wrote any (kind -> version):
     what a new run's objects replace."""
@@ -352,6 +374,7 @@ def previous_objects(db: Database, study_id: int, job_id: int) -> dict[str, Obje
     return {}
 
 
+@reconnecting
 def complete_job(
     db: Database,
     claimed: ClaimedJob,
@@ -390,6 +413,7 @@ def complete_job(
         return state
 
 
+@reconnecting
 def fail_job(
     db: Database, claimed: ClaimedJob, error: str, max_attempts: int, permanent: bool = False,
     now: float | None = None,
@@ -490,6 +514,7 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+@reconnecting
 def mark_delivery(
     db: Database, delivery_id: int, error: str | None, now: float | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,

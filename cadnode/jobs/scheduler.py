@@ -1,16 +1,21 @@
 """Periodic duties (APScheduler): assemble studies, expire leases, drain the outbox, and
-remove delivered studies past their retention."""
+remove delivered studies past their retention; each run by the process that leads it
+(cadnode.jobs.leader)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from cadnode.config import Settings
 from cadnode.jobs.db import Database
+from cadnode.jobs.leader import LEAD_POLL_SECONDS, Duty, Leadership, polled
 from cadnode.jobs.outbox import DeliveryMetrics, Outbox
 from cadnode.jobs.queue import RetryPolicy, assemble_studies, expire_leases
 from cadnode.jobs.retention import purge_by_settings
@@ -30,23 +35,47 @@ def create_outbox(settings: Settings, db: Database, metrics: DeliveryMetrics | N
     return Outbox(db, settings.ae_title, retry, tls=tls, metrics=metrics)
 
 
-def create_scheduler(settings: Settings, db: Database, outbox: Outbox) -> BackgroundScheduler:
-    """A scheduler whose jobs never overlap themselves and never pile up after a pause."""
+def create_scheduler(settings: Settings, db: Database, leaders: Sequence[Leadership],
+                     outbox: Outbox | None = None) -> BackgroundScheduler:
+    """A scheduler for the duties of ``leaders`` (the assembler: assembling and retention;
+    the sender: the outbox and expired leases), each run only while this process leads it.
+    Its jobs never overlap themselves and never pile up after a pause. The locks are polled
+    once here, so that a process that leads runs its first duties at once."""
     sched = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
     )
+    polled(list(leaders))
+    sched.add_job(polled, "interval", seconds=LEAD_POLL_SECONDS, id="leadership",
+                  args=[list(leaders)])
     every = max(0.2, settings.poll_seconds)
-    sched.add_job(
-        assemble_studies, "interval", seconds=every, id="assemble",
-        args=[db, settings.complete_seconds, settings.stable_seconds],
-        kwargs={"policy": settings.implant_policy},
-    )
-    sched.add_job(
-        expire_leases, "interval", seconds=max(every, 10.0), id="leases",
-        args=[db, settings.max_attempts], next_run_time=datetime.now(),
-    )
-    sched.add_job(outbox.tick, "interval", seconds=every, id="outbox")
-    if settings.retention_days > 0:  # first at start-up, then hourly
-        sched.add_job(purge_by_settings, "interval", seconds=RETENTION_EVERY_SECONDS,
-                      id="retention", args=[settings, db], next_run_time=datetime.now())
+    by_duty = {lead.duty: lead for lead in leaders}
+    if (assembler := by_duty.get(Duty.ASSEMBLER)) is not None:
+        sched.add_job(
+            _led(assembler, assemble_studies), "interval", seconds=every, id="assemble",
+            args=[db, settings.complete_seconds, settings.stable_seconds],
+            kwargs={"policy": settings.implant_policy},
+        )
+        if settings.retention_days > 0:  # first at start-up, then hourly
+            sched.add_job(_led(assembler, purge_by_settings), "interval",
+                          seconds=RETENTION_EVERY_SECONDS, id="retention", args=[settings, db],
+                          next_run_time=datetime.now())
+    if (sender := by_duty.get(Duty.SENDER)) is not None:
+        if outbox is None:
+            raise ValueError("the sender's duties need an outbox")
+        sched.add_job(
+            _led(sender, expire_leases), "interval", seconds=max(every, 10.0), id="leases",
+            args=[db, settings.max_attempts], next_run_time=datetime.now(),
+        )
+        sched.add_job(_led(sender, outbox.tick), "interval", seconds=every, id="outbox")
     return sched
+
+
+def _led(lead: Leadership, duty: Callable[..., Any]) -> Callable[..., None]:
+    """``duty``, run only while this process holds ``lead``."""
+
+    @functools.wraps(duty)
+    def run(*args: Any, **kwargs: Any) -> None:
+        if lead.held:
+            duty(*args, **kwargs)
+
+    return run

@@ -16,7 +16,6 @@ from typing import Protocol
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select
 
 from cadnode.config import Settings, engine_options
 from cadnode.dicom.pixels import (
@@ -28,7 +27,7 @@ from cadnode.dicom.pixels import (
 from cadnode.dicom.selection import Decision, Selection, candidate, select_views
 from cadnode.dicom.spool import write_durably
 from cadnode.dicom.views import MALFORMED_VALUE, ViewInfo
-from cadnode.jobs.db import Database, Instance
+from cadnode.jobs.db import Database
 from cadnode.jobs.decoding import DecodePool
 from cadnode.jobs.domain import outside_domain
 from cadnode.jobs.inputs import encode_texts, stack_images
@@ -41,6 +40,7 @@ from cadnode.jobs.queue import (
     fail_job,
     previous_objects,
     renew_lease,
+    study_instances,
 )
 from cadnode.logs import log_context
 from cadnode.results import BUILDERS
@@ -285,11 +285,7 @@ class Worker:
     def _select(self, job: ClaimedJob) -> tuple[Selection[str], dict[str, Dataset],
                                                 list[NotAnalysed]]:
         """Every received image of the study through the view selection, in arrival order."""
-        with self.db.session() as s:
-            rows = s.execute(select(Instance.path, Instance.sop_instance_uid,
-                                    Instance.sop_class_uid, Instance.series_uid)
-                             .where(Instance.study_id == job.study_id)
-                             .order_by(Instance.id)).all()
+        rows = study_instances(self.db, job.study_id)
         headers: dict[str, Dataset] = {}
         unreadable: list[NotAnalysed] = []
         for stored, sop_uid, sop_class, series_uid in rows:

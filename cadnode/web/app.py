@@ -5,8 +5,8 @@ itself every few seconds. What it shows comes from the same read queries as ``ca
 ``cadnode study`` (cadnode.jobs.admin). Patient ID and accession are shown (the admin's PACS
 shows them too), never a patient's name.
 
-With a token every path except ``/healthz`` needs ``Authorization: Bearer <token>`` or HTTP basic
-auth with the token as password (any user name).
+With a token every path except ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer
+<token>`` or HTTP basic auth with the token as password (any user name).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import base64
 import binascii
 import hmac
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,15 +35,16 @@ from cadnode.jobs import admin
 from cadnode.jobs.db import Database
 from cadnode.jobs.enum import StudyState
 from cadnode.jobs.queue import queue_state
-from cadnode.web.health import Check, database_check, model_check, run_checks, spool_check
+from cadnode.web.health import Check, database_check, run_checks, spool_check
 from cadnode.web.metrics import DatabaseCollector, ModelInfo, NodeMetrics, refusal_reason
 from cadnode.web.thumbnail import sc_png
 
 TEMPLATES = Path(__file__).with_name("templates")
 #: Seconds between two reloads of the dashboard.
 REFRESH_SECONDS = 10
-#: Paths that answer without the token (a liveness probe carries no secrets).
-OPEN_PATHS = frozenset({"/healthz"})
+#: Paths that answer without the token: Kubernetes' and Docker's probes carry no secrets, and
+#: these say nothing about patients (readiness: which check failed, and why).
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass
@@ -60,15 +60,13 @@ class Node:
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     token: str = ""
     started_at: float = field(default_factory=time.time)
-    #: extra readiness checks (name -> check), e.g. the worker thread's
+    #: extra readiness checks (name -> check): the workers' and the listener's
     checks: dict[str, Check] = field(default_factory=dict)
-    #: whether the model is loaded now (default: a model was given)
-    model_loaded: Callable[[], bool] | None = None
 
     def readiness(self) -> dict[str, str]:
-        loaded = self.model_loaded or (lambda: self.model is not None)
+        """The database and the spool; the workers and the listener where this process runs
+        them (``checks``). A process without a model (``cadnode listen``) is ready without."""
         return run_checks({"database": database_check(self.db),
-                           "model": model_check(loaded),
                            "spool": spool_check(self.spool_dir),
                            **self.checks})
 

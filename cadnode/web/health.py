@@ -55,10 +55,6 @@ def spool_check(spool_dir: Path) -> Check:
     return check
 
 
-def model_check(loaded: Callable[[], bool]) -> Check:
-    return lambda: "" if loaded() else "the model is not loaded"
-
-
 def run_checks(checks: dict[str, Check]) -> dict[str, str]:
     """Each check's outcome: "ok" or what is wrong (a check that raises has failed)."""
     out = {}

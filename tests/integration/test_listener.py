@@ -127,7 +127,7 @@ def test_two_listeners_each_receive_into_their_own_spool(tmp_path: Path) -> None
         for name in got:
             assert len(got[name]) == 4
             assert all(p.is_relative_to(tmp_path / name) for p in got[name]), got[name]
-            assert not any((tmp_path / name / ".incoming").iterdir())
+            assert not [p for p in (tmp_path / name / ".incoming").rglob("*") if p.is_file()]
     finally:
         for lst in listeners.values():
             lst.stop()
@@ -155,3 +155,36 @@ def test_a_bug_behind_the_listener_is_not_answered_try_again_later(tmp_path: Pat
         assert echo(port)
     finally:
         listener.stop()
+
+
+def test_listeners_sharing_a_spool_keep_to_their_own_partial_files(tmp_path: Path) -> None:
+    """Two listener processes on one spool (a shared volume): each receives into its own
+    folder; the clean-up of one removes another's partial files only when long stale, and a
+    listener whose folder was removed makes it again rather than refusing stores."""
+    import os
+    import time
+
+    from cadnode.dicom.listener import INCOMING, cleanup_incoming
+    from cadnode.dicom.sender import send_files
+    from tests.helpers import write_small_study
+
+    spool = tmp_path / "spool"
+    got: list[object] = []
+    a = Listener(spool, on_stored=got.append)
+    port = a.start("127.0.0.1", 0)
+    try:
+        other = spool / INCOMING / "otherhost-4242"  # another machine's listener
+        other.mkdir(parents=True)
+        fresh, stale = other / "fresh.dcm", other / "stale.dcm"
+        fresh.write_bytes(b"being received")
+        stale.write_bytes(b"left by a crash")
+        os.utime(stale, (time.time() - 3600, time.time() - 3600))
+        assert a.sweep(older_than=600) == 1
+        assert fresh.exists() and not stale.exists()
+        assert cleanup_incoming(spool, older_than=600) == 0 and other.is_dir()
+        a.incoming.rmdir()  # removed under it (an admin, another host's clean-up)
+        files = write_small_study(tmp_path / "src", "1.2.826.0.1.3680043.10.1.318.1", 64, 32)
+        assert all(r.ok for r in send_files(files, "127.0.0.1", port, "CADNODE"))
+        assert len(got) == 4 and a.incoming.is_dir()
+    finally:
+        a.stop()

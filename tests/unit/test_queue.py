@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from cadnode.dicom.spool import StoredInstance
@@ -182,3 +183,38 @@ def test_an_image_received_again_takes_its_new_header(db: Database) -> None:
     with db.session() as s:
         row = s.scalars(select(Instance)).one()
         assert (row.modifiers, row.acquired) == ("spot compression", "20260302101500.0")
+
+
+def test_outcome_transactions_survive_a_lost_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A terminated backend or a server restart while a worker records its work must not
+    throw the work away: the transaction runs again on a new connection."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from cadnode.jobs import db as db_module
+    from cadnode.jobs.db import reconnecting
+
+    monkeypatch.setattr(db_module.time, "sleep", lambda _s: None)
+    calls: list[int] = []
+
+    @reconnecting
+    def record(fail_times: int) -> str:
+        calls.append(1)
+        if len(calls) <= fail_times:
+            raise OperationalError("UPDATE jobs", {}, Exception("terminating connection"))
+        return "recorded"
+
+    assert record(2) == "recorded" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(OperationalError):  # a database that stays away: the error surfaces
+        record(100)
+    assert len(calls) == db_module.RECONNECT_TRIES
+
+    @reconnecting
+    def conflict() -> None:
+        calls.append(1)
+        raise IntegrityError("INSERT", {}, Exception("unique"))
+
+    calls.clear()
+    with pytest.raises(IntegrityError):  # not a lost connection: never repeated
+        conflict()
+    assert len(calls) == 1

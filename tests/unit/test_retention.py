@@ -177,6 +177,7 @@ def test_a_file_written_during_the_purge_stays_and_one_that_cannot_go_is_named(
 
 
 def test_the_scheduled_retention_runs_at_start_and_hourly(db: Database, tmp_path: Path) -> None:
+    from cadnode.jobs.leader import Duty, Leadership
     from cadnode.jobs.scheduler import RETENTION_EVERY_SECONDS, create_outbox, create_scheduler
 
     settings = load_settings(environ={"CADNODE_HOME": str(tmp_path),
@@ -184,16 +185,27 @@ def test_the_scheduled_retention_runs_at_start_and_hourly(db: Database, tmp_path
     home = Home(db, tmp_path)
     files = home.study("1.4.1", time.time() - 31 * DAY)
     keep = home.study("1.4.2", time.time() - 29 * DAY)
-    sched = create_scheduler(settings, db, create_outbox(settings, db))
+    lead = Leadership(db, Duty.ASSEMBLER)
+    sched = create_scheduler(settings, db, [lead], create_outbox(settings, db))
+    assert lead.held  # polled once when made: the first run is at once, not after a poll
     job = sched.get_job("retention")
     assert job is not None and job.trigger.interval.total_seconds() == RETENTION_EVERY_SECONDS
     assert job.next_run_time is not None  # at once when the node starts
-    report = job.func(*job.args)
-    assert report.studies == ["1.4.1"] and not any(p.exists() for p in files)
-    assert all(p.exists() for p in keep)
+    follower = Leadership(db, Duty.ASSEMBLER)  # another process: it does not lead, runs nothing
+    other = create_scheduler(settings, db, [follower], create_outbox(settings, db))
+    assert not follower.held
+    other_job = other.get_job("retention")
+    other_job.func(*other_job.args)
+    assert all(p.exists() for p in files)
+    job.func(*job.args)
+    assert not any(p.exists() for p in files) and all(p.exists() for p in keep)
+    lead.release()
+    follower.release()
     # off by default; a quiet hour records no event
     off = load_settings(environ={"CADNODE_HOME": str(tmp_path)})
-    assert create_scheduler(off, db, create_outbox(off, db)).get_job("retention") is None
+    quiet = Leadership(db, Duty.ASSEMBLER)
+    assert create_scheduler(off, db, [quiet]).get_job("retention") is None
+    quiet.release()
     events = count(db, Event)
     assert purge_by_settings(settings, db).studies == [] and count(db, Event) == events
 
