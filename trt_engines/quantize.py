@@ -279,7 +279,7 @@ def quantize_package(package: str | Path | ModelManifest, *, home: str | Path,
                     auroc_int8=auroc_int8,
                     max_abs_diff={t: float(np.abs(int8[t] - fp32[t]).max()) for t in TASKS},
                     ms_per_study_fp32=ms_fp32, ms_per_study_int8=ms_int8,
-                    bytes_fp32=manifest.model_path.stat().st_size,
+                    bytes_fp32=sum(p.stat().st_size for p in manifest.weight_files),
                     bytes_int8=candidate.stat().st_size, benchmark=bench.description,
                     n_views=len(bench.files), seconds=time.perf_counter() - started,
                     date=datetime.now(UTC).isoformat(timespec="seconds"), refused=dict(refused))

@@ -8,6 +8,7 @@ variables (which win); every subcommand takes --config and --log-level.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -72,9 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "node_process", False):  # node processes set up their own
             from cadnode.cli.common import setup_logging
 
-            # an admin command prints what it did; its log says more only when asked
-            setup_logging(settings, to_file=False,
-                          level=getattr(args, "log_level", None) or "WARNING")
+            # an admin command prints what it did (pynetdicom's own errors included, in its
+            # words); its log, and the libraries', say more only when asked
+            asked = getattr(args, "log_level", None)
+            setup_logging(settings, to_file=False, level=asked or "WARNING",
+                          libraries=logging.WARNING if asked else logging.CRITICAL,
+                          warn_unknown=False)
         result: int = args.func(settings, args)
         return result
     except SettingsError as exc:

@@ -17,11 +17,14 @@ LOG_FILE_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 
 
-def setup_logging(settings: Settings, to_file: bool = True, level: str | None = None) -> None:
+def setup_logging(settings: Settings, to_file: bool = True, level: str | None = None,
+                  libraries: int = logging.WARNING, warn_unknown: bool = True) -> None:
     """stderr, and (``to_file``: the node's own processes) the rotated ``CADNODE_LOG_FILE``
     unless it is empty, in ``CADNODE_LOG_FORMAT``; every record carries the study and job it is
-    about (cadnode.logs). cadnode's loggers at ``level`` (default CADNODE_LOG_LEVEL). Admin
-    commands log to stderr only, never into the node's file."""
+    about (cadnode.logs). cadnode's loggers at ``level`` (default CADNODE_LOG_LEVEL), other
+    libraries' at ``libraries``; ``warn_unknown``: a warning for each unknown CADNODE_*
+    variable (the node's processes; ``cadnode config`` lists them itself). Admin commands log to
+    stderr only, never into the node's file."""
     from logging.handlers import RotatingFileHandler
 
     from cadnode.logs import ContextFilter, formatter
@@ -43,14 +46,15 @@ def setup_logging(settings: Settings, to_file: bool = True, level: str | None = 
         handler.addFilter(ContextFilter())
     # Third-party libraries (pynetdicom's PDUs, highdicom's template chatter, APScheduler's
     # runs) log at WARNING and above; cadnode's own loggers at the configured level.
-    logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True)
+    logging.basicConfig(level=libraries, handlers=handlers, force=True)
     logging.getLogger("cadnode").setLevel((level or settings.log_level).upper())
     # A poll that finds the previous one still running is skipped by design (coalescing);
     # APScheduler warns about each skip, which tells an admin nothing.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     from cadnode.config import unknown_variables
 
-    for warning in unknown_variables():  # a misspelt setting would otherwise pass unnoticed
+    # a misspelt setting would otherwise pass unnoticed
+    for warning in unknown_variables() if warn_unknown else ():
         logging.getLogger("cadnode.config").warning("%s", warning)
 
 
@@ -96,8 +100,8 @@ def model_error(settings: Settings, exc: Exception) -> str:
 
 @dataclass(frozen=True)
 class TlsContexts:
-    server: ssl.SSLContext | None  # the listener's (CADNODE_TLS_*), when it speaks TLS
-    client: ssl.SSLContext | None  # for ";tls" destinations and `send --tls` (CADNODE_SEND_TLS_*)
+    server: ssl.SSLContext | None  # the listener's, when it speaks TLS
+    client: ssl.SSLContext | None  # for ";tls" destinations and `send --tls`
 
 
 def tls_contexts(settings: Settings, client: bool | None = None) -> TlsContexts:

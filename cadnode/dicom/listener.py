@@ -99,7 +99,7 @@ class Policy:
 
     @classmethod
     def from_settings(cls, s: Settings, ssl_context: ssl.SSLContext | None = None) -> Policy:
-        """The listener's policy; ``ssl_context``: TLS, made from the CADNODE_TLS_* files
+        """The listener's policy; ``ssl_context``: TLS, made from the listener's TLS files
         (cadnode.cli.common.tls_contexts)."""
         return cls(
             allowed_aes=s.allowed_aes,

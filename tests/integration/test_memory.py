@@ -70,7 +70,9 @@ def test_sixteen_concurrent_senders_stay_under_the_memory_bound(
         node.stop()
 
 
-PROCESSING_BOUND_MIB = 900  # measured plateau 711-741 MiB peak (docs/performance.md)
+#: measured peak plateau 1128-1135 MiB with the 0.4.0 package (1024 x 512, MiniLM tower; the
+#: 0.3.0 package at 512 x 256: 711-741 MiB), docs/performance.md
+PROCESSING_BOUND_MIB = 1400
 
 
 @pytest.mark.e2e
