@@ -100,7 +100,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        "is never removed. CADNODE_RETENTION_DAYS does the same hourly in "
                        "`cadnode serve`.")
     p.add_argument("--older-than", metavar="AGE",
-                   help="e.g. 30d, 12h, 90m, 45s (default: CADNODE_RETENTION_DAYS)")
+                   help="e.g. 30d, 1w, 12h, 90m, 45s (default: CADNODE_RETENTION_DAYS)")
     p.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="list the studies")

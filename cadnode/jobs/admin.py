@@ -46,14 +46,21 @@ def iso(t: float | None) -> str | None:
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+def parse_duration(text: str) -> float | None:
+    """``90s``, ``30m``, ``2h``, ``3d``, ``1w`` in seconds; None when ``text`` is not one.
+    The one reading of a duration for every command (``--since``, ``--older-than``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else None
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """UNIX seconds from an ISO 8601 date or date-time (local time when it has no offset) or
     a duration back from now (``90s``, ``30m``, ``2h``, ``3d``, ``1w``); ValueError else."""
     value = text.strip()
     now = time.time() if now is None else now
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", value.lower())
-    if m:
-        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    back = parse_duration(value)
+    if back is not None:
+        return now - back
     try:
         when = datetime.fromisoformat(value)
     except ValueError:

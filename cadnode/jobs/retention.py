@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +28,18 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, delete, func, or_, select
 
 from cadnode.config import Settings
+from cadnode.jobs.admin import parse_duration
 from cadnode.jobs.db import Database, Delivery, Event, Instance, Job, Study, add_event
 from cadnode.jobs.enum import FINISHED_STUDY_STATES, DeliveryState, JobState
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_age(text: str) -> float:
-    """``30d``, ``12h``, ``90m``, ``45s`` (or ``0``) in seconds; ValueError otherwise."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
-    if not m or (not m.group(2) and float(m.group(1)) != 0):
+    """``30d``, ``12h``, ``90m``, ``45s``, ``1w`` (or ``0``) in seconds; ValueError otherwise."""
+    age = 0.0 if text.strip() == "0" else parse_duration(text)
+    if age is None:
         raise ValueError(f"{text!r} is not an age such as 30d, 12h, 90m or 45s")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    return age
 
 
 @dataclass

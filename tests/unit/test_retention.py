@@ -77,7 +77,8 @@ def count(db: Database, table: type) -> int:
 def test_ages_have_units() -> None:
     assert parse_age("30d") == 30 * DAY and parse_age("12h") == 12 * 3600
     assert parse_age("90m") == 5400 and parse_age("45s") == 45 and parse_age("0") == 0
-    for bad in ("30", "-1d", "3w", "d"):
+    assert parse_age("1w") == 7 * DAY  # the same reading as `jobs --since`
+    for bad in ("30", "-1d", "3y", "d"):
         with pytest.raises(ValueError, match="30d, 12h"):
             parse_age(bad)
 
