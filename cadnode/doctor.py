@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cadnode.config import Settings, is_loopback, mask_url, unknown_variables
-from cadnode.dicom.spool import nearest_existing
+from cadnode.dicom.spool import free_bytes, nearest_existing
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -179,8 +178,9 @@ def check_storage(settings: Settings) -> list[Check]:
         made = "" if existing == folder else f" ({folder} will be created)"
         out.append(Check(f"{name} folder", OK, f"{existing} is writable{made}"))
     existing = nearest_existing(settings.spool_dir)
-    if existing.is_dir():
-        free_mb = shutil.disk_usage(existing).free / 2**20
+    free = free_bytes(existing) if existing.is_dir() else None
+    if free is not None:
+        free_mb = free / 2**20
         detail = (f"{free_mb:.0f} MB free for the spool, stores are refused below "
                   f"{settings.min_free_mb:.0f} MB (CADNODE_MIN_FREE_MB)")
         if free_mb < settings.min_free_mb:

@@ -140,14 +140,13 @@ def _workers(settings: Settings, db: Any, metrics: Any, n: int) -> list[Any]:
         for _ in range(n):
             owner = f"{socket.gethostname()}:{os.getpid()}:{len(workers)}"
             workers.append(Worker(settings, db, owner=owner, metrics=metrics))
-    except BackendUnavailable as exc:
-        for w in workers:
+    except Exception as exc:
+        for w in workers:  # the decoding children of those already made
             w.close()
-        raise SettingsError(f"CADNODE_BACKEND={settings.backend}, CADNODE_DEVICE="
-                            f"{settings.device}: {exc}") from None
-    except Exception as exc:  # a corrupt or incomplete package (the manifest says which file)
-        for w in workers:
-            w.close()
+        if isinstance(exc, BackendUnavailable):
+            raise SettingsError(f"CADNODE_BACKEND={settings.backend}, CADNODE_DEVICE="
+                                f"{settings.device}: {exc}") from None
+        # a corrupt or incomplete package (the manifest says which file)
         raise SettingsError(model_error(settings, exc)) from None
     return workers
 

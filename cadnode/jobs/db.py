@@ -38,12 +38,6 @@ from cadnode.jobs.enum import DeliveryState, JobState, StudyState
 
 _log = logging.getLogger(__name__)
 
-#: cadnode_meta.schema_version as the migrations leave it (read by versions before migrations,
-#: which refuse nothing but show it); the schema itself is the Alembic revision
-#: (cadnode.jobs.schema).
-SCHEMA_VERSION = 3
-
-
 #: Tries of an outcome's transaction when the connection is lost (a server restart, a
 #: terminated backend): the work done must not be thrown away for a dropped connection.
 RECONNECT_TRIES = 6

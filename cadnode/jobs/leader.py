@@ -78,11 +78,12 @@ class Leadership:
 
     def release(self) -> None:
         """Give the lock up (at shutdown), so that a follower takes over without waiting."""
-        if self.held:
+        if self.held and self._conn is not None:
+            # unlocked explicitly: the server frees the lock of a closed connection only once
+            # its backend has exited, a moment later
             with contextlib.suppress(Exception):
-                if self._conn is not None:
-                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"),
-                                       {"k": lock_key(self.duty)})
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"),
+                                   {"k": lock_key(self.duty)})
         self._drop()
         if self.held:
             self.held = False

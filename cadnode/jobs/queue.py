@@ -349,7 +349,6 @@ def _version_of(doc: dict[str, Any] | None) -> ObjectVersion | None:
 
 
 @reconnecting
-@reconnecting
 def study_instances(db: Database, study_id: int) -> list[tuple[str, str, str, str]]:
     """(path, SOP Instance UID, SOP Class UID, Series UID) of a study's received images, in
     arrival order."""
@@ -360,6 +359,7 @@ def study_instances(db: Database, study_id: int) -> list[tuple[str, str, str, st
     return [(p, sop, cls, series) for p, sop, cls, series in rows]
 
 
+@reconnecting
 def previous_objects(db: Database, study_id: int, job_id: int) -> dict[str, ObjectVersion]:
     """The result objects of the study's latest earlier job that wrote any (kind -> version):
     what a new run's objects replace."""

@@ -34,7 +34,7 @@ _LEGACY_COLUMNS = (
     ("instances", "acquired", "VARCHAR(26)"),
     ("studies", "study_date", "VARCHAR(8)"),
 )
-#: pg_advisory_xact_lock key that serialises migrations ("cadnode-schema" as an int64).
+#: Session advisory-lock key that serialises migrations on PostgreSQL ("cadnode" as an int).
 _PG_MIGRATION_LOCK = 0x6361646E6F6465
 
 
@@ -65,11 +65,8 @@ def state(db: Database) -> SchemaState:
     with db.engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
         current = MigrationContext.configure(conn).get_current_revision()
-        legacy = None
-        if current is None and "cadnode_meta" in tables:
-            raw = conn.execute(text("SELECT value FROM cadnode_meta WHERE key = "
-                                    "'schema_version'")).scalar()
-            legacy = int(raw) if raw is not None else 0
+        legacy = (_legacy_version(conn) if current is None and "cadnode_meta" in tables
+                  else None)
     cadnode_tables = tables & {"cadnode_meta", "studies", "jobs", "alembic_version"}
     return SchemaState(current, head(), legacy, empty=not cadnode_tables)
 
@@ -138,9 +135,10 @@ def _config(conn: Connection) -> Config:
 
 
 def _legacy_version(conn: Connection) -> int:
-    raw = conn.execute(text("SELECT value FROM cadnode_meta WHERE key = 'schema_version'"))
-    value = raw.scalar()
-    return int(value) if value is not None else 0
+    """cadnode_meta.schema_version, as the releases before migrations kept it (0: none)."""
+    value = conn.execute(text("SELECT value FROM cadnode_meta WHERE key = 'schema_version'"))
+    raw = value.scalar()
+    return int(raw) if raw is not None else 0
 
 
 def _add_legacy_columns(conn: Connection) -> None:

@@ -8,9 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 
-from cadnode.jobs.db import Database, Meta
+from cadnode.jobs.db import Database, Meta, sqlite_file
 
 #: A check returns "" when all is well, else one line saying what is wrong.
 Check = Callable[[], str]
@@ -19,11 +18,11 @@ Check = Callable[[], str]
 def database_check(db: Database) -> Check:
     """The schema's own table answers a query. A SQLite file that was removed (or moved)
     under a running node fails too: its pooled connections would still read the old one."""
-    sqlite_file = _sqlite_file(db.url)
+    sqlite_path = sqlite_file(db.url) if db.is_sqlite else None
 
     def check() -> str:
-        if sqlite_file is not None and not sqlite_file.exists():
-            return f"the database file {sqlite_file} is gone"
+        if sqlite_path is not None and not sqlite_path.exists():
+            return f"the database file {sqlite_path} is gone"
         try:
             with db.session() as s:
                 if s.scalar(select(Meta.value).where(Meta.key == "schema_version")) is None:
@@ -65,16 +64,6 @@ def run_checks(checks: dict[str, Check]) -> dict[str, str]:
             problem = f"{type(exc).__name__}: {_first_line(exc)}"
         out[name] = problem or "ok"
     return out
-
-
-def _sqlite_file(url: str) -> Path | None:
-    try:
-        u = make_url(url)
-    except Exception:
-        return None
-    if not u.drivername.startswith("sqlite") or not u.database or u.database == ":memory:":
-        return None
-    return Path(u.database)
 
 
 def _first_line(exc: BaseException) -> str:

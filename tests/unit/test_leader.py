@@ -9,6 +9,7 @@ from sqlalchemy import select
 from cadnode.jobs.db import Database, Event
 from cadnode.jobs.leader import Duty, Leadership, lock_key
 from tests.conftest import PG_ADMIN_URL
+from tests.helpers import wait_until
 
 
 def test_one_leader_per_duty_and_hand_over(db: Database) -> None:
@@ -48,9 +49,9 @@ def test_a_cut_connection_steps_down_and_the_follower_takes_over(pg_url: str) ->
         backend = a._conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as con:
             assert con.execute("SELECT pg_terminate_backend(%s)", (backend,)).fetchone() == (True,)
-        # the server dropped the lock with the session: the follower gets it at its next poll,
-        # and the old leader, at its next, finds its connection gone and steps down
-        assert b.poll()
+        # the server drops the lock once the terminated backend has exited: the follower gets
+        # it at a poll soon after, and the old leader, at its next, finds its connection gone
+        assert wait_until(b.poll, 10, 0.05)
         assert not a.poll() and not a.held
         assert not a.poll()  # it tries again on a new connection, and the lock is taken
         b.release()

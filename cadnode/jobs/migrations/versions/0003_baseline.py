@@ -103,6 +103,7 @@ def upgrade() -> None:
     op.create_index("ix_deliveries_job_id", "deliveries", ["job_id"])
     op.create_index("ix_deliveries_next_attempt", "deliveries", ["next_attempt"])
     op.create_index("ix_deliveries_state", "deliveries", ["state"])
+    # what the releases before migrations read (and so refuse nothing they do not know)
     op.execute("INSERT INTO cadnode_meta (key, value) VALUES ('schema_version', '3')")
 
 
