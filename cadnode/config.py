@@ -70,6 +70,10 @@ class Settings:
     lease_seconds: float = 600.0
     max_attempts: int = 3
     decode_memory_mb: int = 4096  # a decoding child's data limit; 0: decode in-process
+    decode_processes: int = 0  # decoding children (views decoded in parallel); 0: a core each, <= 4
+    #: decode JPEG 2000 at a reduced resolution level when the model input is much smaller
+    #: (several times faster; the model input is close to, not the same as, the full decode's)
+    reduce_jpeg2000: bool = False
     implant_views: str = ImplantPolicy.FALLBACK.value  # which view is read when ID views exist
     uid_root: str = ""  # empty: the results package's default root
     log_level: str = "INFO"
@@ -370,6 +374,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("CADNODE_MAX_ATTEMPTS: must be at least 1")
     if s.decode_memory_mb != 0 and s.decode_memory_mb < 256:
         raise SettingsError("CADNODE_DECODE_MEMORY_MB: 0 (decode in-process) or at least 256")
+    if s.decode_processes < 0:
+        raise SettingsError("CADNODE_DECODE_PROCESSES: 0 (one per core, at most 4) or more")
     policies = [p.value for p in ImplantPolicy]
     if s.implant_views not in policies:
         raise SettingsError(f"CADNODE_IMPLANT_VIEWS: {s.implant_views!r} is not one of "

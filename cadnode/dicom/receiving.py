@@ -16,12 +16,18 @@ association only:
 
 pynetdicom's decoder still sees every command fragment and an empty last dataset fragment, so
 it completes the message as usual, with ``dataset_path`` naming this file.
+
+Most of a large dataset does not even reach pynetdicom: a P-DATA-TF PDU that holds nothing but
+middle fragments of the dataset being received is written by :func:`write_middle_fragments`
+straight from the socket's buffer (``cadnode.dicom.transport`` reads it), skipping pynetdicom's
+PDU decoding, event queue and state machine, which cost more than the bytes themselves.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
 import tempfile
 import weakref
 from collections.abc import Callable
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _COMMAND = 0x01  # message control header bits (PS3.8 E.2)
 _LAST = 0x02
+_PDV_LENGTH = struct.Struct(">L")  # a PDV item: length, context ID, control header, fragment
 
 
 class ReceivingFile:
@@ -71,7 +78,12 @@ class ReceivingFile:
         self.name = name  # pynetdicom unlinks ``name`` after the C-STORE handler
         self.write(header, counted=False)
 
-    def write(self, data: bytes, counted: bool = True) -> None:
+    @property
+    def open(self) -> bool:
+        """Still taking fragments: neither complete nor refused."""
+        return self._fd is not None
+
+    def write(self, data: bytes | memoryview, counted: bool = True) -> None:
         if self.refused:
             return
         if counted:
@@ -135,7 +147,7 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
     def _receive_fragment(self, context_id: int, data: bytes) -> None:
         target = getattr(self.message, "_data_set_file", None)
         if isinstance(target, ReceivingFile) and not data[0] & _COMMAND:
-            target.write(data[1:])
+            target.write(memoryview(data)[1:])
             if not data[0] & _LAST:
                 return
             target.close()
@@ -163,6 +175,29 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
             target = ReceivingFile(self._incoming, self._limit, header)
         message._data_set_file = target  # type: ignore[assignment]
         message._data_set_path = target.path
+
+
+def write_middle_fragments(body: bytearray, target: ReceivingFile) -> bool:
+    """Write the fragments of a P-DATA-TF PDU body to ``target`` if each one is a dataset
+    fragment that is not the last; otherwise (a command, the end of the dataset, an item that
+    does not parse) write nothing and return False, leaving the whole PDU to pynetdicom."""
+    spans = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if offset + 6 > end:
+            return False
+        (length,) = _PDV_LENGTH.unpack_from(body, offset)
+        stop = offset + 4 + length
+        if length < 2 or stop > end or body[offset + 5] & (_COMMAND | _LAST):
+            return False
+        spans.append((offset + 6, stop))
+        offset = stop
+    if not spans:
+        return False
+    view = memoryview(body)
+    for start, stop in spans:
+        target.write(view[start:stop])
+    return True
 
 
 def refusal(event: Any) -> str:

@@ -38,6 +38,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from cadnode.dicom.receiving import ReceivingFile, receiving, write_middle_fragments
+
 log = logging.getLogger(__name__)
 
 #: Limit for every PDU but P-DATA-TF (an A-ASSOCIATE-RQ of a few hundred presentation contexts
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 MAX_CONTROL_PDU = 256 * 1024
 P_DATA_TF = 0x04
 _HEADER = 6  # PDU type, reserved, 4-byte length
+#: Seconds the streaming path may keep pynetdicom's reactor waiting before it hands it one PDU.
+_STREAM_SLICE = 0.5
 
 Report = Callable[[str], Any]
 
@@ -74,6 +78,13 @@ class BoundedAssociationSocket(AssociationSocket):
     timeout (a deadline for the PDU, not for each read, so a sender trickling a byte at a time
     cannot hold its slot). A refused read returns nothing, which pynetdicom treats as a closed
     connection (Evt17), and the socket is shut down.
+
+    While a C-STORE dataset is being received into a file, a P-DATA-TF PDU of nothing but its
+    middle fragments is written to that file here, as it is read
+    (:func:`~cadnode.dicom.receiving.write_middle_fragments`), and the next PDU read in its
+    place; any other PDU goes to pynetdicom as it came. pynetdicom would only have copied and
+    decoded those PDUs to hand the same bytes to the same file, and that, not the disk, was
+    what bounded the node's receive rate (docs/performance.md).
     """
 
     _guard: Guard
@@ -81,6 +92,7 @@ class BoundedAssociationSocket(AssociationSocket):
     _body: int | None = None  # length of the PDU body the next read must be, if any
     _deadline: float = 0.0  # monotonic time by which the current PDU must be complete
     _refused: bool = False
+    _pending: bytearray | None = None  # a PDU body read ahead, for pynetdicom's next read
 
     @classmethod
     def adopt(cls, sock: AssociationSocket, guard: Guard, peer: str) -> BoundedAssociationSocket:
@@ -100,8 +112,23 @@ class BoundedAssociationSocket(AssociationSocket):
         if self._body is None:
             if nr_bytes != _HEADER:
                 return self._refuse(f"unexpected read of {nr_bytes} bytes outside a PDU")
+            return self._next_header()
+        expected, self._body = self._body, None
+        if nr_bytes != expected:
+            return self._refuse(f"read of {nr_bytes} bytes where the PDU body has {expected}")
+        if self._pending is not None:
+            body, self._pending = self._pending, None
+            return body
+        return self._read(nr_bytes)
+
+    def _next_header(self) -> bytearray:
+        """The header of the next PDU for pynetdicom, after writing any PDUs of dataset
+        fragments that come first (for at most ``_STREAM_SLICE`` seconds, so that pynetdicom's
+        reactor still gets its turn)."""
+        slice_end = time.monotonic() + _STREAM_SLICE
+        while True:
             self._deadline = time.monotonic() + self._guard.timeout
-            data = self._read(nr_bytes)
+            data = self._read(_HEADER)
             if len(data) < _HEADER:
                 return data  # closed (or timed out) before a whole header: Evt17
             pdu_type, _, length = struct.unpack(">BBL", bytes(data))
@@ -112,31 +139,50 @@ class BoundedAssociationSocket(AssociationSocket):
                 return self._refuse(f"PDU type 0x{pdu_type:02X} of {length} bytes exceeds "
                                     f"the limit of {limit}")
             self._body = length
-            return data
-        expected, self._body = self._body, None
-        if nr_bytes != expected:
-            return self._refuse(f"read of {nr_bytes} bytes where the PDU body has {expected}")
-        return self._read(nr_bytes)
+            target = self._streaming_target() if pdu_type == P_DATA_TF else None
+            if target is None or time.monotonic() > slice_end:
+                return data
+            body = self._read(length)
+            if len(body) < length:  # closed, timed out or refused half-way
+                self._body = None
+                return bytearray()
+            if not write_middle_fragments(body, target):
+                self._pending = body
+                return data
+            self._body = None
+            self.assoc.dul._idle_timer.restart()  # pynetdicom's idle timeout: data did come
+
+    def _streaming_target(self) -> ReceivingFile | None:
+        """The file a dataset is being received into, when pynetdicom has nothing of this
+        association still to process (its events are handled in order, so a PDU written here
+        cannot overtake one it has yet to hand to the file)."""
+        target = receiving(self.assoc)
+        if target is None or not target.open or not self.assoc.dul.event_queue.empty():
+            return None
+        return target
 
     def _read(self, nr_bytes: int) -> bytearray:
         """Up to ``nr_bytes``, each ``recv`` with the time left before the PDU's deadline."""
         assert self.socket is not None
-        data = bytearray()
-        while len(data) < nr_bytes:
+        data = bytearray(nr_bytes)
+        view = memoryview(data)
+        got = 0
+        while got < nr_bytes:
             left = self._deadline - time.monotonic()
             late = f"a PDU not complete within {self._guard.timeout:g} s (network timeout)"
             if left <= 0:
                 return self._refuse(late)
             try:
                 self.socket.settimeout(left)  # whatever is left of the PDU's deadline
-                chunk = self.socket.recv(min(65536, nr_bytes - len(data)))
+                n = self.socket.recv_into(view[got:], nr_bytes - got)
             except TimeoutError:
                 return self._refuse(late)
             except OSError:
                 return bytearray()  # reset by the peer: pynetdicom sees a closed connection
-            if not chunk:
-                return data  # closed by the peer
-            data.extend(chunk)
+            if not n:
+                del view
+                return data[:got]  # closed by the peer
+            got += n
         return data
 
     def _refuse(self, why: str) -> bytearray:

@@ -28,7 +28,7 @@ from cadnode.dicom.selection import Decision, Selection, candidate, select_views
 from cadnode.dicom.spool import write_durably
 from cadnode.dicom.views import MALFORMED_VALUE, ViewInfo
 from cadnode.jobs.db import Database
-from cadnode.jobs.decoding import DecodePool
+from cadnode.jobs.decoding import DecodePool, default_processes
 from cadnode.jobs.domain import outside_domain
 from cadnode.jobs.inputs import encode_texts, stack_images
 from cadnode.jobs.queue import (
@@ -117,7 +117,9 @@ class Worker:
         self.metrics = metrics
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.engine, self.tokenizer = load_model(settings)
-        self.decoder = DecodePool(settings.decode_memory_mb)
+        self.decoder = DecodePool(settings.decode_memory_mb,
+                                  settings.decode_processes or default_processes(),
+                                  settings.reduce_jpeg2000)
         self._stop = threading.Event()
         self.healthy = True  # False while iterations fail (database down, disk full)
 
@@ -302,17 +304,19 @@ class Worker:
     def _prepare(self, job: ClaimedJob, views: list[_View]) -> None:
         """Decode and prepare each chosen view; a failure is one line in the report, the
         whole exception in the log and the job record."""
-        size = tuple(self.engine.manifest.input_size)
-        for v in views:
-            try:
-                v.prepared = self.decoder.prepare(
-                    v.path, size, v.info.laterality,  # type: ignore[arg-type]
-                    self.engine.manifest.pixel_pipeline)
-            except PixelDecodeError as exc:
-                v.error, v.detail = exc.summary, str(exc)
-            except MALFORMED_VALUE as exc:  # what pydicom raises for a damaged file
-                v.error = f"the image could not be read ({type(exc).__name__})"
-                v.detail = f"{type(exc).__name__}: {exc}"
+        h, w = self.engine.manifest.input_size
+        outcomes = self.decoder.prepare_all([(v.path, v.info.laterality) for v in views],
+                                            (h, w), self.engine.manifest.pixel_pipeline)
+        for v, outcome in zip(views, outcomes, strict=True):
+            if isinstance(outcome, PixelDecodeError):
+                v.error, v.detail = outcome.summary, str(outcome)
+            elif isinstance(outcome, MALFORMED_VALUE):  # what pydicom raises for a damaged file
+                v.error = f"the image could not be read ({type(outcome).__name__})"
+                v.detail = f"{type(outcome).__name__}: {outcome}"
+            elif isinstance(outcome, Exception):
+                raise outcome
+            else:
+                v.prepared = outcome
             if v.detail is not None:
                 log.warning("study %s: %s not analysed: %s", job.study_uid, v.key, v.detail)
 

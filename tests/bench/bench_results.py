@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
-import platform
 import pstats
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +32,7 @@ from cadnode.jobs.db import Database
 from cadnode.jobs.worker import Worker, _encode
 from cadnode.results import BUILDERS
 from cadnode.results.uids import DEFAULT_UID_ROOT
-from tests.conftest import REPO
+from tests.bench.report import Table
 
 
 def _findings(root: Path) -> tuple[Any, list[Any], Worker]:
@@ -78,17 +75,22 @@ def _model_ms(worker: Worker, runs: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--profile", type=int, default=25, help="functions shown (0: no profile)")
-    args = p.parse_args()
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=int, default=5, help="timed builds per object kind")
+    p.add_argument("--profile", type=int, default=25,
+                   help="functions shown in the profile printed after the table (0: none)")
+
+
+def run(args: argparse.Namespace) -> Table:
     configure_pynetdicom()
+    table = Table("results", "Results: ms per result object kind",
+                  "python -m tests.bench.bench_results",
+                  ["object", "build ms", "encode ms", "total ms", "x model call", "bytes"])
     with tempfile.TemporaryDirectory() as tmp:
         findings, sources, worker = _findings(Path(tmp))
         try:
             model = _model_ms(worker, args.runs)
-            rows = []
+            total = 0.0
             for kind, build in BUILDERS.items():
                 built, encoded, size = [], [], 0
                 for _ in range(args.runs):
@@ -98,9 +100,11 @@ def main() -> None:
                     size = len(_encode(ds))
                     built.append(1000 * (mid - start))
                     encoded.append(1000 * (time.perf_counter() - mid))
-                rows.append((kind.value, statistics.median(built), statistics.median(encoded),
-                             size))
-            profile = ""
+                b, e = statistics.median(built), statistics.median(encoded)
+                total += b + e
+                table.add(kind.value, b, e, b + e, f"{(b + e) / model:.2f}", size)
+            table.add("all four", "", "", total, f"{total / model:.2f}", "")
+            table.add("reference: model call, 4 views", "", "", model, "1.00", "")
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
@@ -109,24 +113,22 @@ def main() -> None:
                 prof.disable()
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(args.profile)
-                profile = out.getvalue()
+                table.appendix = out.getvalue()
         finally:
             worker.close()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip()
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"median of {args.runs}\n")
-    print("| object | build ms | encode ms | total ms | x model call | bytes |")
-    print("|---|---|---|---|---|---|")
-    total = 0.0
-    for kind, b, e, size in rows:
-        total += b + e
-        print(f"| {kind} | {b:.0f} | {e:.0f} | {b + e:.0f} | {(b + e) / model:.2f} | {size} |")
-    print(f"| all four | | | {total:.0f} | {total / model:.2f} | |")
-    print(f"| reference: model call, 4 views | | | {model:.0f} | 1.00 | |")
-    if profile:
-        print("\n" + profile)
+    table.notes.append(f"The 4-view demo exam's findings, median of {args.runs} builds per "
+                       "kind; encode is save_as into memory, as the worker writes it; the model "
+                       "call is ONNX Runtime, the packaged model, in the same run.")
+    return table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    table = run(p.parse_args())
+    print(table.text())
+    if table.appendix:
+        print("\n" + table.appendix)
 
 
 if __name__ == "__main__":

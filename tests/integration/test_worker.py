@@ -142,14 +142,16 @@ def test_study_with_nothing_decodable_fails_with_its_error(worker_env, worker, d
     assert row["deliveries"] == {}
 
 
-def test_a_view_over_the_decoding_memory_limit_fails_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_view_over_the_decoding_memory_limit_fails_alone(tmp_path, processes) -> None:  # type: ignore[no-untyped-def]
     """The real 17-megapixel film needs ~200 MB to decode; with a 160 MB limit its child process
-    fails, the view is reported with a one-line reason, the small views are scored, and the
-    worker goes on with a new child."""
+    fails, the view is reported with a one-line reason, the small views are scored (decoded
+    beside it in the other child when there are two: a pool broken by one view's crash decodes
+    the others again alone), and the worker goes on with a new child."""
     from cadnode.demo import write_demo_study
     from tests.helpers import write_small_study
 
-    settings = Settings(home=tmp_path / "home", decode_memory_mb=160)
+    settings = Settings(home=tmp_path / "home", decode_memory_mb=160, decode_processes=processes)
     settings.home.mkdir()
     db = Database(settings.database_url)
     db.create_schema()

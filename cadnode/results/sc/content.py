@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import numpy as np
@@ -29,7 +30,10 @@ DOMAIN_WIDTH = 48  # characters per line that fit a panel at 22 px
 MAX_DOMAIN_LINES = 12
 
 
+@functools.cache
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own font at ``size`` px, loaded once per size (loading it is most of the
+    cost of a line of text)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
@@ -37,11 +41,14 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _heat_rgb(heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """'Hot' colours and blending weights: cool areas stay grey so the anatomy stays readable."""
+    """'Hot' colours (uint8 RGB) and blending weights (uint8, 255 = all colour): cool areas
+    stay grey so the anatomy stays readable."""
     h = np.clip(heat.astype(np.float32), 0.0, 1.0)
-    rgb = np.stack([np.ones_like(h), np.clip(2.0 * h - 0.6, 0, 1), np.zeros_like(h)], axis=-1)
-    alpha = 0.6 * np.clip((h - 0.2) / 0.6, 0.0, 1.0)
-    return rgb * 255.0, alpha[..., None]
+    rgb = np.zeros((*h.shape, 3), np.uint8)
+    rgb[..., 0] = 255
+    rgb[..., 1] = np.rint(255.0 * np.clip(2.0 * h - 0.6, 0, 1))
+    alpha = np.rint(255.0 * 0.6 * np.clip((h - 0.2) / 0.6, 0.0, 1.0)).astype(np.uint8)
+    return rgb, alpha
 
 
 def _fit(w: int, h: int) -> tuple[int, int]:
@@ -57,14 +64,13 @@ def _view_panel(v: ViewFinding, thresholds: dict[str, float]) -> tuple[Image.Ima
         display = np.zeros((v.rows, v.columns), dtype=np.uint8)
     disp = Image.fromarray(np.asarray(display, dtype=np.uint8), mode="L")
     fw, fh = _fit(disp.width, disp.height)
-    grey = np.asarray(disp.resize((fw, fh), Image.Resampling.BILINEAR), dtype=np.float32)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    img = disp.resize((fw, fh), Image.Resampling.BILINEAR).convert("RGB")
     if v.heatmap is not None:
         heat = Image.fromarray(np.asarray(v.heatmap, dtype=np.float32), mode="F")
-        heat_arr = np.asarray(heat.resize((fw, fh), Image.Resampling.BILINEAR))
-        colour, alpha = _heat_rgb(heat_arr)
-        rgb = rgb * (1.0 - alpha) + colour * alpha
-    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
+        colour, alpha = _heat_rgb(np.asarray(heat.resize((fw, fh), Image.Resampling.BILINEAR)))
+        # blended in Pillow (uint8, in C): the same picture as float arithmetic, to rounding
+        img = Image.composite(Image.fromarray(colour, mode="RGB"), img,
+                              Image.fromarray(alpha, mode="L"))
     x0, y0 = (PANEL_W - fw) // 2, (PANEL_H - fh) // 2
     panel.paste(img, (x0, y0))
     draw = ImageDraw.Draw(panel)

@@ -59,6 +59,38 @@ def library_stub(stub: Dataset) -> Dataset:
     return lib
 
 
+def _root_shell(root: Dataset) -> Dataset:
+    """The root CONTAINER without its children, for highdicom's SR constructor.
+
+    The constructor deep-copies the whole content tree (for its typed ``content`` view) and
+    searches it for IMAGE/COMPOSITE references, which cost more than building the tree. Given
+    the root's own attributes only, it does neither at any cost; the tree is attached by
+    :func:`_attach_content`, exactly as the constructor does it (``sr[tag] = value`` for every
+    element of the root). The evidence sequences are unchanged: highdicom lists every
+    ``evidence`` dataset whether referenced or not (the content search only checks that each
+    reference is evidence), and ``evidence_stubs`` has a stub for every view the tree names.
+    """
+    shell = Dataset()
+    for elem in root:
+        if elem.keyword != "ContentSequence":
+            shell.add(elem)  # shared, not copied: highdicom copies the shell, never edits it
+    shell.ContentSequence = []  # highdicom's reference search needs the attribute
+    return shell
+
+
+def _attach_content(sr: hd.sr.Comprehensive3DSR, root: Dataset) -> None:
+    """Put the full content tree on ``sr`` as highdicom's constructor would have.
+
+    The elements are the built tree itself (the constructor assigns the original, not its
+    copy); ``sr.content`` becomes the typed view of that tree (``_content`` is where
+    highdicom keeps it; it held the shell's copy until here).
+    """
+    assert isinstance(root, hd.sr.ContainerContentItem), type(root)
+    for elem in root:
+        sr[elem.tag] = elem
+    sr._content = hd.sr.ContentSequence([root], is_root=True)
+
+
 def build_tid1500_sr(
     findings: StudyFindings, sources: Sequence[Dataset], uid_root: str = DEFAULT_UID_ROOT
 ) -> Dataset:
@@ -77,9 +109,10 @@ def build_tid1500_sr(
     )
     identity = result_identity(uid_root, findings, KIND)
     series_uid, sop_uid = identity.series_uid, identity.sop_instance_uid
+    root = report[0]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=_root_shell(root),
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
@@ -94,6 +127,7 @@ def build_tid1500_sr(
         manufacturer_model_name=MANUFACTURER,
         software_versions=__version__,
     )
+    _attach_content(sr, root)
     copy_patient_study(sr, sources[0], findings.study_uid)
     sr.ContributingEquipmentSequence = [
         contributing_equipment(findings)  # type: ignore[list-item]
