@@ -65,6 +65,22 @@ REDUCE_MAX_LEVEL = 3
 _REDUCIBLE = frozenset({dcm_uid.JPEG2000Lossless, dcm_uid.JPEG2000})
 
 
+#: pydicom decoding plugins tried first, fastest first, by transfer syntax (16-bit mammograms,
+#: ``tests/bench/bench_decode.py``; figures in docs/performance.md): GDCM decodes JPEG lossless
+#: and JPEG 2000 1.5-1.7x faster than pylibjpeg, pyjpegls JPEG-LS 2-5x faster than the others;
+#: pylibjpeg's RLE is 6x pydicom's. Where one refuses an image (GDCM's plugin and 12-bit lossy
+#: JPEG), the next is tried.
+PREFERRED_PLUGINS: dict[dcm_uid.UID, tuple[str, ...]] = {
+    dcm_uid.RLELossless: ("pylibjpeg",),
+    dcm_uid.JPEGLosslessSV1: ("gdcm", "pylibjpeg"),
+    dcm_uid.JPEGLossless: ("gdcm", "pylibjpeg"),
+    dcm_uid.JPEGLSLossless: ("pyjpegls", "gdcm"),
+    dcm_uid.JPEGLSNearLossless: ("pyjpegls", "gdcm"),
+    dcm_uid.JPEG2000Lossless: ("gdcm", "pylibjpeg"),
+    dcm_uid.JPEG2000: ("gdcm", "pylibjpeg"),
+}
+
+
 class PixelDecodeError(Exception):
     """The pixel data cannot (or must not) be decoded; the message names the transfer syntax.
 
@@ -138,12 +154,14 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
 
 
 def _decode_with_pydicom(ds: Dataset, index: int | None) -> np.ndarray:
-    """Decode with pydicom's plugins; pylibjpeg first (faster than GDCM on JPEG 2000 here)."""
+    """Decode with pydicom's plugins: the fastest for the transfer syntax first
+    (:data:`PREFERRED_PLUGINS`), then any that will."""
     ts = ds.file_meta.TransferSyntaxUID
     decoder = get_decoder(ts)
     errors: list[str] = []
     plugins = list(decoder.available_plugins)
-    order = [p for p in ("pylibjpeg",) if p in plugins and len(plugins) > 1] + [""]
+    preferred = PREFERRED_PLUGINS.get(dcm_uid.UID(str(ts)), ())
+    order = [p for p in preferred if p in plugins and len(plugins) > 1] + [""]
     for plugin in order:
         try:
             arr, _ = decoder.as_array(ds, index=index, decoding_plugin=plugin)

@@ -424,3 +424,32 @@ def test_reduced_j2k_keeps_12_bit_values() -> None:
     assert half.max() <= 4095
     box = full.reshape(600, 2, 400, 2).mean(axis=(1, 3))
     assert np.abs(half - box).mean() < 0.01 * 4095
+
+
+@pytest.mark.parametrize("syntax", [uid.RLELossless, uid.JPEGLosslessSV1, uid.JPEGLSLossless,
+                                    uid.JPEG2000Lossless])
+def test_lossless_syntaxes_decode_exactly_through_the_preferred_plugin(
+        tmp_path: Path, syntax: uid.UID) -> None:
+    """Whichever plugin PREFERRED_PLUGINS puts first (GDCM, pyjpegls, pylibjpeg) gives back
+    the very pixels encoded, and is the one that decodes."""
+    import subprocess
+
+    from pydicom.pixels import get_decoder
+
+    from cadnode.dicom.pixels import PREFERRED_PLUGINS, decode_pixels
+
+    img, _ = _textured_breast("R")
+    ds = _synthetic(img)
+    if syntax == uid.JPEGLosslessSV1:  # no Python encoder: DCMTK's, as a modality would
+        raw = tmp_path / "raw.dcm"
+        ds.save_as(raw, enforce_file_format=True)
+        subprocess.run(["dcmcjpeg", "+e1", str(raw), str(tmp_path / "j.dcm")], check=True)
+        ds = pydicom.dcmread(tmp_path / "j.dcm")
+    else:
+        ds.compress(syntax)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    first = PREFERRED_PLUGINS[syntax][0]
+    assert first in get_decoder(syntax).available_plugins  # installed with cadnode
+    np.testing.assert_array_equal(decode_pixels(ds), img.astype(np.float32))
+    arr, _ = get_decoder(syntax).as_array(ds, decoding_plugin=first)
+    np.testing.assert_array_equal(arr, img)
