@@ -5,7 +5,8 @@
 The same DCMTK ``storescu`` processes push the same files to each receiver in turn: ``--images``
 uncompressed 3328 x 2560 16-bit mammograms (17 MB each, the size of a Hologic image; pixels
 from the real demo exam) and the same images as JPEG 2000 lossless, with 1 and 4 concurrent
-senders (the images split between them). Receivers:
+senders (the images split between them); and the 4-view demo exam as it is (RLE lossless, the
+same files each push). Receivers:
 
 - DCMTK ``storescp +B`` (TCP_NODELAY=1: bit-preserving, written straight to disk, no fsync): the
   reference of the ratio;
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> Table:
         root = Path(tmp)
         sets = {"uncompressed": ("-xe", write_images(root / "raw", args.images)),
                 "JPEG 2000 lossless": ("-xv", write_images(root / "j2k", args.images,
-                                                           JPEG2000Lossless))}
+                                                           JPEG2000Lossless)),
+                "RLE lossless (the 4-view demo exam)": ("-xr", write_demo_study(root / "rle"))}
         for label, (propose, files) in sets.items():
             mb = sum(f.stat().st_size for f in files) / 1e6
             for senders in counts:
