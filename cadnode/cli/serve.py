@@ -8,6 +8,7 @@ their lock (cadnode.jobs.leader)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -51,7 +52,7 @@ def run_node(settings: Settings, roles: frozenset[Role], concurrency: int = 1) -
     by itself (exit status 1, so that the service manager restarts the process)."""
     from cadnode.dicom.listener import cleanup_incoming
     from cadnode.jobs.leader import Duty, Leadership
-    from cadnode.jobs.scheduler import create_outbox, create_scheduler
+    from cadnode.jobs.scheduler import create_outbox, create_scheduler, send_now
 
     prepare_home(settings)  # an unwritable home is one line now, not a traceback later
     tls = tls_contexts(settings)  # so is a certificate that does not load
@@ -78,7 +79,12 @@ def run_node(settings: Settings, roles: frozenset[Role], concurrency: int = 1) -
     leaders = ([Leadership(db, Duty.ASSEMBLER)] if Role.LISTEN in roles else []) + (
         [Leadership(db, Duty.SENDER)] if Role.WORK in roles else [])
     outbox = create_outbox(settings, db, metrics, tls.client) if Role.WORK in roles else None
-    sched = create_scheduler(settings, db, leaders, outbox)
+    # A study queued here is claimed by these workers at once, and results leave at once:
+    # the polls remain for what other processes queue and for retries.
+    sched = create_scheduler(settings, db, leaders, outbox,
+                             on_queued=lambda _uids: [w.wake() for w in workers])
+    for w in workers:
+        w.after_job = functools.partial(send_now, sched)
     if listener is not None:
         sched.add_job(listener.sweep, "interval", seconds=60, id="sweep-incoming")
     sched.start()

@@ -52,8 +52,19 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
     """Commit the row for a spooled instance; returns False for a repeated SOP instance.
 
     Two associations may bring the same new study (or the same instance) at once: the loser
-    of the insert race sees a unique violation and simply runs again, finding the row."""
+    of the insert race sees a unique violation and simply runs again, finding the row. A
+    connection lost on the way is replaced and the transaction run again (it re-reads what it
+    changes, and an instance whose row did commit is found as a repeat); only a database that
+    stays away fails the store, and the sender is told to try again later."""
     now = time.time() if now is None else now
+    try:
+        return _record_reconnecting(db, stored, now)
+    except (OperationalError, InterfaceError) as exc:  # connection lost, database locked
+        raise StoreUnavailable(f"job database unavailable: {exc.orig or exc}") from exc
+
+
+@reconnecting
+def _record_reconnecting(db: Database, stored: StoredInstance, now: float) -> bool:
     for attempt in range(_RECORD_TRIES):
         try:
             with db.session() as s:
@@ -63,8 +74,6 @@ def record_instance(db: Database, stored: StoredInstance, now: float | None = No
                 raise
             log.info("study %s: concurrent insert, recording %s again", stored.study_uid,
                      stored.sop_instance_uid)
-        except (OperationalError, InterfaceError) as exc:  # connection lost, database locked
-            raise StoreUnavailable(f"job database unavailable: {exc.orig or exc}") from exc
     raise AssertionError("unreachable")
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from cadnode.config import Settings
@@ -36,11 +37,15 @@ def create_outbox(settings: Settings, db: Database, metrics: DeliveryMetrics | N
 
 
 def create_scheduler(settings: Settings, db: Database, leaders: Sequence[Leadership],
-                     outbox: Outbox | None = None) -> BackgroundScheduler:
+                     outbox: Outbox | None = None,
+                     on_queued: Callable[[list[str]], object] | None = None,
+                     ) -> BackgroundScheduler:
     """A scheduler for the duties of ``leaders`` (the assembler: assembling and retention;
     the sender: the outbox and expired leases), each run only while this process leads it.
     Its jobs never overlap themselves and never pile up after a pause. The locks are polled
-    once here, so that a process that leads runs its first duties at once."""
+    once here, so that a process that leads runs its first duties at once. ``on_queued``
+    hears the studies each assembling queued (``cadnode serve`` wakes its workers with it);
+    :func:`send_now` runs the outbox at once."""
     sched = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
     )
@@ -51,8 +56,8 @@ def create_scheduler(settings: Settings, db: Database, leaders: Sequence[Leaders
     by_duty = {lead.duty: lead for lead in leaders}
     if (assembler := by_duty.get(Duty.ASSEMBLER)) is not None:
         sched.add_job(
-            _led(assembler, assemble_studies), "interval", seconds=every, id="assemble",
-            args=[db, settings.complete_seconds, settings.stable_seconds],
+            _led(assembler, _then(assemble_studies, on_queued)), "interval", seconds=every,
+            id="assemble", args=[db, settings.complete_seconds, settings.stable_seconds],
             kwargs={"policy": settings.implant_policy},
         )
         if settings.retention_days > 0:  # first at start-up, then hourly
@@ -66,8 +71,37 @@ def create_scheduler(settings: Settings, db: Database, leaders: Sequence[Leaders
             _led(sender, expire_leases), "interval", seconds=max(every, 10.0), id="leases",
             args=[db, settings.max_attempts], next_run_time=datetime.now(),
         )
-        sched.add_job(_led(sender, outbox.tick), "interval", seconds=every, id="outbox")
+        sched.add_job(_led(sender, outbox.tick), "interval", seconds=every, id=OUTBOX_JOB)
     return sched
+
+
+#: The scheduler's id of the outbox duty.
+OUTBOX_JOB = "outbox"
+
+
+def send_now(sched: BackgroundScheduler) -> None:
+    """Run the outbox duty now (new results), not at its next interval; still only while
+    this process leads it, and never beside a run in progress (``max_instances``)."""
+    try:
+        sched.modify_job(OUTBOX_JOB, next_run_time=datetime.now())
+    except JobLookupError:  # a process without the sender's duty, or one shutting down
+        pass
+
+
+def _then(duty: Callable[..., list[str]],
+          hear: Callable[[list[str]], object] | None) -> Callable[..., list[str]]:
+    """``duty``, whose non-empty result is then passed to ``hear`` (when there is one)."""
+    if hear is None:
+        return duty
+
+    @functools.wraps(duty)
+    def run(*args: Any, **kwargs: Any) -> list[str]:
+        done = duty(*args, **kwargs)
+        if done:
+            hear(done)
+        return done
+
+    return run
 
 
 def _led(lead: Leadership, duty: Callable[..., Any]) -> Callable[..., None]:

@@ -121,7 +121,11 @@ class Worker:
                                   settings.decode_processes or default_processes(),
                                   settings.reduce_jpeg2000)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by wake(): a job was queued in this process
         self.healthy = True  # False while iterations fail (database down, disk full)
+        #: Called after each job this worker ran (``cadnode serve`` points it at the outbox, so
+        #: that results leave at once rather than at the outbox's next poll).
+        self.after_job: Callable[[], object] = _nothing
 
     def run_forever(self) -> None:
         """Run jobs until stopped. Nothing that goes wrong in one iteration ends the loop: a
@@ -143,14 +147,22 @@ class Worker:
                     self._stop.wait(delay)
                     continue
                 self.healthy = True
-                if not busy:
-                    self._stop.wait(self.settings.poll_seconds)
+                if busy:
+                    self.after_job()
+                else:  # until the next poll, or sooner when wake() says a job is queued
+                    self._wake.wait(self.settings.poll_seconds)
+                    self._wake.clear()
         finally:
             self.close()  # in this thread, after the last job: never under a running one
 
     def stop(self) -> None:
         """Ask ``run_forever`` to return after the job in progress."""
         self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """A job was queued: an idle ``run_forever`` claims it now, not at its next poll."""
+        self._wake.set()
 
     def close(self) -> None:
         """Stop the decoding child (for a worker driven by ``run_once``)."""
@@ -379,6 +391,10 @@ class Worker:
             version = result_identity(uid_root, findings, kind).version(str(ds.SOPClassUID))
             results.append(ResultFile(kind, str(path), str(ds.SOPInstanceUID), dests, version))
         return results
+
+
+def _nothing() -> None:
+    """The default ``Worker.after_job``."""
 
 
 def _not_analysed(d: Decision[str], header: Dataset | None) -> NotAnalysed:

@@ -4,8 +4,8 @@
         [--write] [--only receive,decode,...] [--quick]
 
 Runs receive, decode, preprocess, results, turnaround and sustained in turn, with each one's
-defaults (``--quick``: fewer images, rounds and studies, for a look in a few minutes rather than
-about 25), prints each table as it is measured and, with ``--write``, replaces its marked
+defaults (``--quick``: fewer images, rounds and studies, for a look in about 3 minutes rather than
+about 6), prints each table as it is measured and, with ``--write``, replaces its marked
 section in docs/performance.md (date, commit and machine above the table). Run it with nothing
 else busy on the machine: every figure is a ratio to a reference measured in the same run, but
 a busy neighbour still skews them.

@@ -184,3 +184,43 @@ def test_a_view_over_the_decoding_memory_limit_fails_alone(tmp_path, processes) 
     finally:
         worker.close()
         db.dispose()
+
+
+def test_an_idle_worker_claims_a_woken_job_at_once_and_reports_it_done(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With a 60 s poll, a worker told by ``wake()`` that a job is queued runs it well before
+    its next poll, then calls ``after_job`` (``cadnode serve`` sends the results from there)."""
+    import threading
+
+    from tests.helpers import write_small_study
+
+    settings = Settings(home=tmp_path / "home", poll_seconds=60.0, decode_memory_mb=0)
+    settings.home.mkdir()
+    db = Database(settings.database_url)
+    db.create_schema()
+    idle, ran = threading.Event(), threading.Event()
+
+    class Observed(Worker):
+        def run_once(self) -> bool:
+            busy = super().run_once()
+            if not busy:
+                idle.set()  # about to wait for the next poll (or a wake-up)
+            return busy
+
+    worker = Observed(settings, db)
+    worker.after_job = ran.set
+    thread = threading.Thread(target=worker.run_forever, daemon=True)
+    thread.start()
+    try:
+        assert idle.wait(60), "the worker never found the queue empty"
+        study_uid = "1.2.826.0.1.3680043.10.1407.81"
+        receive(db, settings, write_small_study(tmp_path / "s", study_uid))
+        assert study_uid in queue.assemble_studies(db, 0, 0, now=time.time() + 1)
+        worker.wake()
+        assert ran.wait(30), "not run within 30 s of the wake-up (the poll is 60 s)"
+        row = next(r for r in admin.list_studies(db) if r["study_uid"] == study_uid)
+        assert row["state"] == "done"
+    finally:
+        worker.stop()  # wakes the wait too: the thread ends now, not after the poll
+        thread.join(30)
+        db.dispose()
+    assert not thread.is_alive()

@@ -240,3 +240,46 @@ def test_cadnode_purge_command(tmp_path: Path) -> None:
     assert r.returncode == 2 and "30d, 12h" in r.stderr
     r = run()
     assert r.returncode == 2 and "CADNODE_RETENTION_DAYS" in r.stderr
+
+
+def test_the_scheduler_hears_queued_studies_and_sends_on_request(db: Database,
+                                                                 tmp_path: Path) -> None:
+    """``on_queued`` gets what each assembling queued; ``send_now`` runs the outbox duty at
+    once instead of at its next interval (60 s here); neither fails once the scheduler has
+    stopped."""
+    import threading
+
+    from cadnode.jobs.leader import Duty, Leadership
+    from cadnode.jobs.scheduler import create_outbox, create_scheduler, send_now
+
+    settings = load_settings(environ={"CADNODE_HOME": str(tmp_path),
+                                      "CADNODE_POLL_SECONDS": "60"})
+    heard: list[list[str]] = []
+    ticked = threading.Event()
+    outbox = create_outbox(settings, db)
+    real_tick = outbox.tick
+
+    def tick() -> list[threading.Thread]:
+        ticked.set()
+        return real_tick()
+
+    outbox.tick = tick  # type: ignore[method-assign]  # what the scheduler's duty calls
+    leads = [Leadership(db, Duty.ASSEMBLER), Leadership(db, Duty.SENDER)]
+    sched = create_scheduler(settings, db, leads, outbox, on_queued=heard.append)
+    job = sched.get_job("assemble")
+    job.func(*job.args, **job.kwargs)  # nothing received: nothing queued, nothing heard
+    assert heard == []
+    home = Home(db, tmp_path)
+    home.study("1.4.9", time.time() - 3600, finish=False)
+    job.func(*job.args, **job.kwargs)
+    assert heard == [["1.4.9"]]
+    sched.start()
+    try:
+        ticked.clear()
+        send_now(sched)
+        assert ticked.wait(20), "the outbox did not run on request (its interval is 60 s)"
+    finally:
+        sched.shutdown(wait=True)
+        for lead in leads:
+            lead.release()
+    send_now(sched)  # after shutdown: nothing to run, no error
