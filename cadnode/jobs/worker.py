@@ -137,6 +137,8 @@ class Worker:
                 try:
                     busy = self.run_once()
                     failures = 0
+                    if busy:
+                        self.after_job()
                 except Exception:
                     failures += 1
                     delay = min(MAX_BACKOFF,
@@ -147,9 +149,7 @@ class Worker:
                     self._stop.wait(delay)
                     continue
                 self.healthy = True
-                if busy:
-                    self.after_job()
-                else:  # until the next poll, or sooner when wake() says a job is queued
+                if not busy:  # until the next poll, or sooner when wake() says a job is queued
                     self._wake.wait(self.settings.poll_seconds)
                     self._wake.clear()
         finally:
