@@ -32,6 +32,7 @@ from pydicom.pixels import get_decoder
 
 from cadnode.demo import write_demo_study
 from cadnode.dicom.pixels import decode_pixels, decode_pixels_at
+from tests.bench import report
 from tests.bench.report import Table
 
 #: label -> (transfer syntax, how the file is made from the uncompressed one)
@@ -140,11 +141,5 @@ def run(args: argparse.Namespace) -> Table:
     return table
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    print(run(p.parse_args()).text())
-
-
 if __name__ == "__main__":
-    main()
+    report.main(__doc__, add_arguments, run)

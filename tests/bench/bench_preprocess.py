@@ -20,6 +20,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from cadnode.demo import write_demo_study
 from cadnode.dicom.pixels import decode_pixels, prepare_image
 from cadnode.dicom.views import detect_view
 from cadnode.runtime import DEFAULT_MODEL_PACKAGE, read_manifest
+from tests.bench import report
 from tests.bench.backend_timing import parse_sizes
 from tests.bench.bench_turnaround import model_seconds
 from tests.bench.report import Table
@@ -45,7 +47,7 @@ STEPS = {
 }
 
 
-def split(calls: list[tuple[pydicom.Dataset, str | None, np.ndarray]], size: tuple[int, int],
+def split(calls: Sequence[tuple[pydicom.Dataset, str | None, np.ndarray]], size: tuple[int, int],
           pipeline: str) -> dict[str, float]:
     """Per-view ms of each pipeline step (cumulative, from a profile of one pass)."""
     prof = cProfile.Profile()
@@ -106,11 +108,5 @@ def run(args: argparse.Namespace) -> Table:
     return table
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    print(run(p.parse_args()).text())
-
-
 if __name__ == "__main__":
-    main()
+    report.main(__doc__, add_arguments, run)

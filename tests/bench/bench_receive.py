@@ -35,6 +35,7 @@ import pydicom
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from cadnode.demo import free_port, stop_process, write_demo_study
+from tests.bench import report
 from tests.bench.report import Table
 
 ROWS, COLUMNS = 3328, 2560
@@ -180,11 +181,5 @@ def run(args: argparse.Namespace) -> Table:
     return table
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    print(run(p.parse_args()).text())
-
-
 if __name__ == "__main__":
-    main()
+    report.main(__doc__, add_arguments, run)

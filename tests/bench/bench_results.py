@@ -32,6 +32,7 @@ from cadnode.jobs.db import Database
 from cadnode.jobs.worker import Worker, _encode
 from cadnode.results import BUILDERS
 from cadnode.results.uids import DEFAULT_UID_ROOT
+from tests.bench import report
 from tests.bench.report import Table
 
 
@@ -122,14 +123,5 @@ def run(args: argparse.Namespace) -> Table:
     return table
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    table = run(p.parse_args())
-    print(table.text())
-    if table.appendix:
-        print("\n" + table.appendix)
-
-
 if __name__ == "__main__":
-    main()
+    report.main(__doc__, add_arguments, run)

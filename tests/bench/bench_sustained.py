@@ -33,22 +33,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.bench import report
 from tests.bench.bench_turnaround import (
     DEMO,
-    MIN_POLL,
     STAGES,
     Exam,
     StoreSCP,
     StudyRecord,
+    add_node_arguments,
     attach_arrivals,
     finished_studies,
     model_seconds,
     push,
     resolve_package,
     start_node,
-    until,
 )
-from tests.bench.report import REPO, Table
+from tests.bench.report import Table
+from tests.helpers import wait_until
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,14 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--package", default=DEMO,
                    help="demo (the packaged model), HxW (cadnode-effb0-cpu at that size, "
                    "needs torch) or a package folder")
-    p.add_argument("--quiet", type=float, default=1.0,
-                   help="CADNODE_COMPLETE_SECONDS, the quiet period (default 1)")
-    p.add_argument("--poll", type=float, default=MIN_POLL,
-                   help=f"CADNODE_POLL_SECONDS (default {MIN_POLL}, the scheduler's minimum)")
-    p.add_argument("--backend", default="onnxruntime", help="CADNODE_BACKEND")
-    p.add_argument("--model-runs", type=int, default=5, help="model-only calls timed")
-    p.add_argument("--cache", type=Path, default=REPO / "var" / "bench-packages",
-                   help="where HxW packages are exported to (and reused from)")
+    add_node_arguments(p)
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds for the last result at most")
 
@@ -142,7 +136,7 @@ def run(args: argparse.Namespace) -> Table:
                     found.update(finished_studies(db))
                     return len(found) >= len(studies)
 
-                if not until(finished, args.timeout, interval=0.1):
+                if not wait_until(finished, args.timeout, interval=0.1):
                     raise TimeoutError(f"{len(found)} of {len(studies)} studies done within "
                                        f"{args.timeout:.0f} s; see {node.log}")
                 hwm, rss = _hwm_kib(node.proc.pid)
@@ -195,11 +189,5 @@ def run(args: argparse.Namespace) -> Table:
     return table
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    print(run(p.parse_args()).text())
-
-
 if __name__ == "__main__":
-    main()
+    report.main(__doc__, add_arguments, run)

@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +49,9 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from cadnode.demo import free_port, stop_process, write_demo_study
+from tests.bench import report
 from tests.bench.report import REPO, Table
-from tests.helpers import NodeProcess, port_answers
+from tests.helpers import NodeProcess, port_answers, wait_until
 
 #: The scheduler's shortest interval (cadnode.jobs.scheduler: ``max(0.2, poll_seconds)``).
 MIN_POLL = 0.2
@@ -107,7 +108,8 @@ class StoreSCP:
             ["storescp", "+xa", "-aet", ae_title, "-od", str(folder), str(self.port)],
             env=dict(os.environ, TCP_NODELAY="1"),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not until(lambda: port_answers(self.port) or self.proc.poll() is not None, 30):
+        if not wait_until(lambda: port_answers(self.port) or self.proc.poll() is not None, 30,
+                          0.02):
             raise RuntimeError("storescp did not start listening")
         if self.proc.poll() is not None:
             raise RuntimeError(f"storescp exited with {self.proc.returncode}")
@@ -154,15 +156,6 @@ def push(port: int, files: Sequence[Path]) -> None:
                         str(port), *map(str, files)], capture_output=True, text=True)
     if r.returncode != 0 or "E: " in r.stderr:
         raise RuntimeError(f"storescu failed: {r.stderr[-2000:]}")
-
-
-def until(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 # --- what the node recorded ------------------------------------------------------------------
@@ -299,12 +292,9 @@ def median(values: Sequence[float]) -> float:
 
 # --- the benchmark ---------------------------------------------------------------------------
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rounds", type=int, default=5, help="measured rounds per package "
-                   "(after one warm-up round)")
-    p.add_argument("--packages", default=f"{DEMO},512x256",
-                   help="comma-separated: demo, HxW (cadnode-effb0-cpu at that size, exported "
-                   "once; needs torch) or a package folder (default: demo,512x256)")
+def add_node_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the node under test and of its model-only reference (this benchmark's
+    and bench_sustained's)."""
     p.add_argument("--quiet", type=float, default=1.0,
                    help="CADNODE_COMPLETE_SECONDS, the quiet period (default 1)")
     p.add_argument("--poll", type=float, default=MIN_POLL,
@@ -313,6 +303,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-runs", type=int, default=5, help="model-only calls timed")
     p.add_argument("--cache", type=Path, default=REPO / "var" / "bench-packages",
                    help="where HxW packages are exported to (and reused from)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=5, help="measured rounds per package "
+                   "(after one warm-up round)")
+    p.add_argument("--packages", default=f"{DEMO},512x256",
+                   help="comma-separated: demo, HxW (cadnode-effb0-cpu at that size, exported "
+                   "once; needs torch) or a package folder (default: demo,512x256)")
+    add_node_arguments(p)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per round at most")
 
 
@@ -376,7 +375,7 @@ def _rounds(root: Path, exam: Exam, package: Path | None,
                     found.update(finished_studies(db))
                     return uid in found
 
-                if not until(finished, args.timeout, interval=0.05):
+                if not wait_until(finished, args.timeout, interval=0.05):
                     raise TimeoutError(f"study {uid}: no results within {args.timeout:.0f} s; "
                                        f"see {node.log}")
                 record = found[uid]
@@ -391,11 +390,5 @@ def _rounds(root: Path, exam: Exam, package: Path | None,
     return laps[1:], laps[0]["turnaround"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    print(run(p.parse_args()).text())
-
-
 if __name__ == "__main__":
-    main()
+    report.main(__doc__, add_arguments, run)

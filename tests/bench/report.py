@@ -9,11 +9,13 @@ around those sections (the "before" of a change).
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +88,8 @@ class Table:
         for r in self.rows:
             out.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
         out += self.notes
+        if self.appendix:
+            out += ["", self.appendix]
         return "\n".join(out)
 
 
@@ -106,3 +110,12 @@ def write_section(table: Table, path: Path = PERFORMANCE_MD) -> None:
     else:
         text = text.rstrip("\n") + f"\n\n### {table.title}\n\n{body}\n"
     path.write_text(text)
+
+
+def main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+         run: Callable[[argparse.Namespace], Table]) -> None:
+    """One benchmark module run alone: its options (``--help`` from its docstring), then its
+    table printed."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_arguments(p)
+    print(run(p.parse_args()).text())
