@@ -37,6 +37,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from cadnode.demo import free_port, stop_process, write_demo_study
 from tests.bench import report
 from tests.bench.report import Table
+from tests.helpers import wait_until
 
 ROWS, COLUMNS = 3328, 2560
 REFERENCE = "DCMTK storescp +B +xa"
@@ -115,15 +116,15 @@ def push(port: int, files: list[Path], called: str, senders: int,
 
 
 def wait_port(port: int, called: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until the receiver answers C-ECHO (DCMTK echoscu); its exit fails at once."""
+    def answers() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"the receiver exited with {proc.returncode}")
-        if subprocess.run(["echoscu", "-aec", called, "127.0.0.1", str(port)],
-                          capture_output=True).returncode == 0:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(port)
+        return subprocess.run(["echoscu", "-aec", called, "127.0.0.1", str(port)],
+                              capture_output=True).returncode == 0
+
+    if not wait_until(answers, timeout, 0.1):
+        raise TimeoutError(port)
 
 
 def receivers(root: Path, port: int) -> dict[str, tuple[list[str], str, dict[str, str]]]:
